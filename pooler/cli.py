@@ -1,0 +1,66 @@
+"""Command line, shaped like PgBouncer's: `pooler [options] CONFIG` runs the
+pooler in the foreground; subcommands sit beside it."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .config import ConfigError, check_config_file
+
+SUBCOMMANDS = ("check-config", "demo", "convert-ini", "run")
+
+
+def version_line() -> str:
+    return f"pooler {__version__} (PgBouncer-compatible PostgreSQL connection pooler)"
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pooler", description="PostgreSQL connection pooler.",
+                                epilog="subcommands: pooler check-config CONFIG | pooler demo [--seconds N]")
+    p.add_argument("config", help="YAML config file (or a pgbouncer.ini)")
+    p.add_argument("-d", "--daemon", action="store_true", help="run in the background")
+    p.add_argument("-q", "--quiet", action="store_true", help="log nothing to stderr")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-u", "--user", help="switch to this OS user after binding")
+    p.add_argument("-V", "--version", action="version", version=version_line())
+    p.add_argument("--workers", type=int, help="worker processes (overrides the config)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        cmd, rest = argv[0], argv[1:]
+        if cmd == "check-config":
+            return cmd_check_config(rest)
+        if cmd == "demo":
+            from .demo import main as demo_main
+            return demo_main(rest)
+        if cmd == "convert-ini":
+            from .ini import main as convert_main
+            return convert_main(rest)
+        argv = rest
+    if argv and argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
+    args = run_parser().parse_args(argv)
+    from .master import serve
+    return serve(args)
+
+
+def cmd_check_config(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="pooler check-config", description="Validate a config file.")
+    p.add_argument("config")
+    args = p.parse_args(argv)
+    errors = check_config_file(args.config)
+    if errors:
+        for e in errors:
+            print(e, file=sys.stderr)
+        print(f"{args.config}: {len(errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK")
+    return 0
+
+
+__all__ = ["main", "ConfigError"]

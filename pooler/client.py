@@ -1,0 +1,304 @@
+"""One client connection: startup, authentication, routing, then the relay."""
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import struct
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+
+from . import auth, protocol
+from .netio import ConnectionClosed, Stream
+from .pool import Pool, PoolError
+from .relay import ClientKill, Relay
+
+if TYPE_CHECKING:
+    from .server import ServerConn
+    from .worker import Worker
+
+log = logging.getLogger("pooler.client")
+_ids = itertools.count(1)
+
+# Parameters that follow the client across servers (PgBouncer's list, plus search_path).
+TRACKED_BASE = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming_strings",
+                "application_name", "search_path")
+# Startup keys that are not parameters to track.
+STARTUP_META = ("user", "database", "replication")
+
+
+class LoginFailed(Exception):
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class Client:
+    """State of one client connection, from accept to close."""
+
+    def __init__(self, worker: "Worker", stream: Stream, addr: str) -> None:
+        self.worker = worker
+        self.cfg = worker.cfg
+        self.stream = stream
+        self.addr = addr
+        self.id = next(_ids)
+        self.user = ""
+        self.database = ""
+        self.pool: Pool | None = None
+        self.relay: Relay | None = None
+        self.tparams: dict[str, str | None] = {}   # tracked parameters as the client sees them
+        self.state = "login"
+        self.connect_time = time.time()
+        self.cancel_key = (0, 0)
+        self.glet = gevent.getcurrent()
+
+    # -- life cycle -------------------------------------------------------------
+
+    def serve(self) -> None:
+        try:
+            with gevent.Timeout(self.cfg.client_login_timeout or None,
+                                LoginFailed("08P01", "client_login_timeout")):
+                if not self._startup():
+                    return
+            self.relay = Relay(self)
+            self.state = "idle"
+            self.relay.run()
+        except LoginFailed as exc:
+            log.info("C-%d %s login failed: %s", self.id, self._who(), exc)
+            self.fatal(exc.sqlstate, str(exc))
+        except (PoolError, ClientKill) as exc:
+            self.fatal(exc.sqlstate, str(exc))
+        except protocol.ProtocolError as exc:
+            self.fatal("08P01", str(exc))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._close()
+
+    def _who(self) -> str:
+        return f"{self.user or '?'}@{self.database or '?'}@{self.addr}"
+
+    def _close(self) -> None:
+        self.worker.forget_client(self)
+        if self.pool is not None:
+            self.pool.clients.discard(self)
+        if self.cfg.log_disconnections and self.state != "login":
+            log.info("C-%d %s closing because: client close request (age=%.0fs)", self.id,
+                     self._who(), time.time() - self.connect_time)
+        self.stream.close()
+
+    def fatal(self, sqlstate: str, message: str) -> None:
+        """Send a FATAL error and stop; never raises (the client may already be gone)."""
+        try:
+            self.stream.sendall(protocol.error_response(sqlstate, message, "FATAL"))
+        except Exception:
+            pass
+
+    # -- startup ----------------------------------------------------------------
+
+    def _startup(self) -> bool:
+        """Read the startup packet (after SSL/GSS refusals); False for a cancel request."""
+        s = self.stream
+        while True:
+            length = protocol.unpack_i32(s.read_exact(4), 0)[0]
+            if length < 8 or length > protocol.MAX_STARTUP_LEN:
+                raise LoginFailed("08P01", "invalid startup packet length")
+            body = s.read_exact(length - 4)
+            code = protocol.unpack_i32(body, 0)[0]
+            if code in (protocol.SSL_REQUEST, protocol.GSSENC_REQUEST):
+                s.sendall(b"N")
+                continue
+            if code == protocol.CANCEL_REQUEST:
+                if len(body) >= 12:
+                    self.worker.forward_cancel(*struct.unpack("!ii", body[4:12]))
+                return False
+            if code >> 16 != 3:
+                raise LoginFailed("08P01", f"unsupported frontend protocol {code >> 16}.{code & 0xffff}: "
+                                  "server supports 3.0")
+            params = protocol.parse_startup(body[4:])
+            if code & 0xffff:
+                self._negotiate_minor(params)
+            self._login(params)
+            return True
+
+    def _negotiate_minor(self, params: dict[str, str]) -> None:
+        """Protocol 3.x with x > 0: answer NegotiateProtocolVersion as PostgreSQL does."""
+        opts = [k for k in params if k.startswith("_pq_.")]
+        body = protocol.pack_i32(protocol.PROTOCOL_V3) + protocol.pack_i32(len(opts)) + \
+            b"".join(protocol.cstr(o) for o in opts)
+        self.stream.sendall(protocol.message(b"v", body))
+        for o in opts:
+            params.pop(o)
+
+    def _login(self, params: dict[str, str]) -> None:
+        self.user = params.get("user", "")
+        if not self.user:
+            raise LoginFailed("08P01", "no user name in startup packet")
+        self.database = params.get("database") or self.user
+        if params.get("replication"):
+            raise LoginFailed("08P01", "replication connections are not supported by the pooler")
+        cfg = self.cfg
+        if not self.worker.try_add_client(self):
+            raise LoginFailed("53300", f"no more connections allowed (max_client_conn={cfg.max_client_conn})")
+        if self.worker.admin is not None and self.database == "pgbouncer":
+            self._authenticate()
+            self.state = "admin"
+            self._welcome({"server_version": self.worker.version_string(), "client_encoding": "UTF8",
+                           "server_encoding": "UTF8", "DateStyle": "ISO", "standard_conforming_strings": "on",
+                           "integer_datetimes": "on", "TimeZone": "UTC"})
+            self.worker.admin.serve(self)
+            return
+        route = cfg.route(self.database)
+        if route is None:
+            raise LoginFailed("3D000", f"no such database: {self.database}")
+        startup = self._startup_parameters(params)
+        scram_keys = self._authenticate()
+        self.pool = self.worker.get_pool(route, self.user)
+        if scram_keys and self.pool.scram_keys is None:
+            self.pool.scram_keys = scram_keys
+        self.pool.clients.add(self)
+        if self.pool.welcome is None:
+            self._fetch_welcome()
+        self.tparams = self._initial_tracked(startup)
+        if cfg.log_connections:
+            log.info("C-%d %s login attempt: db=%s user=%s", self.id, self._who(), self.database, self.user)
+        values = dict(self.pool.welcome)
+        values.update({k: v for k, v in self.tparams.items() if v is not None})
+        self._welcome(values)
+
+    def _startup_parameters(self, params: dict[str, str]) -> dict[str, str]:
+        """Tracked parameters from the startup packet; unknown ones refused as PgBouncer does."""
+        canon = self.worker.tracked_canon
+        ignore = {p.lower() for p in self.cfg.ignore_startup_parameters}
+        out: dict[str, str] = {}
+        for key, value in params.items():
+            if key in STARTUP_META:
+                continue
+            name = canon.get(key.lower())
+            if name is not None:
+                out[name] = value
+            elif key.lower() not in ignore:
+                raise LoginFailed("08P01", f"unsupported startup parameter: {key}")
+        return out
+
+    def _initial_tracked(self, startup: dict[str, str]) -> dict[str, str | None]:
+        welcome = self.pool.welcome or {}
+        return {name: startup.get(name, welcome.get(name)) for name in self.worker.tracked}
+
+    def _fetch_welcome(self) -> None:
+        """The pool has never connected: open a server now to learn its parameters."""
+        srv = self.pool.acquire(self)
+        self.pool.release(srv)
+
+    def _welcome(self, values: dict[str, str]) -> None:
+        pid = secrets.randbits(31)
+        key = secrets.randbits(31)
+        self.cancel_key = (pid, key)
+        self.worker.register_cancel_key(self)
+        out = [protocol.auth_ok()]
+        out += [protocol.parameter_status(k, v) for k, v in values.items()]
+        out.append(protocol.backend_key_data(pid, key))
+        out.append(protocol.ready_for_query(b"I"))
+        self.stream.sendall(b"".join(out))
+
+    # -- authentication ----------------------------------------------------------
+
+    def _authenticate(self) -> tuple | None:
+        """Authenticate the client; returns SCRAM keys for pass-through, if any."""
+        atype = self.cfg.auth.type
+        secret = self.worker.userlist.get(self.user)
+        if atype == "trust":
+            if self.worker.userlist and secret is None and self.cfg.auth.file:
+                raise LoginFailed("28000", f'no such user: "{self.user}"')
+            return None
+        if secret is None:
+            # Go through the motions so that unknown and known users look alike.
+            secret = auth.scram_secret(secrets.token_hex(16))
+            self._do_auth(atype, secret)
+            raise LoginFailed("28P01", f'password authentication failed for user "{self.user}"')
+        return self._do_auth(atype, secret)
+
+    def _do_auth(self, atype: str, secret: str) -> tuple | None:
+        kind = auth.secret_kind(secret)
+        if atype == "scram-sha-256" or (atype == "md5" and kind == "scram"):
+            return self._auth_scram(secret)
+        if atype == "md5":
+            self._auth_md5(secret)
+        else:
+            self._auth_plain(secret)
+        return None
+
+    def _read_password(self) -> bytes:
+        mtype, body = self.stream.read_message(max_len=65536)
+        if mtype != ord("p"):
+            raise LoginFailed("08P01", f"expected password response, got message type {chr(mtype)!r}")
+        return body
+
+    def _auth_failed(self) -> LoginFailed:
+        return LoginFailed("28P01", f'password authentication failed for user "{self.user}"')
+
+    def _auth_plain(self, secret: str) -> None:
+        self.stream.sendall(protocol.auth_request(protocol.AUTH_CLEARTEXT))
+        password = self._read_password().rstrip(b"\0").decode("utf-8", "replace")
+        if not auth.verify_plain(secret, self.user, password):
+            raise self._auth_failed()
+
+    def _auth_md5(self, secret: str) -> None:
+        salt = secrets.token_bytes(4)
+        self.stream.sendall(protocol.auth_request(protocol.AUTH_MD5, salt))
+        response = self._read_password().rstrip(b"\0").decode("ascii", "replace")
+        if not auth.verify_md5(secret, self.user, salt, response):
+            raise self._auth_failed()
+
+    def _auth_scram(self, secret: str) -> tuple:
+        if auth.secret_kind(secret) == "md5":
+            log.warning("C-%d %s: SCRAM requested but auth_file holds an md5 secret", self.id, self._who())
+            raise self._auth_failed()
+        server = auth.ScramServer(secret)
+        self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
+        body = self._read_password()
+        mech, pos = protocol.read_cstr(body, 0)
+        if mech != "SCRAM-SHA-256":
+            raise LoginFailed("28000", f"unsupported SASL mechanism {mech}")
+        (dlen,) = struct.unpack_from("!i", body, pos)
+        first = body[pos + 4:pos + 4 + dlen] if dlen >= 0 else b""
+        try:
+            reply = server.server_first(first)
+            self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL_CONTINUE, reply))
+            final = server.server_final(self._read_password())
+        except auth.AuthFailed:
+            raise self._auth_failed() from None
+        self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL_FINAL, final))
+        if server.client_key is not None:
+            return (server.client_key, server.server_key)
+        return None
+
+    # -- parameters ---------------------------------------------------------------
+
+    def on_parameter_status(self, srv: "ServerConn", body: bytes) -> None:
+        """The server reported a parameter change (a SET of the client's): follow it."""
+        name, pos = protocol.read_cstr(body, 0)
+        value, _ = protocol.read_cstr(body, pos)
+        srv.params[name] = value
+        if name in self.tparams:
+            self.tparams[name] = value
+
+    def sync_parameters(self, srv: "ServerConn") -> None:
+        """Make the server's tracked parameters equal to the client's before relaying."""
+        sparams = srv.params
+        changes = [(k, v) for k, v in self.tparams.items() if sparams.get(k) != v]
+        if not changes:
+            return
+        sql = ";".join(f"RESET {k}" if v is None else f"SET {k} = {quote_literal(v)}" for k, v in changes)
+        srv.run(sql)
+        for k, v in changes:
+            if v is None:
+                sparams.pop(k, None)
+            else:
+                sparams[k] = v

@@ -1,0 +1,207 @@
+"""Cooperative I/O on raw non-blocking sockets.
+
+The relay reads and writes with the C-level socket object directly and waits
+on gevent's loop watchers itself: gevent's socket wrapper costs a Python-level
+call chain on every recv/send, and the relay does two of each per query.
+Handshakes (startup, authentication) use the buffered message reader below;
+they are not on the hot path.
+"""
+from __future__ import annotations
+
+import _socket
+import errno
+from typing import Callable
+
+from gevent import getcurrent
+from gevent.hub import get_hub
+
+from . import protocol
+
+READ, WRITE = 1, 2
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (or it broke) while we expected data."""
+
+
+class Stream:
+    """One socket with a read buffer for message-at-a-time handshakes."""
+
+    __slots__ = ("sock", "fd", "hub", "rw", "ww", "rbuf", "closed", "peer")
+
+    def __init__(self, sock: _socket.socket, peer: str = "") -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.hub = get_hub()
+        loop = self.hub.loop
+        self.rw = loop.io(self.fd, READ)
+        self.ww = loop.io(self.fd, WRITE)
+        self.rbuf = bytearray()   # bytes read by read_message() but not yet consumed
+        self.closed = False
+        self.peer = peer
+
+    # -- raw I/O ------------------------------------------------------------
+
+    def wait_readable(self) -> None:
+        self.hub.wait(self.rw)
+
+    def recv_into(self, buf: bytearray | memoryview, nbytes: int = 0) -> int:
+        """Read what is available (waiting if nothing is); 0 means EOF."""
+        while True:
+            try:
+                return self.sock.recv_into(buf, nbytes)
+            except BlockingIOError:
+                self.hub.wait(self.rw)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EBADF):
+                    return 0
+                raise
+
+    def try_recv_into(self, buf: memoryview) -> int:
+        """Non-blocking read: -1 when nothing is there yet, 0 on EOF."""
+        try:
+            return self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return -1
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EBADF):
+                return 0
+            raise
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        """Write everything, waiting for the socket to drain when it is full."""
+        sock = self.sock
+        try:
+            n = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from exc
+        if n == len(data):
+            return
+        view = memoryview(data)[n:]
+        while view:
+            self.hub.wait(self.ww)
+            try:
+                n = sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise ConnectionClosed(str(exc)) from exc
+            view = view[n:]
+
+    def sendmsg(self, parts: list) -> None:
+        """Gather-write several buffers with as few syscalls as possible."""
+        if len(parts) == 1:
+            self.sendall(parts[0])
+            return
+        total = sum(len(p) for p in parts)
+        try:
+            n = self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from exc
+        if n == total:
+            return
+        # Rare: the socket buffer filled up. Finish with the plain path.
+        self.sendall(b"".join(bytes(p) for p in parts)[n:])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.rw.close()
+        self.ww.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- handshake helpers (buffered) ------------------------------------------
+
+    def _fill(self, need: int) -> None:
+        chunk = bytearray(8192)
+        while len(self.rbuf) < need:
+            n = self.recv_into(chunk)
+            if n == 0:
+                raise ConnectionClosed("connection closed by peer")
+            self.rbuf += chunk[:n]
+
+    def read_exact(self, n: int) -> bytes:
+        self._fill(n)
+        out = bytes(self.rbuf[:n])
+        del self.rbuf[:n]
+        return out
+
+    def read_message(self, max_len: int = 1 << 30) -> tuple[int, bytes]:
+        """One typed message: (type byte as int, body)."""
+        self._fill(5)
+        mtype = self.rbuf[0]
+        length = protocol.unpack_i32(self.rbuf, 1)[0]
+        if length < 4 or length > max_len:
+            raise protocol.ProtocolError(f"invalid message length {length}")
+        self._fill(1 + length)
+        body = bytes(self.rbuf[5:1 + length])
+        del self.rbuf[:1 + length]
+        return mtype, body
+
+    def take_buffered(self) -> bytes:
+        """Bytes read ahead during the handshake, for the relay to process first."""
+        out = bytes(self.rbuf)
+        self.rbuf.clear()
+        return out
+
+
+class DualWait:
+    """Waits until the first of two streams is readable.
+
+    The watchers are started only while we are parked in the hub, so a
+    readiness callback can never switch into this greenlet while it is blocked
+    elsewhere (in a send, or in a pool wait).
+    """
+
+    __slots__ = ("hub", "a", "b")
+
+    def __init__(self, a: Stream, b: Stream) -> None:
+        self.hub = a.hub
+        self.a = a.rw
+        self.b = b.rw
+
+    def wait(self) -> int:
+        """1 when the first stream is readable, 2 when the second is."""
+        switch: Callable = getcurrent().switch
+        a, b = self.a, self.b
+        a.start(switch, 1)
+        b.start(switch, 2)
+        try:
+            return self.hub.switch()
+        finally:
+            a.stop()
+            b.stop()
+
+
+def connect_tcp(host: str, port: int, timeout: float) -> _socket.socket:
+    """Connect cooperatively to host:port (or a Unix socket dir when host starts with '/')."""
+    import gevent.socket as gsocket
+    if host.startswith("/"):
+        s = gsocket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        s.settimeout(timeout or None)
+        s.connect(f"{host}/.s.PGSQL.{port}")
+    else:
+        s = gsocket.create_connection((host, port), timeout=timeout or None)
+        s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    return raw_from_gevent(s)
+
+
+def raw_from_gevent(gsock) -> _socket.socket:
+    """Take the OS socket out of a gevent socket (as StreamServer hands them to us)."""
+    family = gsock.family
+    fd = gsock.detach()
+    raw = _socket.socket(family, _socket.SOCK_STREAM, 0, fd)
+    if family in (_socket.AF_INET, _socket.AF_INET6):
+        raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    return raw

@@ -1,0 +1,308 @@
+"""One pool per (database entry, user): idle servers, waiting clients, limits.
+
+Reusing an idle server of this worker is a list pop and takes no lock. Opening
+a new server needs a claim on the pool's global budget (`Quota`), which with
+several workers lives in shared memory; the single-process quota is plain
+counters with the same interface.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Callable
+
+from gevent import getcurrent
+from gevent.hub import get_hub
+
+from .config import Route
+from .prepared import Counters
+from .server import ServerConn, ServerError
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("pooler.pool")
+
+
+class PoolError(Exception):
+    """A client cannot get a server: carries the SQLSTATE and PgBouncer-style text."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class LocalQuota:
+    """Server-connection budget for one process: per pool, per database, per user."""
+
+    def __init__(self) -> None:
+        self.counts: dict[object, int] = {}
+
+    def try_claim(self, keys: list[tuple[object, int]]) -> bool:
+        """Claim one connection under every (key, cap) pair, or none (cap 0 = unlimited)."""
+        counts = self.counts
+        for key, cap in keys:
+            if cap and counts.get(key, 0) >= cap:
+                return False
+        for key, _ in keys:
+            counts[key] = counts.get(key, 0) + 1
+        return True
+
+    def release(self, keys: list[tuple[object, int]]) -> None:
+        counts = self.counts
+        for key, _ in keys:
+            counts[key] = counts.get(key, 1) - 1
+
+
+class Stats:
+    """Counters of one pool in this worker (SHOW STATS / metrics read them)."""
+    __slots__ = ("xact_count", "query_count", "bytes_in", "bytes_out", "xact_time",
+                 "query_time", "wait_time", "max_wait", "prepared")
+
+    def __init__(self) -> None:
+        self.xact_count = self.query_count = self.bytes_in = self.bytes_out = 0
+        self.xact_time = self.query_time = self.wait_time = 0.0
+        self.max_wait = 0.0
+        self.prepared = Counters()
+
+
+class Waiter:
+    """A client greenlet parked until a server is handed to it."""
+    __slots__ = ("glet", "since", "client", "done")
+
+    def __init__(self, client) -> None:
+        self.glet = getcurrent()
+        self.since = time.monotonic()
+        self.client = client
+        self.done = False
+
+
+class Pool:
+    def __init__(self, worker: "Worker", route: Route, user: str, server_user: str,
+                 password_for: Callable[[], str | None]) -> None:
+        self.worker = worker
+        self.cfg = worker.cfg
+        self.route = route
+        self.user = user                    # the client-side user the pool serves
+        self.server_user = server_user      # who we log in as
+        self.password_for = password_for
+        self.name = route.name
+        self.idle: list[ServerConn] = []    # LIFO: the warmest server first
+        self.active: set[ServerConn] = set()
+        self.connecting = 0
+        self.waiters: deque[Waiter] = deque()
+        self.clients: set = set()
+        self.stats = Stats()
+        self.welcome: dict[str, str] | None = None   # server ParameterStatus values for new clients
+        self.last_login_failure: tuple[float, str] | None = None
+        self.paused = False
+        self.hub = get_hub()
+        self.scram_keys: tuple | None = None
+        self._quota_keys = self._make_quota_keys()
+
+    def _make_quota_keys(self) -> list[tuple[object, int]]:
+        r, cfg = self.route, self.cfg
+        max_db = r.max_db_connections or cfg.max_db_connections
+        return [(("pool", r.name, self.user), r.pool_size + r.reserve_pool_size),
+                (("db", r.name), max_db),
+                (("user", self.server_user), cfg.max_user_connections)]
+
+    @property
+    def total(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    # -- acquire / release ------------------------------------------------------
+
+    def acquire(self, client) -> ServerConn:
+        """A server for `client`: an idle one, a new one, or the next one released."""
+        while True:
+            srv = self._pop_idle()
+            if srv is not None:
+                return self._checked_out(srv)
+            if self._may_open():
+                return self._open()
+            srv = self._wait(client)
+            if srv is not None:
+                return self._checked_out(srv)
+
+    def _pop_idle(self) -> ServerConn | None:
+        idle = self.idle
+        while idle:
+            srv = idle.pop(0) if self.cfg.server_round_robin else idle.pop()
+            if self._fresh(srv):
+                return srv
+        return None
+
+    def _fresh(self, srv: ServerConn) -> bool:
+        """Check a server that sat idle longer than server_check_delay; close a bad one."""
+        delay = self.cfg.server_check_delay
+        if srv.closed:
+            self._forget(srv)
+            return False
+        if delay and time.monotonic() - srv.last_used > delay and self.cfg.server_check_query:
+            try:
+                srv.run(self.cfg.server_check_query)
+            except Exception as exc:
+                log.info("S-%d %s@%s closing because: server check failed (%s)", srv.id,
+                         self.server_user, self.name, exc)
+                srv.close(send_terminate=False)
+                self._forget(srv)
+                return False
+        return True
+
+    def _checked_out(self, srv: ServerConn) -> ServerConn:
+        self.active.add(srv)
+        return srv
+
+    def _may_open(self) -> bool:
+        """Within pool_size (reserve only for clients that waited reserve_pool_timeout)?"""
+        if self.paused:
+            return False
+        if self.total >= self.route.pool_size:
+            if not self._reserve_allowed():
+                return False
+        return self.worker.quota.try_claim(self._claim_keys())
+
+    def _claim_keys(self) -> list[tuple[object, int]]:
+        keys = self._quota_keys
+        if self.total < self.route.pool_size:
+            # Ordinary claim: the pool key's cap is pool_size, not pool_size + reserve.
+            return [(keys[0][0], self.route.pool_size)] + keys[1:]
+        return keys
+
+    def _reserve_allowed(self) -> bool:
+        r = self.route
+        if not r.reserve_pool_size or self.total >= r.pool_size + r.reserve_pool_size:
+            return False
+        if not self.waiters:
+            return False
+        return time.monotonic() - self.waiters[0].since >= self.cfg.reserve_pool_timeout
+
+    def _open(self) -> ServerConn:
+        """Connect a new server; the quota claim is already held."""
+        fail = self.last_login_failure
+        if fail and time.monotonic() - fail[0] < self.cfg.server_login_retry:
+            self.worker.quota.release(self._quota_keys)
+            raise PoolError("08P01", f"server login has been failing, try again later (server_login_retry): {fail[1]}")
+        self.connecting += 1
+        try:
+            srv = ServerConn.connect(self, self.server_user, self.password_for(), self.scram_keys,
+                                     self.cfg.server_connect_timeout)
+            if self.route.connect_query:
+                srv.run(self.route.connect_query)
+        except BaseException as exc:
+            self.connecting -= 1
+            self.worker.quota.release(self._quota_keys)
+            if isinstance(exc, ServerError):
+                self.last_login_failure = (time.monotonic(), str(exc))
+                log.warning("%s@%s server login failed: %s", self.server_user, self.name, exc)
+                self._wake_next_waiter()
+                raise PoolError(exc.sqlstate if exc.sqlstate.startswith("28") else "08006",
+                                f"server login failed: {exc}") from exc
+            raise
+        self.connecting -= 1
+        self.last_login_failure = None
+        if self.welcome is None:
+            self.welcome = dict(srv.params)
+        log.info("S-%d %s@%s new connection to server (%s)", srv.id, self.server_user, self.name, srv.addr)
+        self.active.add(srv)
+        return srv
+
+    def _wait(self, client) -> ServerConn | None:
+        """Park until a server is handed over (or a slot frees up: then None)."""
+        w = Waiter(client)
+        self.waiters.append(w)
+        try:
+            return self.hub.switch()
+        finally:
+            w.done = True
+            if self.waiters and w in self.waiters:
+                self.waiters.remove(w)
+            self.stats.wait_time += time.monotonic() - w.since
+
+    def _hand_over(self, srv: ServerConn | None) -> bool:
+        """Give `srv` (or, with None, the right to retry) to the oldest waiter."""
+        waiters = self.waiters
+        while waiters:
+            w = waiters.popleft()
+            if w.done:
+                continue
+            w.done = True
+            self.hub.loop.run_callback(w.glet.switch, srv)
+            return True
+        return False
+
+    def _wake_next_waiter(self) -> None:
+        self._hand_over(None)
+
+    def release(self, srv: ServerConn) -> None:
+        """A client is done with `srv` (clean, at ReadyForQuery 'I')."""
+        self.active.discard(srv)
+        srv.client = None
+        now = time.monotonic()
+        srv.last_used = now
+        if srv.closed or (self.cfg.server_lifetime and now - srv.created > self.cfg.server_lifetime):
+            self.discard(srv, "server lifetime over" if not srv.closed else "server closed")
+            return
+        if self.waiters and not self.paused:
+            if self._hand_over(srv):
+                self.active.add(srv)
+                return
+        self.idle.append(srv)
+
+    def discard(self, srv: ServerConn, reason: str) -> None:
+        """Close a server that must not be reused, and free its slot."""
+        if not srv.closed:
+            log.info("S-%d %s@%s closing because: %s", srv.id, self.server_user, self.name, reason)
+            srv.close()
+        self._forget(srv)
+
+    def _forget(self, srv: ServerConn) -> None:
+        self.active.discard(srv)
+        try:
+            self.idle.remove(srv)
+        except ValueError:
+            pass
+        self.worker.quota.release(self._quota_keys)
+        # A slot freed up: a waiter may now open its own server.
+        if self.waiters:
+            self._wake_next_waiter()
+
+    # -- maintenance (janitor) --------------------------------------------------
+
+    def maintain(self, now: float) -> None:
+        """Close old idle servers, open min_pool_size, grant reserve, expire waits."""
+        cfg = self.cfg
+        for srv in list(self.idle):
+            age_idle = now - srv.last_used
+            if cfg.server_idle_timeout and age_idle > cfg.server_idle_timeout and \
+                    self.total > self.route.min_pool_size:
+                self.idle.remove(srv)
+                self.discard(srv, "server idle timeout")
+            elif cfg.server_lifetime and now - srv.created > cfg.server_lifetime:
+                self.idle.remove(srv)
+                self.discard(srv, "server lifetime over")
+        if self.waiters and self._reserve_allowed():
+            self._wake_next_waiter()
+        if cfg.query_wait_timeout:
+            for w in list(self.waiters):
+                if not w.done and now - w.since > cfg.query_wait_timeout:
+                    self.waiters.remove(w)
+                    w.done = True
+                    self.hub.loop.run_callback(w.glet.throw, PoolError("08P01", "query_wait_timeout"))
+
+    def fill_min(self) -> None:
+        """Open servers up to min_pool_size (called from the janitor's own greenlet)."""
+        while not self.paused and self.total < self.route.min_pool_size and not self.last_login_failure:
+            if not self.worker.quota.try_claim(self._claim_keys()):
+                return
+            try:
+                srv = self._open()
+            except PoolError:
+                return
+            self.release(srv)
+
+    def close_all(self, reason: str) -> None:
+        for srv in list(self.idle):
+            self.discard(srv, reason)

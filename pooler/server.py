@@ -1,0 +1,187 @@
+"""One server connection: connect, log in, run the pooler's own queries, close."""
+from __future__ import annotations
+
+import itertools
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+
+from . import auth, protocol
+from .netio import ConnectionClosed, Stream, connect_tcp
+from .prepared import ServerStatements
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+log = logging.getLogger("pooler.server")
+
+_ids = itertools.count(1)
+SERVER_BUF = 65536
+
+
+class ServerError(Exception):
+    """The server answered with an ErrorResponse (fields kept) or broke the protocol."""
+
+    def __init__(self, message: str, sqlstate: str = "08006", fields: dict | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.fields = fields or {}
+
+
+class ServerConn:
+    """A logged-in connection to PostgreSQL, owned by one pool."""
+
+    __slots__ = ("id", "pool", "stream", "pid", "key", "params", "created", "last_used",
+                 "client", "buf", "view", "stmts", "addr", "closed", "reset_needed",
+                 "__weakref__")
+
+    def __init__(self, pool: "Pool", stream: Stream, addr: str) -> None:
+        self.id = next(_ids)
+        self.pool = pool
+        self.stream = stream
+        self.addr = addr
+        self.pid = 0
+        self.key = 0
+        self.params: dict[str, str] = {}
+        now = time.monotonic()
+        self.created = now
+        self.last_used = now
+        self.client = None              # the client it is linked to, if any
+        self.buf = bytearray(SERVER_BUF)
+        self.view = memoryview(self.buf)
+        self.stmts = ServerStatements()
+        self.closed = False
+        self.reset_needed = False       # session-mode servers get server_reset_query before reuse
+
+    # -- login ------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, pool: "Pool", user: str, password: str | None, scram_keys: tuple | None,
+                timeout: float) -> "ServerConn":
+        """Open and log in; raises ServerError with a message safe to show a client."""
+        route = pool.route
+        addr = f"{route.host}:{route.port}"
+        try:
+            with gevent.Timeout(timeout or None, ServerError(f"server connect timeout ({addr})")):
+                sock = connect_tcp(route.host, route.port, timeout)
+                conn = cls(pool, Stream(sock, addr), addr)
+                try:
+                    conn._login(user, route.dbname, password, scram_keys, route.application_name)
+                except BaseException:
+                    conn.close(send_terminate=False)
+                    raise
+        except OSError as exc:
+            raise ServerError(f"could not connect to server {addr}: {exc.strerror or exc}") from exc
+        except ConnectionClosed as exc:
+            raise ServerError(f"server {addr} closed the connection during login") from exc
+        return conn
+
+    def _login(self, user: str, dbname: str, password: str | None, scram_keys: tuple | None,
+               application_name: str | None) -> None:
+        params = {"user": user, "database": dbname}
+        if application_name:
+            params["application_name"] = application_name
+        s = self.stream
+        s.sendall(protocol.startup_message(params))
+        scram: auth.ScramClient | None = None
+        while True:
+            mtype, body = s.read_message()
+            if mtype == ord("R"):
+                code = protocol.unpack_i32(body, 0)[0]
+                scram = self._auth_step(code, body[4:], user, password, scram_keys, scram)
+            elif mtype == ord("S"):
+                name, pos = protocol.read_cstr(body, 0)
+                self.params[name], _ = protocol.read_cstr(body, pos)
+            elif mtype == ord("K"):
+                self.pid, self.key = struct.unpack("!ii", body[:8])
+            elif mtype == ord("Z"):
+                return
+            elif mtype == ord("E"):
+                fields = protocol.parse_error_fields(body)
+                raise ServerError(fields.get("M", "login failed"), fields.get("C", "08006"), fields)
+            elif mtype in (ord("N"), ord("v")):
+                continue
+            else:
+                raise ServerError(f"unexpected message {chr(mtype)!r} during server login")
+
+    def _auth_step(self, code: int, data: bytes, user: str, password: str | None,
+                   scram_keys: tuple | None, scram: "auth.ScramClient | None"):
+        s = self.stream
+        if code == protocol.AUTH_OK:
+            return scram
+        if code == protocol.AUTH_CLEARTEXT:
+            s.sendall(protocol.password_message(self._need(password).encode() + b"\0"))
+        elif code == protocol.AUTH_MD5:
+            resp = auth.md5_challenge_response(self._need(password), user, data[:4])
+            s.sendall(protocol.password_message(resp.encode() + b"\0"))
+        elif code == protocol.AUTH_SASL:
+            mechs = data.split(b"\0")
+            if b"SCRAM-SHA-256" not in mechs:
+                raise ServerError("server offers no SASL mechanism the pooler supports")
+            if password and auth.secret_kind(password) == "plain":
+                scram = auth.ScramClient(password)
+            elif scram_keys:
+                scram = auth.ScramClient(client_key=scram_keys[0], server_key=scram_keys[1])
+            else:
+                raise ServerError("no password available to log in to the server with SCRAM", "28P01")
+            s.sendall(protocol.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+        elif code == protocol.AUTH_SASL_CONTINUE:
+            assert scram is not None
+            s.sendall(protocol.password_message(scram.client_final(data)))
+        elif code == protocol.AUTH_SASL_FINAL:
+            assert scram is not None
+            try:
+                scram.verify_server_final(data)
+            except auth.AuthFailed as exc:
+                raise ServerError(f"server SCRAM verification failed: {exc}", "28P01") from exc
+        else:
+            raise ServerError(f"server asked for unsupported authentication method {code}", "28000")
+        return scram
+
+    @staticmethod
+    def _need(password: str | None) -> str:
+        if not password:
+            raise ServerError("no password available to log in to the server", "28P01")
+        return password
+
+    # -- pooler-issued queries -------------------------------------------------
+
+    def run(self, sql: str) -> str:
+        """Run a simple query whose results nobody reads; returns the ReadyForQuery status.
+
+        ParameterStatus messages update self.params, so SETs the pooler issues
+        keep its picture of the server current. An ErrorResponse raises
+        ServerError after the server is back at ReadyForQuery.
+        """
+        s = self.stream
+        s.sendall(protocol.query(sql))
+        error: ServerError | None = None
+        while True:
+            mtype, body = s.read_message()
+            if mtype == ord("Z"):
+                if error:
+                    raise error
+                return chr(body[0])
+            if mtype == ord("S"):
+                name, pos = protocol.read_cstr(body, 0)
+                self.params[name], _ = protocol.read_cstr(body, pos)
+            elif mtype == ord("E"):
+                fields = protocol.parse_error_fields(body)
+                error = ServerError(fields.get("M", "query failed"), fields.get("C", "XX000"), fields)
+
+    def close(self, send_terminate: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if send_terminate:
+            try:
+                self.stream.sock.send(protocol.terminate())
+            except OSError:
+                pass
+        self.stream.close()
+
+    def __repr__(self) -> str:
+        return f"S-{self.id}({self.addr} pid={self.pid})"

@@ -1,0 +1,200 @@
+"""One gevent worker process: accepts clients on the (shared) listening socket
+and serves each in a greenlet; a janitor greenlet enforces timeouts and keeps
+pools in shape."""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import gevent
+from gevent.server import StreamServer
+
+from . import __version__, auth, netio
+from .client import TRACKED_BASE, Client
+from .config import Config, Route
+from .pool import LocalQuota, Pool
+from .relay import ClientKill
+
+log = logging.getLogger("pooler.worker")
+JANITOR_PERIOD = 0.5
+
+
+class Worker:
+    def __init__(self, cfg: Config, listeners: list[socket.socket], worker_id: int = 0,
+                 quota=None) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.worker_id = worker_id
+        self.quota = quota if quota is not None else LocalQuota()
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.clients: set[Client] = set()
+        self.cancel_keys: dict[tuple[int, int], Client] = {}
+        self.servers: list[StreamServer] = []
+        self.admin = None            # the admin console, when enabled
+        self.userlist: dict[str, str] = {}
+        self.tracked: tuple[str, ...] = ()
+        self.tracked_canon: dict[str, str] = {}
+        self.shutting_down = False
+        self.config_path = ""
+        self.apply_config(cfg)
+
+    # -- config -----------------------------------------------------------------
+
+    def apply_config(self, cfg: Config) -> None:
+        """Take a (validated) config: new limits apply to pools from now on."""
+        self.cfg = cfg
+        self.userlist = auth.load_userlist(cfg.auth.file) if cfg.auth.file else {}
+        self.tracked = TRACKED_BASE + tuple(p for p in cfg.track_extra_parameters if p not in TRACKED_BASE)
+        self.tracked_canon = {p.lower(): p for p in self.tracked}
+        for key, pool in list(self.pools.items()):
+            route = cfg.route(pool.name)
+            if route is None:
+                pool.close_all("database removed from config")
+                continue
+            pool.cfg = cfg
+            pool.route = route
+            pool._quota_keys = pool._make_quota_keys()
+
+    def version_string(self) -> str:
+        return f"PgBouncer 1.23.1 compatible (pooler {__version__})"
+
+    # -- clients ------------------------------------------------------------------
+
+    def try_add_client(self, client: Client) -> bool:
+        if len(self.clients) >= self.cfg.max_client_conn:
+            return False
+        self.clients.add(client)
+        return True
+
+    def forget_client(self, client: Client) -> None:
+        self.clients.discard(client)
+        self.cancel_keys.pop(client.cancel_key, None)
+
+    def register_cancel_key(self, client: Client) -> None:
+        self.cancel_keys[client.cancel_key] = client
+
+    def forward_cancel(self, pid: int, key: int) -> None:
+        """Send a CancelRequest to the server currently running that client's query."""
+        client = self.cancel_keys.get((pid, key))
+        relay = client.relay if client else None
+        srv = relay.server if relay else None
+        if srv is None:
+            return
+        try:
+            sock = netio.connect_tcp(srv.pool.route.host, srv.pool.route.port, self.cfg.server_connect_timeout)
+            try:
+                sock.sendall(netio.protocol.cancel_request(srv.pid, srv.key))
+            finally:
+                sock.close()
+        except OSError as exc:
+            log.warning("cancel request to %s failed: %s", srv.addr, exc)
+
+    def get_pool(self, route: Route, user: str) -> Pool:
+        key = (route.name, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            server_user = route.user or user
+            pool = Pool(self, route, user, server_user, lambda: self._server_password(key))
+            self.pools[key] = pool
+        return pool
+
+    def _server_password(self, key: tuple[str, str]) -> str | None:
+        pool = self.pools[key]
+        if pool.route.password:
+            return pool.route.password
+        return self.userlist.get(pool.server_user)
+
+    def handle(self, gsock, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "unix"
+        stream = netio.Stream(netio.raw_from_gevent(gsock), peer)
+        Client(self, stream, peer).serve()
+
+    # -- running --------------------------------------------------------------------
+
+    def start(self) -> None:
+        for sock in self.listeners:
+            server = StreamServer(sock, self.handle)
+            server.max_accept = 100
+            server.start()
+            self.servers.append(server)
+        gevent.spawn(self._janitor)
+        log.info("worker %d listening", self.worker_id)
+
+    def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.stop_accepting() if hasattr(server, "stop_accepting") else server.close()
+
+    def close_clients(self, sqlstate: str, message: str) -> None:
+        for client in list(self.clients):
+            client.glet.kill(ClientKill(sqlstate, message), block=False)
+
+    def _janitor(self) -> None:
+        while True:
+            gevent.sleep(JANITOR_PERIOD)
+            try:
+                self.janitor_tick(time.monotonic())
+            except Exception:
+                log.exception("janitor tick failed")
+
+    def janitor_tick(self, now: float) -> None:
+        for pool in list(self.pools.values()):
+            pool.maintain(now)
+            if pool.route.min_pool_size and pool.total < pool.route.min_pool_size:
+                gevent.spawn(pool.fill_min)
+        self._client_timeouts(now)
+
+    def _client_timeouts(self, now: float) -> None:
+        cfg = self.cfg
+        if not (cfg.query_timeout or cfg.idle_transaction_timeout or cfg.client_idle_timeout):
+            return
+        for client in list(self.clients):
+            reason = self._timeout_reason(client, now)
+            if reason:
+                log.info("C-%d %s closing because: %s", client.id, client._who(), reason[1])
+                client.glet.kill(ClientKill(*reason), block=False)
+
+    def _timeout_reason(self, client: Client, now: float) -> tuple[str, str] | None:
+        relay = client.relay
+        if relay is None:
+            return None
+        cfg = self.cfg
+        if relay.server is not None:
+            if relay.send != relay.recv:
+                if cfg.query_timeout and now - relay.query_start > cfg.query_timeout:
+                    return ("57014", "query_timeout")
+            elif cfg.idle_transaction_timeout and now - relay.last_active > cfg.idle_transaction_timeout:
+                return ("25P03", "idle_transaction_timeout")
+        elif cfg.client_idle_timeout and client.state == "idle" and \
+                now - relay.last_active > cfg.client_idle_timeout:
+            return ("57P05", "client_idle_timeout")
+        return None
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def shutdown(self, graceful: bool) -> None:
+        """Stop accepting; with `graceful`, let linked clients finish their
+        transaction (bounded by shutdown_timeout), then close everything."""
+        self.shutting_down = True
+        for server in self.servers:
+            server.close()
+        log.info("shutting down (%s)", "graceful" if graceful else "fast")
+        if graceful:
+            deadline = time.monotonic() + self.cfg.shutdown_timeout
+            while time.monotonic() < deadline:
+                self._close_unlinked_clients()
+                if not self.clients:
+                    break
+                gevent.sleep(0.05)
+        self.close_clients("57P01", "pooler is shutting down")
+        gevent.sleep(0.05)
+        for pool in self.pools.values():
+            pool.close_all("pooler shutdown")
+
+    def _close_unlinked_clients(self) -> None:
+        """Clients between transactions can go now (session clients keep their server)."""
+        for client in list(self.clients):
+            relay = client.relay
+            if client.state == "login" or (relay is not None and relay.server is None and
+                                           client.state != "waiting"):
+                client.glet.kill(ClientKill("57P01", "pooler is shutting down"), block=False)

@@ -1,0 +1,1 @@
+"""Flask admin sidecar for the pooler."""
