@@ -53,6 +53,7 @@ class Client:
         self.pool: Pool | None = None
         self.relay: Relay | None = None
         self.tparams: dict[str, str | None] = {}   # tracked parameters as the client sees them
+        self.tsig: tuple = ()                      # their values, compared against ServerConn.tsig
         self.state = "login"
         self.connect_time = time.time()
         self.cancel_key = (0, 0)
@@ -166,6 +167,7 @@ class Client:
         if self.pool.welcome is None:
             self._fetch_welcome()
         self.tparams = self._initial_tracked(startup)
+        self.tsig = tuple(self.tparams.values())
         if cfg.log_connections:
             log.info("C-%d %s login attempt: db=%s user=%s", self.id, self._who(), self.database, self.user)
         values = dict(self.pool.welcome)
@@ -288,9 +290,13 @@ class Client:
         srv.params[name] = value
         if name in self.tparams:
             self.tparams[name] = value
+            self.tsig = tuple(self.tparams.values())
+            srv.tsig = self.tsig
 
     def sync_parameters(self, srv: "ServerConn") -> None:
         """Make the server's tracked parameters equal to the client's before relaying."""
+        if srv.tsig == self.tsig:
+            return              # the common case: this server last served the same values
         sparams = srv.params
         changes = [(k, v) for k, v in self.tparams.items() if sparams.get(k) != v]
         if not changes:
@@ -302,3 +308,4 @@ class Client:
                 sparams.pop(k, None)
             else:
                 sparams[k] = v
+        srv.tsig = self.tsig

@@ -44,7 +44,13 @@ class Stream:
     # -- raw I/O ------------------------------------------------------------
 
     def wait_readable(self) -> None:
-        self.hub.wait(self.rw)
+        """Park until the socket is readable (cheaper than hub.wait: no Waiter object)."""
+        rw = self.rw
+        rw.start(getcurrent().switch)
+        try:
+            self.hub.switch()
+        finally:
+            rw.stop()
 
     def recv_into(self, buf: bytearray | memoryview, nbytes: int = 0) -> int:
         """Read what is available (waiting if nothing is); 0 means EOF."""

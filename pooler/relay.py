@@ -123,9 +123,14 @@ class Relay:
             while True:
                 srv = self.server
                 if srv is None:
-                    n = cs.recv_into(self.cview[self.cend:])
+                    # Wait first: after a transaction the client has usually sent
+                    # nothing yet, and a failed recv costs a syscall and an exception.
+                    cs.wait_readable()
+                    n = cs.try_recv_into(self.cview[self.cend:])
                     if n == 0:
                         return
+                    if n < 0:
+                        continue
                     self.cend += n
                     self.last_active = time.monotonic()
                     if not self.on_client_data():

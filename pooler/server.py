@@ -35,7 +35,7 @@ class ServerConn:
     """A logged-in connection to PostgreSQL, owned by one pool."""
 
     __slots__ = ("id", "pool", "stream", "pid", "key", "params", "created", "last_used",
-                 "client", "buf", "view", "stmts", "addr", "closed", "reset_needed",
+                 "client", "buf", "view", "stmts", "addr", "closed", "reset_needed", "tsig",
                  "__weakref__")
 
     def __init__(self, pool: "Pool", stream: Stream, addr: str) -> None:
@@ -55,6 +55,7 @@ class ServerConn:
         self.stmts = ServerStatements()
         self.closed = False
         self.reset_needed = False       # session-mode servers get server_reset_query before reuse
+        self.tsig: tuple | None = None  # the client parameter values last applied (None: unknown)
 
     # -- login ------------------------------------------------------------------
 
@@ -168,6 +169,7 @@ class ServerConn:
             if mtype == ord("S"):
                 name, pos = protocol.read_cstr(body, 0)
                 self.params[name], _ = protocol.read_cstr(body, pos)
+                self.tsig = None
             elif mtype == ord("E"):
                 fields = protocol.parse_error_fields(body)
                 error = ServerError(fields.get("M", "query failed"), fields.get("C", "XX000"), fields)
