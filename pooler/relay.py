@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pooler.relay")
 
 CLIENT_BUF = 65536
+# Client read buffers are lent per chunk, not owned per client: an idle client
+# holds no buffer, so 10,000 idle clients do not cost 10,000 x 64 KB.
+_free_bufs: list[tuple[bytearray, memoryview]] = []
+MAX_FREE_BUFS = 256
 unpack_i32 = protocol.unpack_i32
 
 # What a client message type means to the relay.
@@ -92,8 +96,8 @@ class Relay:
             self.stmts = ClientStatements(cfg.max_prepared_statements, self.stats.prepared)
         self.server: ServerConn | None = None
         self.dual = DualWait(self.cs, self.cs)
-        self.cbuf = bytearray(CLIENT_BUF)
-        self.cview = memoryview(self.cbuf)
+        self.cbuf: bytearray | None = None     # lent while a chunk is processed (see _free_bufs)
+        self.cview: memoryview | None = None
         self.cend = 0            # bytes kept at the start of cbuf (partial message)
         self.send = 0            # Q/F/S sent to the current server
         self.recv = 0            # ReadyForQuery received from it
@@ -116,6 +120,7 @@ class Relay:
         early = cs.take_buffered()
         try:
             if early:
+                self._borrow()
                 self.cbuf[:len(early)] = early
                 self.cend = len(early)
                 if not self.on_client_data():
@@ -126,6 +131,8 @@ class Relay:
                     # Wait first: after a transaction the client has usually sent
                     # nothing yet, and a failed recv costs a syscall and an exception.
                     cs.wait_readable()
+                    if self.cbuf is None:
+                        self._borrow()
                     n = cs.try_recv_into(self.cview[self.cend:])
                     if n == 0:
                         return
@@ -136,6 +143,8 @@ class Relay:
                     if not self.on_client_data():
                         return
                 elif self.dual.wait() == 1:
+                    if self.cbuf is None:
+                        self._borrow()
                     n = cs.try_recv_into(self.cview[self.cend:])
                     if n == 0:
                         return
@@ -159,6 +168,8 @@ class Relay:
         except protocol.ProtocolError as exc:
             self.client.fatal("08P01", str(exc))
         finally:
+            self.cend = 0
+            self._give_back()
             self.unlink_at_exit()
 
     # -- client -> server ------------------------------------------------------
@@ -238,13 +249,24 @@ class Relay:
         if rest and pos:
             self.cbuf[:rest] = bytes(self.cview[pos:end])
         self.cend = rest
-        if rest >= 5 and rest == len(self.cbuf):
+        if not rest:
+            self._give_back()
+        elif rest >= 5 and rest == len(self.cbuf):
             need = 1 + unpack_i32(self.cbuf, 1)[0]
             bigger = bytearray(max(need, 2 * len(self.cbuf)))
             bigger[:rest] = self.cbuf
             self.cview.release()
             self.cbuf = bigger
             self.cview = memoryview(bigger)
+
+    def _borrow(self) -> None:
+        self.cbuf, self.cview = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
+
+    def _give_back(self) -> None:
+        buf = self.cbuf
+        if buf is not None and len(buf) == CLIENT_BUF and len(_free_bufs) < MAX_FREE_BUFS:
+            _free_bufs.append((buf, self.cview))
+        self.cbuf = self.cview = None
 
     def _rewrite(self, t: int, msg: memoryview, srv: "ServerConn") -> bytes | None:
         batch = self.send + 1     # the Sync that will close this batch
