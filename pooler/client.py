@@ -221,8 +221,9 @@ class Client:
             return None
         if secret is None:
             # Go through the motions so that unknown and known users look alike.
-            secret = auth.scram_secret(secrets.token_hex(16))
-            self._do_auth(atype, secret)
+            # (md5 asks for md5 with a plain fake secret, as it does for a known user.)
+            fake = secrets.token_hex(16)
+            self._do_auth(atype, fake if atype == "md5" else auth.scram_secret(fake))
             raise LoginFailed("28P01", f'password authentication failed for user "{self.user}"')
         return self._do_auth(atype, secret)
 
@@ -232,9 +233,8 @@ class Client:
             return self._auth_scram(secret)
         if atype == "md5":
             self._auth_md5(secret)
-        else:
-            self._auth_plain(secret)
-        return None
+            return None
+        return self._auth_plain(secret)
 
     def _read_password(self) -> bytes:
         mtype, body = self.stream.read_message(max_len=65536)
@@ -245,11 +245,16 @@ class Client:
     def _auth_failed(self) -> LoginFailed:
         return LoginFailed("28P01", f'password authentication failed for user "{self.user}"')
 
-    def _auth_plain(self, secret: str) -> None:
+    def _auth_plain(self, secret: str) -> tuple | None:
         self.stream.sendall(protocol.auth_request(protocol.AUTH_CLEARTEXT))
         password = self._read_password().rstrip(b"\0").decode("utf-8", "replace")
         if not auth.verify_plain(secret, self.user, password):
             raise self._auth_failed()
+        if auth.secret_kind(secret) == "scram":
+            # Only a SCRAM secret is stored: the password gives the keys to log in to the server.
+            iterations, salt, _, _ = auth.parse_scram_secret(secret)
+            return auth._keys_from_password(password, salt, iterations)
+        return None
 
     def _auth_md5(self, secret: str) -> None:
         salt = secrets.token_bytes(4)
@@ -262,7 +267,7 @@ class Client:
         if auth.secret_kind(secret) == "md5":
             log.warning("C-%d %s: SCRAM requested but auth_file holds an md5 secret", self.id, self._who())
             raise self._auth_failed()
-        server = auth.ScramServer(secret)
+        server = auth.ScramServer(self.worker.scram_secret_for(secret))
         self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
         body = self._read_password()
         mech, pos = protocol.read_cstr(body, 0)

@@ -33,10 +33,17 @@ class Worker:
         self.servers: list[StreamServer] = []
         self.admin = None            # the admin console, when enabled
         self.userlist: dict[str, str] = {}
+        self._scram_cache: dict[str, str] = {}
         self.tracked: tuple[str, ...] = ()
         self.tracked_canon: dict[str, str] = {}
         self.shutting_down = False
         self.config_path = ""
+        # Prefork mode (master.py): the link to the other workers (workerproc.Peers),
+        # None when this process is the whole pooler.
+        self.peers = None
+        self.max_accept = 100        # lowered when several workers share the socket
+        self.paused = False          # PAUSE / SIGUSR1: new pools start paused too
+        self.paused_dbs: set[str] = set()
         self.apply_config(cfg)
 
     # -- config -----------------------------------------------------------------
@@ -56,31 +63,64 @@ class Worker:
             pool.route = route
             pool._quota_keys = pool._make_quota_keys()
 
+    def scram_secret_for(self, secret: str) -> str:
+        """A SCRAM secret for a userlist entry, derived once per plaintext password.
+
+        Deriving costs 4096 PBKDF2 rounds; doing it on every login would make
+        connection churn CPU-bound in the pooler. The cache lives in memory only.
+        """
+        if auth.secret_kind(secret) != "plain":
+            return secret
+        derived = self._scram_cache.get(secret)
+        if derived is None:
+            if len(self._scram_cache) > 10000:
+                self._scram_cache.clear()
+            derived = self._scram_cache[secret] = auth.scram_secret(secret)
+        return derived
+
     def version_string(self) -> str:
         return f"PgBouncer 1.23.1 compatible (pooler {__version__})"
 
     # -- clients ------------------------------------------------------------------
 
     def try_add_client(self, client: Client) -> bool:
-        if len(self.clients) >= self.cfg.max_client_conn:
+        """max_client_conn counts every worker's clients (in shared memory, prefork)."""
+        if self.peers is not None:
+            if not self.peers.add_client(self.cfg.max_client_conn):
+                return False
+        elif len(self.clients) >= self.cfg.max_client_conn:
             return False
         self.clients.add(client)
         return True
 
     def forget_client(self, client: Client) -> None:
-        self.clients.discard(client)
-        self.cancel_keys.pop(client.cancel_key, None)
+        if client in self.clients:
+            self.clients.discard(client)
+            if self.peers is not None:
+                self.peers.remove_client()
+        if self.cancel_keys.pop(client.cancel_key, None) is not None and self.peers is not None:
+            self.peers.cancel_key_removed(client.cancel_key)
 
     def register_cancel_key(self, client: Client) -> None:
         self.cancel_keys[client.cancel_key] = client
+        if self.peers is not None:
+            self.peers.cancel_key_added(client.cancel_key)
 
     def forward_cancel(self, pid: int, key: int) -> None:
-        """Send a CancelRequest to the server currently running that client's query."""
+        """A CancelRequest arrived here: cancel locally, or hand it to the owning worker."""
+        if not self.cancel_local(pid, key) and self.peers is not None:
+            self.peers.forward_cancel(pid, key)
+
+    def cancel_local(self, pid: int, key: int) -> bool:
+        """Send a CancelRequest to the server currently running that client's query;
+        False when the key belongs to no client of this worker."""
         client = self.cancel_keys.get((pid, key))
-        relay = client.relay if client else None
+        if client is None:
+            return False
+        relay = client.relay
         srv = relay.server if relay else None
         if srv is None:
-            return
+            return True
         try:
             sock = netio.connect_tcp(srv.pool.route.host, srv.pool.route.port, self.cfg.server_connect_timeout)
             try:
@@ -89,6 +129,7 @@ class Worker:
                 sock.close()
         except OSError as exc:
             log.warning("cancel request to %s failed: %s", srv.addr, exc)
+        return True
 
     def get_pool(self, route: Route, user: str) -> Pool:
         key = (route.name, user)
@@ -96,6 +137,7 @@ class Worker:
         if pool is None:
             server_user = route.user or user
             pool = Pool(self, route, user, server_user, lambda: self._server_password(key))
+            pool.paused = self.paused or route.name in self.paused_dbs
             self.pools[key] = pool
         return pool
 
@@ -115,7 +157,7 @@ class Worker:
     def start(self) -> None:
         for sock in self.listeners:
             server = StreamServer(sock, self.handle)
-            server.max_accept = 100
+            server.max_accept = self.max_accept
             server.start()
             self.servers.append(server)
         gevent.spawn(self._janitor)
@@ -180,6 +222,10 @@ class Worker:
             server.close()
         log.info("shutting down (%s)", "graceful" if graceful else "fast")
         if graceful:
+            # No transaction starts from now on: a client asking for a server waits, and
+            # is closed while parked (a transaction boundary); those in flight finish.
+            for pool in self.pools.values():
+                pool.paused = True
             deadline = time.monotonic() + self.cfg.shutdown_timeout
             while time.monotonic() < deadline:
                 self._close_unlinked_clients()
@@ -192,9 +238,16 @@ class Worker:
             pool.close_all("pooler shutdown")
 
     def _close_unlinked_clients(self) -> None:
-        """Clients between transactions can go now (session clients keep their server)."""
+        """Clients between transactions can go now (session clients keep their server),
+        and so can clients parked waiting for a server: their transaction has not begun."""
         for client in list(self.clients):
             relay = client.relay
             if client.state == "login" or (relay is not None and relay.server is None and
-                                           client.state != "waiting"):
+                                           (client.state != "waiting" or self._parked(client))):
                 client.glet.kill(ClientKill("57P01", "pooler is shutting down"), block=False)
+
+    @staticmethod
+    def _parked(client: Client) -> bool:
+        """Waiting in the pool's queue (not in the middle of opening a server)."""
+        pool = client.pool
+        return pool is not None and any(w.client is client and not w.done for w in pool.waiters)
