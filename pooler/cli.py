@@ -11,8 +11,14 @@ from .config import ConfigError, check_config_file
 SUBCOMMANDS = ("check-config", "demo", "convert-ini", "run")
 
 
+# The PgBouncer release whose admin console and settings we follow. Tools parse
+# "PgBouncer X.Y.Z" out of SHOW VERSION, so the line starts with it.
+PGBOUNCER_COMPAT = "1.23.1"
+
+
 def version_line() -> str:
-    return f"pooler {__version__} (PgBouncer-compatible PostgreSQL connection pooler)"
+    """`pooler -V`, SHOW VERSION and the worker's version string: one text."""
+    return f"PgBouncer {PGBOUNCER_COMPAT} compatible (pooler {__version__})"
 
 
 def run_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import gevent
 
 from . import auth, protocol
+from .config import ADMIN_DB
+from .control import is_disabled
 from .netio import ConnectionClosed, Stream
 from .pool import Pool, PoolError
 from .relay import ClientKill, Relay
@@ -58,6 +60,7 @@ class Client:
         self.connect_time = time.time()
         self.cancel_key = (0, 0)
         self.glet = gevent.getcurrent()
+        self.close_reason = "client close request"   # for the log line; fatal() sets it
 
     # -- life cycle -------------------------------------------------------------
 
@@ -67,6 +70,9 @@ class Client:
                                 LoginFailed("08P01", "client_login_timeout")):
                 if not self._startup():
                     return
+            if self.state == "admin":
+                self.worker.admin.serve(self)   # outside client_login_timeout
+                return
             self.relay = Relay(self)
             self.state = "idle"
             self.relay.run()
@@ -79,23 +85,32 @@ class Client:
             self.fatal("08P01", str(exc))
         except ConnectionClosed:
             pass
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:
+            # A bug must cost one client, with an error it can read, never the worker.
+            log.exception("C-%d %s closing because: internal error (%s)", self.id, self._who(),
+                          type(exc).__name__)
+            self.fatal("XX000", f"pooler internal error: {type(exc).__name__}")
         finally:
             self._close()
 
     def _who(self) -> str:
-        return f"{self.user or '?'}@{self.database or '?'}@{self.addr}"
+        # PgBouncer's "db/user@addr:port", so log searches written for it still match.
+        return f"{self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr}"
 
     def _close(self) -> None:
         self.worker.forget_client(self)
         if self.pool is not None:
             self.pool.clients.discard(self)
         if self.cfg.log_disconnections and self.state != "login":
-            log.info("C-%d %s closing because: client close request (age=%.0fs)", self.id,
-                     self._who(), time.time() - self.connect_time)
+            log.info("C-%d %s closing because: %s (age=%.0fs)", self.id, self._who(),
+                     self.close_reason, time.time() - self.connect_time)
         self.stream.close()
 
     def fatal(self, sqlstate: str, message: str) -> None:
         """Send a FATAL error and stop; never raises (the client may already be gone)."""
+        self.close_reason = message
         try:
             self.stream.sendall(protocol.error_response(sqlstate, message, "FATAL"))
         except Exception:
@@ -146,18 +161,18 @@ class Client:
             raise LoginFailed("08P01", "replication connections are not supported by the pooler")
         cfg = self.cfg
         if not self.worker.try_add_client(self):
-            raise LoginFailed("53300", f"no more connections allowed (max_client_conn={cfg.max_client_conn})")
-        if self.worker.admin is not None and self.database == "pgbouncer":
+            raise LoginFailed("53300", "no more connections allowed (max_client_conn)")
+        if self.worker.admin is not None and self.database == ADMIN_DB:
             self._authenticate()
-            self.state = "admin"
-            self._welcome({"server_version": self.worker.version_string(), "client_encoding": "UTF8",
-                           "server_encoding": "UTF8", "DateStyle": "ISO", "standard_conforming_strings": "on",
-                           "integer_datetimes": "on", "TimeZone": "UTC"})
-            self.worker.admin.serve(self)
+            self.worker.admin.check_login(self)     # admin_users / stats_users only
+            self.state = "admin"                    # serve() runs the console
+            self._welcome(self.worker.admin.welcome_params())
             return
         route = cfg.route(self.database)
         if route is None:
             raise LoginFailed("3D000", f"no such database: {self.database}")
+        if is_disabled(self.worker, route.name):
+            raise LoginFailed("55000", f"database does not allow connections: {route.name}")
         startup = self._startup_parameters(params)
         scram_keys = self._authenticate()
         self.pool = self.worker.get_pool(route, self.user)
@@ -270,10 +285,13 @@ class Client:
         server = auth.ScramServer(self.worker.scram_secret_for(secret))
         self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
         body = self._read_password()
-        mech, pos = protocol.read_cstr(body, 0)
-        if mech != "SCRAM-SHA-256":
-            raise LoginFailed("28000", f"unsupported SASL mechanism {mech}")
-        (dlen,) = struct.unpack_from("!i", body, pos)
+        try:
+            mech, pos = protocol.read_cstr(body, 0)
+            if mech != "SCRAM-SHA-256":
+                raise LoginFailed("28000", f"unsupported SASL mechanism {mech}")
+            (dlen,) = struct.unpack_from("!i", body, pos)
+        except (ValueError, struct.error):
+            raise LoginFailed("08P01", "malformed SASLInitialResponse message") from None
         first = body[pos + 4:pos + 4 + dlen] if dlen >= 0 else b""
         try:
             reply = server.server_first(first)

@@ -511,7 +511,8 @@ def _parse_auth(raw: Any, base_dir: str, errors: list[str]) -> AuthConfig:
         # Relative to the config file, so the pooler works from any working directory.
         auth.file = os.path.normpath(os.path.join(base_dir, auth.file))
         if not os.path.isfile(auth.file):
-            errors.append(_bad("auth.file", auth.file, "an existing userlist file"))
+            # Not _bad(): its 80-character cut would drop the file name from a long path.
+            errors.append(f"auth.file: {auth.file!r} is not valid: an existing userlist file")
     elif auth.type != "trust" and auth.user is None and not type_is_bad:
         errors.append(f"auth.file: is required when auth.type is {auth.type!r} "
                       "(a userlist.txt; or set auth.user to look passwords up with auth.query)")
@@ -540,7 +541,11 @@ def parse_config(data: dict, source_path: str | None = None) -> Config:
 
 
 def load_config(path: str) -> Config:
-    """Read and validate a YAML config file; every failure is a ConfigError naming it."""
+    """Read and validate a YAML config file (or a pgbouncer.ini, by its .ini suffix);
+    every failure is a ConfigError naming it."""
+    if path.lower().endswith(".ini"):
+        from .ini import load_ini       # same validator, PgBouncer's file format
+        return load_ini(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

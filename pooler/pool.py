@@ -116,13 +116,29 @@ class Pool:
 
     def acquire(self, client) -> ServerConn:
         """A server for `client`: an idle one, a new one, or the next one released."""
+        # Fast path: the most recently used idle server, used recently enough
+        # that server_check_delay asks for no check.
+        idle = self.idle
+        if idle and not self.paused and not self.cfg.server_round_robin:
+            srv = idle[-1]
+            delay = self.cfg.server_check_delay
+            if not srv.closed and (not self.cfg.server_check_query or
+                                   time.monotonic() - srv.last_used <= delay):
+                idle.pop()
+                self.active.add(srv)
+                return srv
+        since = 0.0                  # when this client started waiting
         while True:
-            srv = self._pop_idle()
+            # Paused: no server is handed out, not even an idle one; clients wait.
+            srv = None if self.paused else self._pop_idle()
             if srv is not None:
                 return self._checked_out(srv)
-            if self._may_open():
+            if self._may_open(since):
                 return self._open()
-            srv = self._wait(client)
+            if self._evict_for_caps() and self._may_open(since):
+                return self._open()
+            since = since or time.monotonic()
+            srv = self._wait(client, since)
             if srv is not None:
                 return self._checked_out(srv)
 
@@ -140,7 +156,8 @@ class Pool:
         if srv.closed:
             self._forget(srv)
             return False
-        if delay and time.monotonic() - srv.last_used > delay and self.cfg.server_check_query:
+        # server_check_delay 0 means: check every time (PgBouncer).
+        if self.cfg.server_check_query and time.monotonic() - srv.last_used > delay:
             try:
                 srv.run(self.cfg.server_check_query)
             except Exception as exc:
@@ -155,14 +172,37 @@ class Pool:
         self.active.add(srv)
         return srv
 
-    def _may_open(self) -> bool:
+    def _may_open(self, since: float = 0.0) -> bool:
         """Within pool_size (reserve only for clients that waited reserve_pool_timeout)?"""
         if self.paused:
             return False
         if self.total >= self.route.pool_size:
-            if not self._reserve_allowed():
+            if not self._reserve_allowed(since):
                 return False
         return self.worker.quota.try_claim(self._claim_keys())
+
+    def _evict_for_caps(self) -> bool:
+        """Below pool_size but max_db_connections / max_user_connections is reached:
+        close the least recently used idle server of another pool of this worker that
+        counts against the same cap, so this pool can open one (PgBouncer evicts too)."""
+        cfg = self.cfg
+        max_db = self.route.max_db_connections or cfg.max_db_connections
+        if self.paused or self.total >= self.route.pool_size or \
+                not (max_db or cfg.max_user_connections):
+            return False
+        victim = None
+        for pool in self.worker.pools.values():
+            if pool is self or not pool.idle:
+                continue
+            if (max_db and pool.name == self.name) or \
+                    (cfg.max_user_connections and pool.server_user == self.server_user):
+                srv = pool.idle[0]
+                if victim is None or srv.last_used < victim.last_used:
+                    victim = srv
+        if victim is None:
+            return False
+        victim.pool.discard(victim, "evicted: max_db_connections/max_user_connections reached")
+        return True
 
     def _claim_keys(self) -> list[tuple[object, int]]:
         keys = self._quota_keys
@@ -171,13 +211,17 @@ class Pool:
             return [(keys[0][0], self.route.pool_size)] + keys[1:]
         return keys
 
-    def _reserve_allowed(self) -> bool:
+    def _reserve_allowed(self, since: float = 0.0) -> bool:
+        """`since`: when the asking client started waiting (it is not in `waiters`)."""
         r = self.route
         if not r.reserve_pool_size or self.total >= r.pool_size + r.reserve_pool_size:
             return False
-        if not self.waiters:
+        oldest = self.waiters[0].since if self.waiters else 0.0
+        if since and (not oldest or since < oldest):
+            oldest = since
+        if not oldest:
             return False
-        return time.monotonic() - self.waiters[0].since >= self.cfg.reserve_pool_timeout
+        return time.monotonic() - oldest >= self.cfg.reserve_pool_timeout
 
     def _open(self) -> ServerConn:
         """Connect a new server; the quota claim is already held."""
@@ -209,9 +253,12 @@ class Pool:
         self.active.add(srv)
         return srv
 
-    def _wait(self, client) -> ServerConn | None:
+    def _wait(self, client, since: float = 0.0) -> ServerConn | None:
         """Park until a server is handed over (or a slot frees up: then None)."""
         w = Waiter(client)
+        t0 = w.since
+        if since:
+            w.since = since         # query_wait_timeout / reserve count from the first wait
         self.waiters.append(w)
         try:
             return self.hub.switch()
@@ -219,7 +266,7 @@ class Pool:
             w.done = True
             if self.waiters and w in self.waiters:
                 self.waiters.remove(w)
-            self.stats.wait_time += time.monotonic() - w.since
+            self.stats.wait_time += time.monotonic() - t0
 
     def _hand_over(self, srv: ServerConn | None) -> bool:
         """Give `srv` (or, with None, the right to retry) to the oldest waiter."""
@@ -236,11 +283,12 @@ class Pool:
     def _wake_next_waiter(self) -> None:
         self._hand_over(None)
 
-    def release(self, srv: ServerConn) -> None:
+    def release(self, srv: ServerConn, now: float = 0.0) -> None:
         """A client is done with `srv` (clean, at ReadyForQuery 'I')."""
         self.active.discard(srv)
         srv.client = None
-        now = time.monotonic()
+        if not now:
+            now = time.monotonic()
         srv.last_used = now
         if srv.closed or (self.cfg.server_lifetime and now - srv.created > self.cfg.server_lifetime):
             self.discard(srv, "server lifetime over" if not srv.closed else "server closed")
@@ -283,7 +331,10 @@ class Pool:
             elif cfg.server_lifetime and now - srv.created > cfg.server_lifetime:
                 self.idle.remove(srv)
                 self.discard(srv, "server lifetime over")
-        if self.waiters and self._reserve_allowed():
+        if self.waiters and (self._reserve_allowed() or
+                             (self.total < self.route.pool_size and not self.paused)):
+            # Reserve granted, or below pool_size yet waiting: a database/user cap was
+            # full; let the oldest waiter retry (it may evict another pool's idle server).
             self._wake_next_waiter()
         if cfg.query_wait_timeout:
             for w in list(self.waiters):

@@ -12,7 +12,9 @@ every Parse and Close the relay sends records what to do with its answer
 pooler injected the request. Answers arrive in request order, so a FIFO is
 enough. After an ErrorResponse the server skips to the next Sync and those
 requests are never answered: at ReadyForQuery every entry of that batch is
-dropped, and a Parse that never completed is taken out of the server's cache.
+dropped, and a Parse that never completed is taken out of the server's cache
+(and a client's Parse out of its names); a skipped Close is undone: the
+client's name comes back, a statement the pooler meant to close stays cached.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from . import protocol
 _names = itertools.count(1)
 NOOP_CLOSE_NAME = b"_pooler_noop"   # never prepared: closing it is a no-op that still answers '3'
 PARSE_DONE, CLOSE_DONE = ord("1"), ord("3")
+UNDO_CLIENT_PARSE, UNDO_CLIENT_CLOSE, UNDO_SERVER_CLOSE = range(3)   # see ServerStatements.on_ready
 
 
 class Counters:
@@ -42,7 +45,8 @@ class ServerStatements:
 
     def __init__(self) -> None:
         self.cache: OrderedDict[bytes, bytes] = OrderedDict()   # query+types -> server name
-        # [batch, kind ('1' or '3'), forward to client?, key of a Parse or None]
+        # [batch, kind ('1' or '3'), forward to client?, key of a Parse or None(, undo)]
+        # undo (optional): what to put back if the request is never answered, see on_ready.
         self.expect: deque[list] = deque()
 
     def clear(self) -> None:
@@ -62,11 +66,24 @@ class ServerStatements:
     def on_ready(self, batch: int) -> None:
         """ReadyForQuery for `batch`: requests of that batch still unanswered were skipped."""
         expect = self.expect
+        undos = None
         while expect and expect[0][0] <= batch:
             entry = expect.popleft()
             if entry[3] is not None and self.cache.get(entry[3]) is not None:
                 # The Parse never ran (an earlier error skipped it).
                 del self.cache[entry[3]]
+            if len(entry) > 4:
+                undos = undos or []
+                undos.append(entry[4])
+        for undo in reversed(undos or ()):            # last request first
+            if undo[0] == UNDO_CLIENT_PARSE:           # the client's name was never created
+                if undo[1].get(undo[2]) == undo[3]:
+                    del undo[1][undo[2]]
+            elif undo[0] == UNDO_CLIENT_CLOSE:         # the client's statement still exists
+                undo[1].setdefault(undo[2], undo[3])
+            elif undo[1] not in self.cache:            # the server still has this statement
+                self.cache[undo[1]] = undo[2]
+                self.cache.move_to_end(undo[1], last=False)
 
 
 class ClientStatements:
@@ -97,12 +114,12 @@ class ClientStatements:
             # Already prepared on this server: re-prepare it so the client's
             # ParseComplete comes from the server, in order with everything else.
             out.append(protocol.close_statement(sname))
-            srv.expect.append([batch, CLOSE_DONE, False, None])
+            srv.expect.append([batch, CLOSE_DONE, False, None, (UNDO_SERVER_CLOSE, tail, sname)])
             srv.cache.move_to_end(tail)
         else:
             sname = self._new_name(srv, tail, batch, out)
         out.append(protocol.parse_msg(sname, tail))
-        srv.expect.append([batch, PARSE_DONE, True, tail])
+        srv.expect.append([batch, PARSE_DONE, True, tail, (UNDO_CLIENT_PARSE, self.names, name, tail)])
         self.counters.server_parses += 1
         return b"".join(out)
 
@@ -132,7 +149,8 @@ class ClientStatements:
         return pre + protocol.message(b"D", b"S" + sname + b"\0")
 
     def rewrite_close(self, msg: memoryview, srv: ServerStatements, batch: int) -> bytes | None:
-        srv.expect.append([batch, CLOSE_DONE, True, None])
+        entry = [batch, CLOSE_DONE, True, None]
+        srv.expect.append(entry)
         if msg[5] != ord("S"):
             return None
         end = _cstr_end(msg, 6)
@@ -141,7 +159,9 @@ class ClientStatements:
             return None
         # The server copy stays cached for other clients; the client still
         # gets its CloseComplete, from a Close of a name that never exists.
-        self.names.pop(name, None)
+        tail = self.names.pop(name, None)
+        if tail is not None:
+            entry.append((UNDO_CLIENT_CLOSE, self.names, name, tail))
         return protocol.close_statement(NOOP_CLOSE_NAME)
 
     # -- helpers --------------------------------------------------------------
@@ -166,9 +186,9 @@ class ClientStatements:
         """Pick a server name for `tail`, evicting the least recently used statement if full."""
         cache = srv.cache
         while len(cache) >= self.limit:
-            _, old = cache.popitem(last=False)
+            key, old = cache.popitem(last=False)
             out.append(protocol.close_statement(old))
-            srv.expect.append([batch, CLOSE_DONE, False, None])
+            srv.expect.append([batch, CLOSE_DONE, False, None, (UNDO_SERVER_CLOSE, key, old)])
         sname = b"_pl_%d" % next(_names)
         cache[tail] = sname
         return sname

@@ -64,10 +64,15 @@ REWRITE_KIND = bytearray(256)
 for _t in b"PBDC":
     REWRITE_KIND[_t] = 1
 
-# Server message types whose body the relay needs in full.
+# Server message types whose body the relay needs in full. CommandComplete
+# ('C') and ParseComplete/CloseComplete ('1'/'3') only matter when prepared
+# statements are tracked, so plain relays skip them.
 SERVER_INTEREST = bytearray(256)
-for _t in b"ZS13CG":
+for _t in b"ZSG":
     SERVER_INTEREST[_t] = 1
+SERVER_INTEREST_PS = bytearray(SERVER_INTEREST)
+for _t in b"13C":
+    SERVER_INTEREST_PS[_t] = 1
 
 STATUS_IDLE = ord("I")
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
@@ -94,6 +99,7 @@ class Relay:
         self.stmts: ClientStatements | None = None
         if self.mode != SESSION and cfg.max_prepared_statements > 0:
             self.stmts = ClientStatements(cfg.max_prepared_statements, self.stats.prepared)
+        self.interest = SERVER_INTEREST if self.stmts is None else SERVER_INTEREST_PS
         self.server: ServerConn | None = None
         self.dual = DualWait(self.cs, self.cs)
         self.cbuf: bytearray | None = None     # lent while a chunk is processed (see _free_bufs)
@@ -101,6 +107,7 @@ class Relay:
         self.cend = 0            # bytes kept at the start of cbuf (partial message)
         self.send = 0            # Q/F/S sent to the current server
         self.recv = 0            # ReadyForQuery received from it
+        self.qmask = 0           # bit i: unanswered request recv+1+i is a Query (not a Sync)
         self.unsynced = False
         self.in_copy_in = False
         self.c_skip = 0
@@ -110,7 +117,6 @@ class Relay:
         self.query_start = 0.0   # when the oldest unanswered request was sent
         self.xact_start = 0.0    # when the server was linked
         self.last_active = time.monotonic()
-        self.waiting_since = 0.0
 
     # -- main loop -------------------------------------------------------------
 
@@ -206,8 +212,11 @@ class Relay:
             if srv is None:
                 srv = self.link()
             if kind == K_COUNTED or (kind == K_SYNC and not self.in_copy_in):
-                if self.send == self.recv:
+                if self.send == self.recv and self.send:
+                    # (the first request's start was taken by link())
                     self.query_start = time.monotonic()
+                if kind == K_COUNTED:
+                    self.qmask |= 1 << (self.send - self.recv)
                 self.send += 1
                 self.unsynced = False
             elif kind == K_EXT:
@@ -298,7 +307,7 @@ class Relay:
         parts: list | None = None
         release = False
         refuse = False
-        interest = SERVER_INTEREST
+        interest = self.interest
         while end - pos >= 5:
             t = buf[pos]
             mend = pos + 1 + unpack_i32(buf, pos + 1)[0]
@@ -308,6 +317,8 @@ class Relay:
                 drop = False
                 if t == protocol.Z:
                     self.recv += 1
+                    if self.qmask:
+                        self.qmask >>= 1
                     status = buf[pos + 5]
                     self.status = status
                     self.stats.query_count += 1
@@ -334,6 +345,10 @@ class Relay:
                         srv.stmts.clear()
                 else:                                # 'G' CopyInResponse
                     self.in_copy_in = True
+                    if self.send > self.recv and not self.qmask & 1:
+                        # COPY from an Execute whose Sync was already sent: the server
+                        # ignores Syncs during copy-in; the one after CopyDone counts.
+                        self.send -= 1
                 if drop:
                     if parts is None:
                         parts = []
@@ -374,7 +389,7 @@ class Relay:
             raise ClientKill("08P01", "server connection lost while refusing a transaction")
         self.status = STATUS_IDLE
         self.cs.sendall(protocol.error_response(
-            "0A000", "transaction blocks are not allowed in statement pooling mode") +
+            "0A000", "transaction blocks not allowed in statement pooling mode") +
             protocol.ready_for_query(b"I"))
         self.unlink()
 
@@ -384,7 +399,6 @@ class Relay:
         """Get a server from the pool and bring its parameters in line with the client's."""
         client = self.client
         client.state = "waiting"
-        self.waiting_since = time.monotonic()
         srv = self.pool.acquire(client)
         client.state = "active"
         srv.client = client
@@ -395,11 +409,11 @@ class Relay:
             raise PoolError("08P01", f"could not apply client parameters on server: {exc}") from exc
         self.server = srv
         self.dual.b = srv.stream.rw
-        self.send = self.recv = 0
+        self.send = self.recv = self.qmask = 0
         self.unsynced = False
         self.s_skip = 0
         self.s_kept = 0
-        self.xact_start = time.monotonic()
+        self.xact_start = self.query_start = time.monotonic()
         return srv
 
     def unlink(self) -> None:
@@ -407,8 +421,9 @@ class Relay:
         srv = self.server
         self.server = None
         self.client.state = "idle"
-        self.stats.xact_time += time.monotonic() - self.xact_start
-        self.pool.release(srv)
+        now = time.monotonic()
+        self.stats.xact_time += now - self.xact_start
+        self.pool.release(srv, now)
 
     def unlink_at_exit(self) -> None:
         """The client is gone: reuse its server only if it is at a clean boundary."""
@@ -419,6 +434,8 @@ class Relay:
         clean = (self.send == self.recv and self.status == STATUS_IDLE and not self.unsynced
                  and not self.c_skip and not self.s_skip and not self.s_kept and not srv.closed)
         if not clean:
+            if (self.send != self.recv or self.unsynced) and not srv.closed:
+                srv.cancel()     # so the backend stops the abandoned query (query_timeout too)
             self.pool.discard(srv, "client disconnected while server was not ready")
             return
         reset = self.pool.cfg.server_reset_query

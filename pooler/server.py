@@ -174,6 +174,23 @@ class ServerConn:
                 fields = protocol.parse_error_fields(body)
                 error = ServerError(fields.get("M", "query failed"), fields.get("C", "XX000"), fields)
 
+    def cancel(self) -> None:
+        """Send PostgreSQL a CancelRequest for whatever this backend is running, from a
+        greenlet of its own (a new connection; the caller never waits for it)."""
+        route, pid, key = self.pool.route, self.pid, self.key
+        timeout = self.pool.cfg.server_connect_timeout or 5.0
+
+        def send() -> None:
+            try:
+                sock = connect_tcp(route.host, route.port, timeout)
+                try:
+                    sock.sendall(protocol.cancel_request(pid, key))
+                finally:
+                    sock.close()
+            except OSError as exc:
+                log.warning("S-%d cancel request failed: %s", self.id, exc)
+        gevent.spawn(send)
+
     def close(self, send_terminate: bool = True) -> None:
         if self.closed:
             return

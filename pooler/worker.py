@@ -10,11 +10,13 @@ import time
 import gevent
 from gevent.server import StreamServer
 
-from . import __version__, auth, netio
+from . import auth, netio
+from .admin import AdminConsole
+from .cli import version_line
 from .client import TRACKED_BASE, Client
 from .config import Config, Route
 from .pool import LocalQuota, Pool
-from .relay import ClientKill
+from .relay import STATUS_IDLE, ClientKill
 
 log = logging.getLogger("pooler.worker")
 JANITOR_PERIOD = 0.5
@@ -31,7 +33,7 @@ class Worker:
         self.clients: set[Client] = set()
         self.cancel_keys: dict[tuple[int, int], Client] = {}
         self.servers: list[StreamServer] = []
-        self.admin = None            # the admin console, when enabled
+        self.admin = AdminConsole(self)  # the virtual database `pgbouncer`
         self.userlist: dict[str, str] = {}
         self._scram_cache: dict[str, str] = {}
         self.tracked: tuple[str, ...] = ()
@@ -79,7 +81,19 @@ class Worker:
         return derived
 
     def version_string(self) -> str:
-        return f"PgBouncer 1.23.1 compatible (pooler {__version__})"
+        return version_line()           # the same string as `pooler -V` and SHOW VERSION
+
+    # -- admin console hooks (the prefork model overrides both) ----------------------
+
+    def collect_snapshots(self) -> list[dict]:
+        """Snapshots of every worker for the admin console; here, just this one."""
+        from .snapshot import snapshot
+        return [snapshot(self)]
+
+    def control(self, cmd: str, arg: str | None) -> None:
+        """Apply a validated admin command (PAUSE, KILL, ...) to every worker; here, this one."""
+        from .control import apply_control
+        apply_control(self, cmd, arg)
 
     # -- clients ------------------------------------------------------------------
 
@@ -180,6 +194,13 @@ class Worker:
                 log.exception("janitor tick failed")
 
     def janitor_tick(self, now: float) -> None:
+        # A database with a forced user and min_pool_size gets its pool before any
+        # client arrives (PgBouncer does the same), so fill_min below can warm it.
+        for name, entry in self.cfg.databases.items():
+            if entry.user and name != "*" and (name, entry.user) not in self.pools:
+                route = self.cfg.route(name)
+                if route is not None and route.min_pool_size:
+                    self.get_pool(route, entry.user)
         for pool in list(self.pools.values()):
             pool.maintain(now)
             if pool.route.min_pool_size and pool.total < pool.route.min_pool_size:
@@ -204,9 +225,11 @@ class Worker:
         if relay.server is not None:
             if relay.send != relay.recv:
                 if cfg.query_timeout and now - relay.query_start > cfg.query_timeout:
-                    return ("57014", "query_timeout")
-            elif cfg.idle_transaction_timeout and now - relay.last_active > cfg.idle_transaction_timeout:
-                return ("25P03", "idle_transaction_timeout")
+                    return ("57014", "query timeout")
+            elif cfg.idle_transaction_timeout and relay.status != STATUS_IDLE and \
+                    now - relay.last_active > cfg.idle_transaction_timeout:
+                # (a session-mode client between transactions holds its server at 'I')
+                return ("25P03", "idle transaction timeout")
         elif cfg.client_idle_timeout and client.state == "idle" and \
                 now - relay.last_active > cfg.client_idle_timeout:
             return ("57P05", "client_idle_timeout")
@@ -239,10 +262,11 @@ class Worker:
 
     def _close_unlinked_clients(self) -> None:
         """Clients between transactions can go now (session clients keep their server),
-        and so can clients parked waiting for a server: their transaction has not begun."""
+        and so can clients parked waiting for a server: their transaction has not begun.
+        Admin console sessions hold no transaction either."""
         for client in list(self.clients):
             relay = client.relay
-            if client.state == "login" or (relay is not None and relay.server is None and
+            if client.state in ("login", "admin") or (relay is not None and relay.server is None and
                                            (client.state != "waiting" or self._parked(client))):
                 client.glet.kill(ClientKill("57P01", "pooler is shutting down"), block=False)
 

@@ -1,0 +1,396 @@
+"""The admin console's SHOW tables, computed from worker snapshots.
+
+One function per SHOW command, each a pure function of a View (the config
+plus the snapshots of every worker), so they are the same for one process
+and for many. Columns follow PgBouncer 1.23 (name, order, type); the extra
+`id` column of CLIENTS/SERVERS/SOCKETS is 1.24's, for KILL_CLIENT.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Callable
+
+from . import ini, protocol
+from .cli import version_line
+from .config import ADMIN_DB
+from .relay import CLIENT_BUF
+from .server import SERVER_BUF
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+TEXT, INT4, INT8, NUMERIC, BYTEA = 25, 23, 20, 1700, 17
+_OIDS = {"s": TEXT, "i": INT4, "q": INT8, "N": NUMERIC, "b": BYTEA}
+
+
+@dataclass
+class Result:
+    """What one admin command sends back (before ReadyForQuery)."""
+    tag: str
+    columns: list[tuple[str, int]] | None = None
+    rows: list[list] = field(default_factory=list)
+    notices: list[bytes] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        out = list(self.notices)
+        if self.columns is not None:
+            out.append(protocol.row_description(self.columns))
+            out += [protocol.data_row(r) for r in self.rows]
+        out.append(protocol.command_complete(self.tag))
+        return b"".join(out)
+
+
+def table(columns: str, rows: list[list]) -> Result:
+    """A SHOW result; `columns` is 'name:t name:t ...', t one of s i q N b (PgBouncer's letters)."""
+    cols = []
+    for spec in columns.split():
+        name, kind = spec.rsplit(":", 1)
+        cols.append((name, _OIDS[kind]))
+    return Result("SHOW", cols, rows)
+
+
+# --------------------------------------------------------------------------- statistics
+
+# Snapshot counter names, in the order PgBouncer 1.23 prints them.
+STAT_KEYS = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
+             "xact_time_us", "query_time_us", "wait_time_us", "client_parse_count",
+             "server_parse_count", "bind_count")
+
+
+class StatsHistory:
+    """Samples of the per-database totals, for the avg_* columns.
+
+    As in PgBouncer, an average is taken over the time since the sample
+    before the latest one, and a new sample is due every stats_period (taken
+    when a SHOW asks, so an idle console costs nothing).
+    """
+
+    def __init__(self) -> None:
+        now = time.monotonic()
+        self.prev: tuple[float, dict[str, dict[str, int]]] = (now - 1.0, {})
+        self.last: tuple[float, dict[str, dict[str, int]]] = (now, {})
+
+    def averages(self, totals: dict[str, dict[str, int]], period: float) -> dict[str, dict[str, int]]:
+        now = time.monotonic()
+        if now - self.last[0] >= period:
+            self.prev, self.last = self.last, (now, {k: dict(v) for k, v in totals.items()})
+        since, old = self.prev
+        dur = max(now - since, 1e-6)
+        return {db: _average(cur, old.get(db, {}), dur) for db, cur in totals.items()}
+
+
+def _average(cur: dict[str, int], old: dict[str, int], dur: float) -> dict[str, int]:
+    d = {k: cur.get(k, 0) - old.get(k, 0) for k in STAT_KEYS}
+
+    def per(num: str, den: str) -> int:
+        return int(d[num] / d[den]) if d[den] > 0 else 0
+    out = {k: int(d[k] / dur) for k in STAT_KEYS}
+    out["xact_time_us"] = per("xact_time_us", "xact_count")
+    out["query_time_us"] = per("query_time_us", "query_count")
+    out["wait_time_us"] = per("wait_time_us", "server_assignment_count")
+    return out
+
+
+# --------------------------------------------------------------------------- the view
+
+COUNT_KEYS = ("cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_cancel_req",
+              "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used",
+              "sv_tested", "sv_login")
+SERVER_KEYS = ("sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used",
+               "sv_tested", "sv_login")
+
+
+class View:
+    """The config and all workers' snapshots, merged the way SHOW needs them."""
+
+    def __init__(self, worker: "Worker", snaps: list[dict], history: StatsHistory) -> None:
+        self.worker = worker
+        self.cfg = worker.cfg
+        self.snaps = snaps
+        self.history = history
+
+    @cached_property
+    def pools(self) -> list[dict]:
+        """Pools summed across workers, sorted by (database, user) as PgBouncer lists them."""
+        merged: dict[tuple[str, str], dict] = {}
+        for snap in self.snaps:
+            for p in snap["pools"]:
+                m = merged.get((p["database"], p["user"]))
+                if m is None:
+                    m = merged[(p["database"], p["user"])] = {
+                        "database": p["database"], "user": p["user"], "mode": p["mode"],
+                        "server_user": p["server_user"], "wait_us": 0,
+                        "stats": {k: 0 for k in STAT_KEYS}, **{k: 0 for k in COUNT_KEYS}}
+                for k in COUNT_KEYS:
+                    m[k] += p[k]
+                for k in STAT_KEYS:
+                    m["stats"][k] += p["stats"].get(k, 0)
+                # The oldest waiter of all workers, not a sum.
+                m["wait_us"] = max(m["wait_us"], p["maxwait"] * 1_000_000 + p["maxwait_us"])
+        return [merged[k] for k in sorted(merged)]
+
+    @cached_property
+    def clients(self) -> list[dict]:
+        return [c for snap in self.snaps for c in snap["clients"]]
+
+    @cached_property
+    def servers(self) -> list[dict]:
+        return [s for snap in self.snaps for s in snap["servers"]]
+
+    @cached_property
+    def admin_clients(self) -> list[dict]:
+        return [c for c in self.clients if c["state"] == "admin"]
+
+    def flag(self, name: str, db: str) -> bool:
+        return any(db in snap["state"][name] for snap in self.snaps)
+
+    def pause_mode(self) -> str:
+        return self.snaps[0]["state"]["pause_mode"] if self.snaps else "none"
+
+    def db_totals(self) -> dict[str, dict[str, int]]:
+        """Counters per database, the admin console's own under 'pgbouncer'."""
+        out: dict[str, dict[str, int]] = {}
+        for p in self.pools:
+            t = out.setdefault(p["database"], {k: 0 for k in STAT_KEYS})
+            for k in STAT_KEYS:
+                t[k] += p["stats"][k]
+        admin = out.setdefault(ADMIN_DB, {k: 0 for k in STAT_KEYS})
+        for snap in self.snaps:
+            for k, val in snap.get("admin_stats", {}).items():
+                admin[k] += val
+        return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------- SHOW tables
+
+POOLS_COLS = ("database:s user:s cl_active:i cl_waiting:i cl_active_cancel_req:i "
+              "cl_waiting_cancel_req:i sv_active:i sv_active_cancel:i sv_being_canceled:i "
+              "sv_idle:i sv_used:i sv_tested:i sv_login:i maxwait:i maxwait_us:i pool_mode:s")
+
+
+def show_pools(v: View) -> Result:
+    rows = [[p["database"], p["user"], *(p[k] for k in COUNT_KEYS),
+             p["wait_us"] // 1_000_000, p["wait_us"] % 1_000_000, p["mode"]] for p in v.pools]
+    admin = [ADMIN_DB, ADMIN_DB, len(v.admin_clients), *([0] * 12), "statement"]
+    rows.append(admin)
+    return table(POOLS_COLS, sorted(rows, key=lambda r: (r[0], r[1])))
+
+
+DATABASES_COLS = ("name:s host:s port:i database:s force_user:s pool_size:i min_pool_size:i "
+                  "reserve_pool:i server_lifetime:i pool_mode:s max_connections:i "
+                  "current_connections:i paused:i disabled:i")
+
+
+def show_databases(v: View) -> Result:
+    cfg = v.cfg
+    current: dict[str, int] = {}
+    for p in v.pools:
+        current[p["database"]] = current.get(p["database"], 0) + sum(p[k] for k in SERVER_KEYS)
+    names = (set(cfg.databases) - {"*"}) | set(cfg.pools) | set(current)
+    rows = [_database_row(v, name, current.get(name, 0)) for name in names]
+    rows = [r for r in rows if r is not None]
+    rows.append([ADMIN_DB, None, cfg.listen_port, ADMIN_DB, ADMIN_DB, 2, 0, 0,
+                 int(cfg.server_lifetime), "statement", 0, 0, 0, 0])
+    return table(DATABASES_COLS, sorted(rows, key=lambda r: r[0]))
+
+
+def _database_row(v: View, name: str, current: int) -> list | None:
+    cfg = v.cfg
+    route = cfg.route(name)
+    if route is None:           # removed by a reload while its pool lives on
+        return None
+    if name in cfg.pools:
+        mode: str | None = cfg.pools[name].mode
+    else:
+        entry = cfg.databases.get(name) or cfg.databases.get("*")
+        mode = entry.pool_mode if entry is not None else None
+    return [name, route.host, route.port, route.dbname, route.user, route.pool_size,
+            route.min_pool_size, route.reserve_pool_size, int(cfg.server_lifetime), mode,
+            route.max_db_connections, current, int(v.flag("paused_dbs", name)),
+            int(v.flag("disabled_dbs", name))]
+
+
+SOCKET_COLS = ("type:s user:s database:s replication:s state:s addr:s port:i local_addr:s "
+               "local_port:i connect_time:s request_time:s wait:i wait_us:i close_needed:i "
+               "ptr:s link:s remote_pid:i tls:s application_name:s prepared_statements:i id:i")
+DEBUG_COLS = " recv_pos:i pkt_pos:i pkt_remain:i send_pos:i send_remain:i pkt_avail:i send_avail:i"
+CLIENT_STATES = {"idle": "idle", "active": "active", "waiting": "waiting", "admin": "idle"}
+SOCKET_STATES = {"idle": "cl_active", "active": "cl_active", "waiting": "cl_waiting",
+                 "admin": "cl_active", "login": "cl_login", "used": "sv_used"}
+
+
+def _ts(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(wall))
+
+
+def _client_row(c: dict, state: str) -> list:
+    return ["C", c["user"] or "(nouser)", c["database"] or "(nodb)", "none", state, c["addr"],
+            c["port"], c["local_addr"], c["local_port"], _ts(c["connect_time"]),
+            _ts(c["request_time"]), c["wait_us"] // 1_000_000, c["wait_us"] % 1_000_000, 0,
+            c["ptr"], c["link"] or "", 0, "", c["application_name"], c["prepared_statements"],
+            c["id"]]
+
+
+def _server_row(s: dict, state: str) -> list:
+    return ["S", s["user"], s["database"], "none", state, s["addr"], s["port"], s["local_addr"],
+            s["local_port"], _ts(s["connect_time"]), _ts(s["request_time"]), 0, 0,
+            int(s["close_needed"]), s["ptr"], s["link"] or "", s["remote_pid"], "",
+            s["application_name"], s["prepared_statements"], s["id"]]
+
+
+def _by_pool(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["database"] or "", r["user"] or "", r["id"]))
+
+
+def show_clients(v: View) -> Result:
+    rows = [_client_row(c, CLIENT_STATES[c["state"]]) for c in _by_pool(v.clients)
+            if c["state"] != "login"]
+    return table(SOCKET_COLS, rows)
+
+
+def show_servers(v: View) -> Result:
+    return table(SOCKET_COLS, [_server_row(s, s["state"]) for s in _by_pool(v.servers)])
+
+
+def show_sockets(v: View) -> Result:
+    rows = [_client_row(c, SOCKET_STATES[c["state"]]) + [0] * 7 for c in _by_pool(v.clients)]
+    rows += [_server_row(s, "sv_" + s["state"]) + [0] * 7 for s in _by_pool(v.servers)]
+    return table(SOCKET_COLS + DEBUG_COLS, rows)
+
+
+def show_active_sockets(_v: View) -> Result:
+    # PgBouncer lists sockets with unsent or unparsed bytes buffered; the relay
+    # forwards whole chunks before it reads again, so there are none to show.
+    return table(SOCKET_COLS + DEBUG_COLS, [])
+
+
+def show_users(v: View) -> Result:
+    cfg = v.cfg
+    names = {ADMIN_DB} | {u for snap in v.snaps for u in snap.get("users", ())}
+    names |= {d.user for d in cfg.databases.values() if d.user}
+    names |= {p["user"] for p in v.pools} | ({cfg.auth.user} if cfg.auth.user else set())
+    conns: dict[str, int] = {}
+    for p in v.pools:
+        conns[p["server_user"]] = conns.get(p["server_user"], 0) + sum(p[k] for k in SERVER_KEYS)
+    rows = [[n, None, None, None, cfg.max_user_connections, conns.get(n, 0)] for n in sorted(names)]
+    return table("name:s pool_size:s reserve_pool_size:s pool_mode:s max_user_connections:i "
+                 "current_connections:i", rows)
+
+
+STATS_NAMES = ("server_assignment_count", "xact_count", "query_count", "received", "sent",
+               "xact_time", "query_time", "wait_time", "client_parse_count",
+               "server_parse_count", "bind_count")
+
+
+def show_stats(v: View) -> Result:
+    totals = v.db_totals()
+    avgs = v.history.averages(totals, v.cfg.stats_period)
+    cols = ("database:s " + " ".join(f"total_{n}:N" for n in STATS_NAMES) + " " +
+            " ".join(f"avg_{n}:N" for n in _avg_names()))
+    rows = [[db, *(t[k] for k in STAT_KEYS), *(avgs[db][k] for k in STAT_KEYS)]
+            for db, t in totals.items()]
+    return table(cols, rows)
+
+
+def _avg_names() -> list[str]:
+    # PgBouncer abbreviates two of them: avg_recv, avg_sent.
+    return ["recv" if n == "received" else n for n in STATS_NAMES]
+
+
+TOTALS_NAMES = ("server_assignment_count", "xact_count", "query_count", "bytes_received",
+                "bytes_sent", "xact_time", "query_time", "wait_time")
+
+
+def show_stats_totals(v: View) -> Result:
+    cols = "database:s " + " ".join(f"{n}:N" for n in TOTALS_NAMES) + \
+        " client_parse_count:N server_parse_count:N bind_count:N"
+    return table(cols, [[db, *(t[k] for k in STAT_KEYS)] for db, t in v.db_totals().items()])
+
+
+def show_stats_averages(v: View) -> Result:
+    totals = v.db_totals()
+    avgs = v.history.averages(totals, v.cfg.stats_period)
+    cols = "database:s " + " ".join(f"{n}:N" for n in TOTALS_NAMES) + \
+        " avg_client_parse_count:N avg_server_parse_count:N avg_bind_count:N"
+    return table(cols, [[db, *(avgs[db][k] for k in STAT_KEYS)] for db in totals])
+
+
+def show_totals(v: View) -> Result:
+    totals = v.db_totals()
+    avgs = v.history.averages(totals, v.cfg.stats_period)
+    names = ("server_assignment_count", "xact_count", "query_count", "client_bytes",
+             "server_bytes", "xact_time", "query_time", "wait_time", "ps_client_parse_count",
+             "ps_server_parse_count", "ps_bind_count")
+    rows = [[f"total_{n}", sum(t[k] for t in totals.values())] for n, k in zip(names, STAT_KEYS)]
+    rows += [[f"avg_{n}", sum(a[k] for a in avgs.values())] for n, k in zip(names, STAT_KEYS)]
+    return table("name:s value:N", rows)
+
+
+def show_lists(v: View) -> Result:
+    dbs = len(show_databases(v).rows)
+    users = len(show_users(v).rows)
+    servers = len(v.servers) + sum(p["sv_login"] for p in v.pools)
+    items = [("databases", dbs), ("users", users), ("peers", 0), ("pools", len(v.pools) + 1),
+             ("peer_pools", 0), ("free_clients", 0), ("used_clients", len(v.clients)),
+             ("login_clients", sum(1 for c in v.clients if c["state"] == "login")),
+             ("free_servers", 0), ("used_servers", servers), ("dns_names", 0), ("dns_zones", 0),
+             ("dns_queries", 0), ("dns_pending", 0)]
+    return table("list:s items:i", [list(i) for i in items])
+
+
+def show_state(v: View) -> Result:
+    mode = v.pause_mode()
+    rows = [["active", "yes" if mode == "none" else "no"], ["paused", "yes" if mode == "pause" else "no"],
+            ["suspended", "yes" if mode == "suspend" else "no"]]
+    return table("key:s value:s", rows)
+
+
+def show_mem(v: View) -> Result:
+    # Python has no slab caches; report the per-connection buffers, the memory that scales.
+    rows = [["client_cache", CLIENT_BUF, len(v.clients), 0, CLIENT_BUF * len(v.clients)],
+            ["server_cache", SERVER_BUF, len(v.servers), 0, SERVER_BUF * len(v.servers)],
+            ["pool_cache", 0, len(v.pools), 0, 0]]
+    return table("name:s size:i used:i free:i memtotal:i", rows)
+
+
+def show_fds(_v: View) -> Result:
+    # File descriptors are handed over only for PgBouncer's online restart (-R), which
+    # the pooler does not do (it restarts workers instead), so the list is empty.
+    return table("fd:i task:s user:s database:s addr:s port:i cancel:q link:i client_encoding:s "
+                 "std_strings:s datestyle:s timezone:s password:s scram_client_key:b "
+                 "scram_server_key:b", [])
+
+
+def show_config(v: View) -> Result:
+    rows = [list(r) for r in ini.config_rows(v.cfg, v.worker.config_path or None)]
+    return table("key:s value:s default:s changeable:s", rows)
+
+
+def show_help(_v: View) -> Result:
+    text = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
+            "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
+            "\tSHOW DNS_HOSTS|DNS_ZONES\n"
+            "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
+            "\tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n"
+            "\tENABLE <db>\n\tRECONNECT [<db>]\n\tKILL [<db>]\n\tKILL_CLIENT <client_id>\n"
+            "\tSUSPEND\n\tSHUTDOWN\n\tSHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS\n\tWAIT_CLOSE [<db>]")
+    fields = [b"S" + protocol.cstr("NOTICE"), b"V" + protocol.cstr("NOTICE"),
+              b"C" + protocol.cstr("00000"), b"M" + protocol.cstr("Console usage"),
+              b"D" + protocol.cstr(text)]
+    return Result("SHOW", notices=[protocol.message(b"N", b"".join(fields) + b"\0")])
+
+
+SHOWS: dict[str, Callable[[View], Result]] = {
+    "help": show_help,
+    "version": lambda _v: table("version:s", [[version_line()]]),
+    "config": show_config, "databases": show_databases, "pools": show_pools,
+    "clients": show_clients, "servers": show_servers, "sockets": show_sockets,
+    "active_sockets": show_active_sockets, "users": show_users, "stats": show_stats,
+    "stats_totals": show_stats_totals, "stats_averages": show_stats_averages,
+    "totals": show_totals, "lists": show_lists, "state": show_state, "mem": show_mem,
+    "fds": show_fds,
+    "dns_hosts": lambda _v: table("hostname:s ttl:q addrs:s", []),
+    "dns_zones": lambda _v: table("zonename:s serial:q count:i", []),
+}

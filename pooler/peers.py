@@ -1,0 +1,335 @@
+"""One prefork worker's link to the others (`Peers`): what it publishes in
+shared memory, what it reads there, and its control channel.
+
+A ticker greenlet (every 100 ms; every 10 ms while any client waits anywhere;
+at once when another worker or the master sends a one-byte "kick") writes
+the heartbeat, publishes how many clients wait here per quota key, gives idle
+servers back when clients wait elsewhere, wakes local waiters when the global
+count leaves room, follows the pause flags, and every 0.2 s copies the pools'
+counters into this worker's stats slots. Nothing here runs on the relay's hot
+path; the Worker calls in only at client login/logout and for cancels.
+
+Control channel: one datagram socketpair per worker position, made by the
+master before any fork, so every worker holds every sending end. A message is
+one kind byte + body; bodies bigger than one datagram go in chunks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from typing import Callable
+
+import gevent
+import gevent.event
+from gevent.socket import wait_read, wait_write
+
+from . import shm
+from .shm import Segment, ShmQuota
+
+log = logging.getLogger("pooler.worker")
+
+BUSY_TICK = 0.01          # while a client waits anywhere: hand-off reacts within ~2 ticks
+IDLE_TICK = 0.1           # otherwise (a worker that starts waiting kicks the others awake)
+STATS_PERIOD = 0.2        # copy pool counters into shared memory
+PARENT_CHECK = 1.0        # notice an orphaned worker (master gone)
+HANDOFF_MIN_IDLE = 0.005  # an idle server younger than this is likely reused by its own worker
+CHUNK = 60000             # payload bytes per datagram (well under the socket buffer)
+SEND_TIMEOUT = 2.0        # a receiver that does not drain its queue for this long is skipped
+CANCEL_MSG = b"C"
+KICK_MSG = b"K"           # "look at shared memory now" (from a worker or the master)
+PAIR = struct.Struct("=ii")
+PART = struct.Struct("=IHHH")  # message id, sender position, chunk index, chunk count
+
+Handler = Callable[[bytes], None]
+
+
+class Peers:
+    def __init__(self, worker, seg: Segment, quota: ShmQuota, worker_id: int,
+                 channels: list[tuple[socket.socket, socket.socket]], master_pid: int) -> None:
+        self.worker = worker
+        self.seg = seg
+        self.quota = quota
+        self.me = worker_id
+        self.channels = channels
+        self.master_pid = master_pid
+        self.kicked = gevent.event.Event()
+        self.cancel_slot: dict[tuple[int, int], int] = {}
+        self.cancel_free = list(range(seg.lay.cancel_cap - 1, -1, -1))
+        self.published: dict[int, int] = {}      # slot -> waiting count written last
+        self.flags_gen = -1
+        self.on_flags: Callable[[], None] | None = None   # set by workerproc: apply shm flags
+        self.handlers: dict[bytes, Handler] = {CANCEL_MSG: self._on_cancel,
+                                               KICK_MSG: lambda _body: self.kick()}
+        self.was_waiting = False
+        self.partial: dict[tuple[int, int], list] = {}    # (msg id, sender pos) -> chunks
+        self._msg_ids = 0
+        self._warned_cancel_full = False
+        quota.on_refused = self.kick
+
+    def start(self) -> None:
+        gevent.spawn(self._ticker)
+        gevent.spawn(self._control_loop)
+
+    def kick(self) -> None:
+        """A claim was refused: a client is about to wait; publish it now."""
+        self.kicked.set()
+
+    def live_workers(self) -> list[int]:
+        return [w for w in range(self.seg.nworkers) if self.seg.worker_get(w, shm.W_PID)]
+
+    # -- hooks called by Worker -----------------------------------------------------------
+
+    def add_client(self, limit: int) -> bool:
+        return self.seg.try_add_client(self.me, limit)
+
+    def remove_client(self) -> None:
+        self.seg.remove_client(self.me)
+
+    def cancel_key_added(self, key: tuple[int, int]) -> None:
+        if not self.cancel_free:
+            if not self._warned_cancel_full:
+                self._warned_cancel_full = True
+                log.warning("cancel-key table full (%d per worker): cancels from other workers "
+                            "will not reach some clients (raised max_client_conn needs a restart)",
+                            self.seg.lay.cancel_cap)
+            return
+        index = self.cancel_free.pop()
+        self.cancel_slot[key] = index
+        self.seg.write_cancel(self.me, index, *key)
+
+    def cancel_key_removed(self, key: tuple[int, int]) -> None:
+        index = self.cancel_slot.pop(key, None)
+        if index is not None:
+            self.seg.clear_cancel(self.me, index)
+            self.cancel_free.append(index)
+
+    def forward_cancel(self, pid: int, key: int) -> None:
+        """The key is not ours: tell the worker that owns it (it knows the server)."""
+        owner = self.seg.cancel_owner(pid, key, skip=self.me)
+        if owner is None:
+            log.info("cancel request for an unknown key ignored")
+            return
+        if self.send(owner, CANCEL_MSG + PAIR.pack(pid, key)):
+            self.seg.worker_add(self.me, shm.W_CANCEL_FWD)
+
+    def _on_cancel(self, body: bytes) -> None:
+        pid, key = PAIR.unpack(body)
+        self.seg.worker_add(self.me, shm.W_CANCEL_RECV)
+        self.worker.cancel_local(pid, key)
+
+    # -- control channel --------------------------------------------------------------------
+
+    def send(self, worker_id: int, msg: bytes) -> bool:
+        """One datagram to a worker's channel; waits (cooperatively, bounded) while the
+        receiver's queue is full."""
+        sock = self.channels[worker_id][0]
+        deadline = time.monotonic() + SEND_TIMEOUT
+        while True:
+            try:
+                sock.send(msg)
+                return True
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("control message to worker %d dropped: its queue is full", worker_id)
+                    return False
+                try:
+                    wait_write(sock.fileno(), timeout=left)
+                except socket.timeout:
+                    pass
+            except OSError as exc:
+                log.warning("control message to worker %d dropped: %s", worker_id, exc)
+                return False
+
+    def send_large(self, worker_id: int, kind: bytes, payload: bytes) -> bool:
+        """`payload` in chunks; the receiver hands the whole to handlers[kind]."""
+        self._msg_ids = (self._msg_ids + 1) & 0xFFFFFFFF
+        parts = [payload[i:i + CHUNK] for i in range(0, len(payload), CHUNK)] or [b""]
+        return all(self.send(worker_id, b"*" + kind + PART.pack(self._msg_ids, self.me, i, len(parts))
+                             + part) for i, part in enumerate(parts))
+
+    def _on_part(self, body: bytes) -> None:
+        kind = body[:1]
+        msg_id, sender, index, count = PART.unpack_from(body, 1)
+        chunks = self.partial.setdefault((msg_id, sender), [None] * count)
+        chunks[index] = body[1 + PART.size:]
+        if all(c is not None for c in chunks):
+            del self.partial[(msg_id, sender)]
+            self._dispatch(kind + b"".join(chunks))
+
+    def _control_loop(self) -> None:
+        sock = self.channels[self.me][1]
+        sock.setblocking(False)
+        self.handlers[b"*"] = self._on_part
+        while True:
+            try:
+                msg = sock.recv(CHUNK + 64)
+            except BlockingIOError:
+                wait_read(sock.fileno())
+                continue
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: bytes) -> None:
+        handler = self.handlers.get(msg[:1])
+        if handler is None:
+            log.warning("unknown control message %r", msg[:1])
+            return
+        try:
+            handler(msg[1:])
+        except Exception:
+            log.exception("control message %r failed", msg[:1])
+
+    # -- ticker: heartbeat, waiting clients, hand-off, stats, flags ---------------------------
+
+    def _ticker(self) -> None:
+        last_stats = last_parent = 0.0
+        while True:
+            now = time.monotonic()
+            busy = False
+            try:
+                busy = self.tick(now)
+                if now - last_stats >= STATS_PERIOD:
+                    last_stats = now
+                    self.publish_stats(now)
+                if now - last_parent >= PARENT_CHECK:
+                    last_parent = now
+                    self._check_parent()
+            except Exception:
+                log.exception("worker %d: shared-memory tick failed", self.me)
+            self.kicked.wait(BUSY_TICK if busy else IDLE_TICK)
+            self.kicked.clear()
+
+    def tick(self, now: float) -> bool:
+        """One round; True while any client waits anywhere (tick faster)."""
+        seg = self.seg
+        seg.heartbeat(self.me)
+        if seg.flags_gen() != self.flags_gen:
+            self.flags_gen = seg.flags_gen()
+            if self.on_flags is not None:
+                self.on_flags()
+        mine = self._publish_waiting()
+        if not mine and not seg.total_waiting():
+            return False
+        self._give_back(now)
+        self._retry_waiters()
+        return True
+
+    def _publish_waiting(self) -> int:
+        """Write how many clients wait here on each key; only waits another worker
+        could end (the pool could open a server if the global count allowed it)."""
+        counts: dict[int, int] = {}
+        total = 0
+        for pool in list(self.worker.pools.values()):
+            n = len(pool.waiters)
+            if not n or pool.paused or pool.total >= pool.route.pool_size:
+                continue
+            total += n
+            for key, _ in pool._quota_keys:
+                slot = self.quota.slot(key)
+                if slot is not None:
+                    counts[slot] = counts.get(slot, 0) + n
+        q, seg, me = self.seg.q, self.seg, self.me
+        for slot in self.published:
+            if slot not in counts:
+                q[seg.waiting_index(me, slot)] = 0
+        for slot, n in counts.items():
+            q[seg.waiting_index(me, slot)] = n
+        self.published = counts
+        seg.worker_set(me, shm.W_WAITING, total)
+        if total and not self.was_waiting:
+            self._kick_others()          # their idle servers may be what we wait for
+        self.was_waiting = bool(total)
+        return total
+
+    def _kick_others(self) -> None:
+        for w in self.live_workers():
+            if w != self.me:
+                try:
+                    self.channels[w][0].send(KICK_MSG)
+                except OSError:
+                    pass                 # a full queue: that worker is awake anyway
+
+    def _give_back(self, now: float) -> None:
+        """Close idle servers that clients of other pools or workers are waiting for:
+        only while the key is at its cap, and no more than the waits not already
+        covered by free capacity. Decided under the lock so that two workers do not
+        both close one for the same waiter."""
+        seg = self.seg
+        for pool in list(self.worker.pools.values()):
+            if not pool.idle or pool.waiters or pool.paused:
+                continue
+            wanted = self._wanted_slots(pool)
+            if not wanted:
+                continue
+            victims = []
+            with seg.locked():
+                need = max(seg.waiting(s) - max(cap - seg.claimed(s), 0) for s, cap in wanted)
+                while need > 0 and pool.idle and now - pool.idle[0].last_used >= HANDOFF_MIN_IDLE:
+                    srv = pool.idle[0]               # the coldest
+                    pool._forget(srv)                # gives the claim back (own row)
+                    victims.append(srv)
+                    need -= 1
+            for srv in victims:
+                log.info("S-%d %s@%s closing because: a client waits for it in another pool or "
+                         "worker", srv.id, pool.server_user, pool.name)
+                srv.close()
+            if victims:
+                seg.worker_add(self.me, shm.W_HANDOFF_GIVEN, len(victims))
+
+    def _wanted_slots(self, pool) -> list[tuple[int, int]]:
+        """(slot, cap) of this pool's capped keys on which someone waits."""
+        out = []
+        keys = pool._quota_keys
+        caps = [pool.route.pool_size] + [cap for _, cap in keys[1:]]   # ordinary pool cap
+        for (key, _), cap in zip(keys, caps):
+            if not cap:
+                continue
+            slot = self.quota.slot(key)
+            if slot is not None and self.seg.waiting(slot) > 0:
+                out.append((slot, cap))
+        return out
+
+    def _retry_waiters(self) -> None:
+        """Wake as many of our waiters as there is room for globally (someone gave a
+        server back, or a worker died and the master returned its claims)."""
+        for pool in list(self.worker.pools.values()):
+            if not pool.waiters or pool.paused or pool.total >= pool.route.pool_size:
+                continue
+            room = min(self.quota.free(pool._claim_keys()), pool.route.pool_size - pool.total,
+                       len(pool.waiters))
+            for _ in range(max(room, 0)):
+                pool._wake_next_waiter()
+            if room > 0:
+                self.seg.worker_add(self.me, shm.W_HANDOFF_TAKEN, room)
+
+    def publish_stats(self, now: float) -> None:
+        """Copy each pool's local counters into this worker's slots (readers sum)."""
+        check_delay = self.worker.cfg.server_check_delay
+        for pool in list(self.worker.pools.values()):
+            slot = self.quota.slot(pool._quota_keys[0][0])
+            if slot is None:
+                continue
+            self.seg.write_stats(self.me, slot, pool_stat_values(pool, now, check_delay))
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self.master_pid and not self.worker.shutting_down:
+            log.error("worker %d: master (pid %d) is gone; shutting down", self.me, self.master_pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def pool_stat_values(pool, now: float, check_delay: float) -> list[int]:
+    """One pool's record, in shm.STAT_FIELDS order."""
+    s = pool.stats
+    waiting = len(pool.waiters)
+    used = sum(1 for srv in pool.idle if now - srv.last_used > check_delay) if check_delay else 0
+    maxwait = now - pool.waiters[0].since if waiting else 0.0
+    us = 1e6
+    return [len(pool.clients) - waiting, waiting, len(pool.active), len(pool.idle) - used, used,
+            pool.connecting, int(maxwait * us), pool.route.pool_size,
+            s.xact_count, s.query_count, s.bytes_in, s.bytes_out, int(s.xact_time * us),
+            int(s.query_time * us), int(s.wait_time * us), int(s.max_wait * us),
+            s.prepared.client_parses, s.prepared.server_parses, s.prepared.binds]

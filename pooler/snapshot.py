@@ -1,0 +1,245 @@
+"""A plain, JSON-able picture of one worker: pools, clients, servers, counters.
+
+The admin console never reads live objects: it asks the worker for
+`collect_snapshots()` (one dict per worker process) and computes every SHOW
+from those, summing across workers. So the same code serves one process and
+many, and a snapshot can cross a pipe as JSON.
+
+Times are seconds since the epoch (floats) unless a key says `_us`
+(integer microseconds). Identifiers (`id`) are unique across workers: see
+global_id().
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import control
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .pool import Pool
+    from .server import ServerConn
+    from .worker import Worker
+
+# Client/server ids are per process; a stride keeps them unique across workers
+# and small enough for PgBouncer's int4 `id` column (worker 0 keeps its own ids).
+ID_STRIDE = 100_000_000
+
+
+def global_id(worker_id: int, local_id: int) -> int:
+    return worker_id * ID_STRIDE + local_id
+
+
+def snapshot(worker: "Worker") -> dict[str, Any]:
+    """Everything the admin console needs to know about one worker, right now."""
+    clock = _Clock()
+    wid = worker.worker_id
+    pools = list(worker.pools.values())
+    waits = _wait_starts(pools)
+    state = control.state_of(worker)
+    flags = control.state_dict(worker)
+    admin = getattr(worker, "admin", None)
+    return {
+        "worker_id": wid,
+        "pid": os.getpid(),
+        "taken_at": clock.wall_now,
+        "state": flags,
+        "shutting_down": bool(worker.shutting_down or state.shutdown_mode),
+        "pools": [_pool(p, clock) for p in pools],
+        "clients": [_client(c, wid, clock, waits) for c in list(worker.clients)],
+        "servers": [s for p in pools for s in _servers(p, wid, clock, state)],
+        "databases": _databases(pools, flags),
+        "users": sorted(worker.userlist),
+        "admin_stats": admin.stats_dict() if admin is not None else {},
+    }
+
+
+class _Clock:
+    """One reading of both clocks, to turn monotonic stamps into wall times."""
+
+    def __init__(self) -> None:
+        self.mono_now = time.monotonic()
+        self.wall_now = time.time()
+
+    def wall(self, mono: float) -> float:
+        return self.wall_now - (self.mono_now - mono)
+
+
+# --------------------------------------------------------------------------- pools
+
+def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
+    states = [c.state for c in list(pool.clients)]
+    idle, used = _split_idle(pool, clock.mono_now)
+    wait = _max_wait(pool, clock.mono_now)
+    st = pool.stats
+    prepared = st.prepared
+    return {
+        "database": pool.name,
+        "user": pool.user,
+        "server_user": pool.server_user,
+        "mode": pool.route.pool_mode,
+        "paused": bool(pool.paused),
+        "cl_active": sum(1 for s in states if s in ("idle", "active")),
+        "cl_waiting": sum(1 for s in states if s == "waiting"),
+        "cl_active_cancel_req": 0,
+        "cl_waiting_cancel_req": 0,
+        "sv_active": len(pool.active),
+        "sv_active_cancel": 0,
+        "sv_being_canceled": 0,
+        "sv_idle": idle,
+        "sv_used": used,
+        "sv_tested": 0,
+        "sv_login": pool.connecting,
+        "maxwait": int(wait),
+        "maxwait_us": int((wait - int(wait)) * 1_000_000),
+        "stats": {
+            "server_assignment_count": getattr(st, "server_assignment_count", 0),
+            "xact_count": st.xact_count,
+            "query_count": st.query_count,
+            "bytes_in": st.bytes_in,
+            "bytes_out": st.bytes_out,
+            "xact_time_us": _us(st.xact_time),
+            "query_time_us": _us(st.query_time),
+            "wait_time_us": _us(st.wait_time),
+            "client_parse_count": prepared.client_parses,
+            "server_parse_count": prepared.server_parses,
+            "bind_count": prepared.binds,
+        },
+    }
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1_000_000)
+
+
+def _split_idle(pool: "Pool", now: float) -> tuple[int, int]:
+    """(idle, used): 'used' are idle servers that need server_check_query before reuse."""
+    delay = pool.cfg.server_check_delay if pool.cfg.server_check_query else 0
+    idle = list(pool.idle)
+    if not delay:
+        return len(idle), 0
+    used = sum(1 for s in idle if now - s.last_used > delay)
+    return len(idle) - used, used
+
+
+def _max_wait(pool: "Pool", now: float) -> float:
+    """How long the oldest waiting client has waited (0 when nobody waits)."""
+    oldest = min((w.since for w in list(pool.waiters) if not w.done), default=None)
+    return 0.0 if oldest is None else max(0.0, now - oldest)
+
+
+def _databases(pools: list["Pool"], flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for pool in pools:
+        db = out.setdefault(pool.name, {"current_connections": 0})
+        db["current_connections"] += pool.total
+    for name, db in out.items():
+        db["paused"] = name in flags["paused_dbs"]
+        db["disabled"] = name in flags["disabled_dbs"]
+    return out
+
+
+# --------------------------------------------------------------------------- clients
+
+def _wait_starts(pools: list["Pool"]) -> dict[int, float]:
+    """id(client) -> when it started waiting for a server (the pools' queues know)."""
+    return {id(w.client): w.since for p in pools for w in list(p.waiters) if not w.done}
+
+
+def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) -> dict[str, Any]:
+    relay = client.relay
+    pool = client.pool
+    srv = getattr(relay, "server", None)
+    addr, port = _split_peer(client.addr)
+    laddr, lport = _local(client.stream)
+    since = waits.get(id(client))
+    wait = clock.mono_now - since if since is not None else 0.0
+    last = getattr(relay, "last_active", None)
+    request = clock.wall(last) if last is not None else client.connect_time
+    stmts = getattr(relay, "stmts", None)
+    return {
+        "id": global_id(wid, client.id),
+        "ptr": client_ptr(wid, client.id),
+        "user": client.user,
+        "database": pool.name if pool is not None else client.database,
+        "pool_user": pool.user if pool is not None else None,
+        "state": client.state,              # login / idle / waiting / active / admin
+        "addr": addr,
+        "port": port,
+        "local_addr": laddr,
+        "local_port": lport,
+        "connect_time": client.connect_time,
+        "request_time": request,
+        "wait_us": _us(wait),
+        "link": server_ptr(wid, srv.id) if srv is not None else None,
+        "application_name": client.tparams.get("application_name") or "",
+        "prepared_statements": len(stmts.names) if stmts is not None else 0,
+    }
+
+
+def client_ptr(wid: int, local_id: int) -> str:
+    # PgBouncer shows object addresses; ours only need to be unique and match `link`.
+    return f"0xc{global_id(wid, local_id):09x}"
+
+
+def server_ptr(wid: int, local_id: int) -> str:
+    return f"0x5{global_id(wid, local_id):09x}"
+
+
+def _split_peer(peer: str) -> tuple[str, int]:
+    """'1.2.3.4:5678' -> ('1.2.3.4', 5678); a Unix socket peer is ('unix', 0)."""
+    host, sep, port = peer.rpartition(":")
+    if not sep or not port.isdigit():
+        return peer or "unix", 0
+    return host, int(port)
+
+
+def _local(stream) -> tuple[str, int]:
+    try:
+        name = stream.sock.getsockname()
+    except OSError:
+        return "", 0
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return "unix", 0
+
+
+# --------------------------------------------------------------------------- servers
+
+def _servers(pool: "Pool", wid: int, clock: _Clock, state: "control.AdminState") -> list[dict]:
+    delay = pool.cfg.server_check_delay if pool.cfg.server_check_query else 0
+    out = []
+    for srv in list(pool.active):
+        out.append(_server(pool, srv, "active", wid, clock, state))
+    for srv in list(pool.idle):
+        used = delay and clock.mono_now - srv.last_used > delay
+        out.append(_server(pool, srv, "used" if used else "idle", wid, clock, state))
+    return out
+
+
+def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock,
+            state: "control.AdminState") -> dict[str, Any]:
+    client = srv.client
+    laddr, lport = _local(srv.stream)
+    created = state.close_needed.get(srv, srv.created)
+    host = pool.route.host
+    return {
+        "id": global_id(wid, srv.id),
+        "ptr": server_ptr(wid, srv.id),
+        "user": pool.server_user,
+        "database": pool.name,
+        "state": st,                        # active / idle / used
+        "addr": "unix" if host.startswith("/") else host,
+        "port": pool.route.port,
+        "local_addr": laddr,
+        "local_port": lport,
+        "connect_time": clock.wall(created),
+        "request_time": clock.wall(srv.last_used),
+        "close_needed": srv in state.close_needed and not srv.closed,
+        "link": client_ptr(wid, client.id) if client is not None else None,
+        "remote_pid": srv.pid,
+        "application_name": (client.tparams.get("application_name") or "") if client is not None else "",
+        "prepared_statements": len(srv.stmts.cache),
+    }

@@ -1,0 +1,268 @@
+"""The worker side of the process model: signal handling (one process or many),
+the pause helper shared with the admin console, and the prefork worker:
+bootstrap, plus admin commands and snapshots that span every worker.
+
+Imported only after gevent's monkey patching (master.py patches first).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import time
+from typing import Callable
+
+import gevent
+import gevent.event
+
+from . import control, shm
+from .config import Config, ConfigError, load_config
+from .peers import Peers
+from .shm import Segment, ShmQuota
+from .worker import Worker
+
+log = logging.getLogger("pooler.worker")
+
+MULTI_MAX_ACCEPT = 4      # accept few at a time so that the other workers get their share
+SNAPSHOT_TIMEOUT = 1.0    # a worker that does not answer by then is left out of SHOW
+RELOAD_TIMEOUT = 3.0
+ADMIN_MSG, SNAP_REQUEST, SNAP_REPLY, RELOAD_MSG = b"A", b"Q", b"R", b"H"
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+def exit_now(code: int) -> None:
+    """Leave at once (SIGQUIT, second SIGTERM/SIGINT): flush logs, skip cleanup."""
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def serve_until_stopped(worker: Worker, on_reload: Callable[[], None] | None,
+                        on_pause: Callable[[bool], None] | None, second_exits: bool) -> int:
+    """Install the worker's signal handlers and block until it has shut down.
+
+    SIGTERM graceful, SIGINT fast, SIGQUIT immediate. With `second_exits`
+    (single process) a second SIGTERM/SIGINT exits at once; under a master the
+    master does that, and a worker may see a signal twice (a terminal's Ctrl-C
+    reaches the whole process group, then the master fans it out again)."""
+    done = gevent.event.Event()
+    stopping: list[bool] = []            # graceful flags of the shutdowns started
+
+    def terminate(graceful: bool) -> None:
+        if stopping:
+            if second_exits:
+                log.warning("second shutdown signal: exiting now")
+                exit_now(1)
+            if graceful or not stopping[-1]:
+                return                   # already stopping at least this fast
+        stopping.append(graceful)
+        gevent.spawn(worker.shutdown, graceful).link(lambda _: done.set())
+
+    gevent.signal_handler(signal.SIGTERM, terminate, True)
+    gevent.signal_handler(signal.SIGINT, terminate, False)
+    gevent.signal_handler(signal.SIGQUIT, exit_now, 0)
+    if on_reload is not None:
+        gevent.signal_handler(signal.SIGHUP, on_reload)
+    if on_pause is not None:
+        gevent.signal_handler(signal.SIGUSR1, on_pause, True)
+        gevent.signal_handler(signal.SIGUSR2, on_pause, False)
+    done.wait()
+    return 0
+
+
+def apply_pause(worker: Worker, paused: bool, paused_dbs: set[str]) -> None:
+    """Pause means: no server handed out (not even an idle one), clients wait,
+    in-flight transactions finish. On resume every waiter retries."""
+    worker.paused = paused
+    worker.paused_dbs = set(paused_dbs)
+    for pool in list(worker.pools.values()):
+        now_paused = paused or pool.name in paused_dbs or worker.shutting_down
+        was_paused = pool.paused
+        pool.paused = now_paused
+        if was_paused and not now_paused:
+            for _ in range(len(pool.waiters)):
+                pool._wake_next_waiter()
+
+
+# -- prefork worker ------------------------------------------------------------------------------
+
+
+def worker_main(cfg: Config, config_path: str, listeners: list[socket.socket], seg: Segment,
+                worker_id: int, channels: list[tuple[socket.socket, socket.socket]],
+                master_pid: int) -> int:
+    """Body of a forked worker (gevent already patched in). Returns the exit code."""
+    quota = ShmQuota(seg, worker_id)
+    worker = PreforkWorker(cfg, listeners, worker_id, quota=quota)
+    worker.config_path = config_path
+    worker.max_accept = MULTI_MAX_ACCEPT
+    peers = Peers(worker, seg, quota, worker_id, channels, master_pid)
+    worker.peers = peers
+    worker.fanout = Fanout(worker, peers, master_pid)
+    seg.worker_set(worker_id, shm.W_CONFIG_GEN, seg.config_gen())   # the master's latest
+    worker.fanout.apply_flags()          # a worker spawned during PAUSE starts paused
+    worker.start()
+    peers.start()
+    log.info("worker %d (pid %d) started", worker_id, os.getpid())
+    code = serve_until_stopped(worker, None, None, second_exits=False)
+    log.info("worker %d (pid %d) stopped", worker_id, os.getpid())
+    return code
+
+
+class PreforkWorker(Worker):
+    """A Worker whose admin commands and snapshots span every worker process."""
+    fanout: "Fanout"
+
+    def collect_snapshots(self) -> list[dict]:
+        return self.fanout.collect_snapshots()
+
+    def control(self, cmd: str, arg: str | None) -> None:
+        self.fanout.control(cmd, arg)
+
+    def request_exit(self) -> None:
+        self.fanout.request_exit()
+
+
+class Fanout:
+    """Admin commands and snapshots across worker processes, over the control channels.
+
+    A command runs here first (the console that issued it waits on this worker),
+    its resulting pause/disable flags go to shared memory (so a worker spawned
+    later starts in that state), then every other worker runs it too."""
+
+    def __init__(self, worker: Worker, peers: Peers, master_pid: int) -> None:
+        self.worker = worker
+        self.peers = peers
+        self.seg = peers.seg
+        self.master_pid = master_pid
+        self.pending: dict[int, tuple[dict[int, dict], gevent.event.Event, set[int]]] = {}
+        self.request_ids = 0
+        peers.on_flags = self.apply_flags
+        peers.handlers.update({ADMIN_MSG: self._on_admin, SNAP_REQUEST: self._on_snap_request,
+                               SNAP_REPLY: self._on_snap_reply, RELOAD_MSG: self._on_reload})
+
+    def others(self) -> list[int]:
+        return [w for w in self.peers.live_workers() if w != self.peers.me]
+
+    # -- admin commands ----------------------------------------------------------------------
+
+    def control(self, cmd: str, arg: str | None) -> None:
+        if cmd.upper() == "RELOAD":
+            self._reload_via_master()
+            return
+        control.apply_control(self.worker, cmd, arg)
+        self._publish_flags()
+        msg = ADMIN_MSG + pickle.dumps((cmd, arg))
+        for w in self.others():
+            self.peers.send(w, msg)
+
+    def _on_admin(self, body: bytes) -> None:
+        cmd, arg = pickle.loads(body)
+        control.apply_control(self.worker, cmd, arg)
+
+    def _publish_flags(self) -> None:
+        st = control.state_of(self.worker)
+        self.seg.set_admin_flags(self.worker.paused, st.suspended, self.worker.paused_dbs,
+                                 st.disabled_dbs)
+        self.peers.flags_gen = self.seg.flags_gen()      # this worker is in that state already
+
+    def apply_flags(self) -> None:
+        """Follow the flags in shared memory (SIGUSR1/2 via the master, another
+        worker's admin command, or the state a new worker is born into)."""
+        seg, worker = self.seg, self.worker
+        state = seg.state()
+        st = control.state_of(worker)
+        st.suspended = bool(state & shm.STATE_SUSPENDED)
+        st.disabled_dbs = seg.dbs_with(shm.FLAG_DISABLED)
+        paused, dbs = bool(state & shm.STATE_PAUSED), seg.paused_dbs()
+        if (worker.paused, worker.paused_dbs) != (paused, dbs):
+            apply_pause(worker, paused, dbs)
+            if paused or dbs:
+                # As the admin PAUSE: paused pools drop their servers as they are released.
+                control.apply_control(worker, "WAIT_CLOSE", None)
+
+    def request_exit(self) -> None:
+        """Admin SHUTDOWN: the whole pooler ends; the master respawns nobody."""
+        self.seg.set_state(shm.STATE_SHUTDOWN, True)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    # -- reload: the master validates, then sends the config to every worker ---------------------
+
+    def _reload_via_master(self) -> None:
+        before = self.seg.config_gen()
+        os.kill(self.master_pid, signal.SIGHUP)
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while self.seg.config_gen() == before or any(
+                self.seg.worker_get(w, shm.W_CONFIG_GEN) < self.seg.config_gen()
+                for w in self.peers.live_workers()):
+            if time.monotonic() > deadline:
+                log.warning("RELOAD: not every worker confirmed the new config within %.0fs",
+                            RELOAD_TIMEOUT)
+                return
+            gevent.sleep(0.01)
+
+    def _on_reload(self, body: bytes) -> None:
+        gen, payload = pickle.loads(body)
+        cfg = payload if isinstance(payload, Config) else self._load(payload)
+        if cfg is None:
+            return
+        self.worker.apply_config(cfg)
+        self.seg.worker_set(self.peers.me, shm.W_CONFIG_GEN, gen)
+        log.info("worker %d: config reloaded (generation %d)", self.peers.me, gen)
+
+    def _load(self, path: str) -> Config | None:
+        try:
+            return load_config(path)
+        except ConfigError as exc:
+            log.error("worker %d: RELOAD failed, keeping the old config: %s", self.peers.me,
+                      "; ".join(exc.errors))
+            return None
+
+    # -- snapshots -----------------------------------------------------------------------------------
+
+    def collect_snapshots(self) -> list[dict]:
+        """This worker's snapshot and every other live worker's (those that answer
+        within SNAPSHOT_TIMEOUT), ordered by worker id."""
+        from .snapshot import snapshot
+        mine = snapshot(self.worker)
+        others = self.others()
+        if not others:
+            return [mine]
+        self.request_ids += 1
+        rid = self.request_ids
+        got: dict[int, dict] = {}
+        done = gevent.event.Event()
+        self.pending[rid] = (got, done, set(others))
+        try:
+            msg = SNAP_REQUEST + pickle.dumps((self.peers.me, rid))
+            for w in others:
+                self.peers.send(w, msg)
+            done.wait(SNAPSHOT_TIMEOUT)
+        finally:
+            del self.pending[rid]
+        missing = set(others) - set(got)
+        if missing:
+            log.warning("no snapshot from worker(s) %s within %.1fs", sorted(missing), SNAPSHOT_TIMEOUT)
+        return sorted([mine, *got.values()], key=lambda snap: snap["worker_id"])
+
+    def _on_snap_request(self, body: bytes) -> None:
+        from .snapshot import snapshot
+        requester, rid = pickle.loads(body)
+        self.peers.send_large(requester, SNAP_REPLY, pickle.dumps((rid, self.peers.me,
+                                                                    snapshot(self.worker))))
+
+    def _on_snap_reply(self, body: bytes) -> None:
+        rid, sender, snap = pickle.loads(body)
+        entry = self.pending.get(rid)
+        if entry is None:
+            return                       # too late: the request timed out
+        got, done, expected = entry
+        got[sender] = snap
+        if expected <= set(got):
+            done.set()
