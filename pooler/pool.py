@@ -57,10 +57,11 @@ class LocalQuota:
 
 class Stats:
     """Counters of one pool in this worker (SHOW STATS / metrics read them)."""
-    __slots__ = ("xact_count", "query_count", "bytes_in", "bytes_out", "xact_time",
-                 "query_time", "wait_time", "max_wait", "prepared")
+    __slots__ = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
+                 "xact_time", "query_time", "wait_time", "max_wait", "prepared")
 
     def __init__(self) -> None:
+        self.server_assignment_count = 0
         self.xact_count = self.query_count = self.bytes_in = self.bytes_out = 0
         self.xact_time = self.query_time = self.wait_time = 0.0
         self.max_wait = 0.0
@@ -242,8 +243,12 @@ class Pool:
                 self.last_login_failure = (time.monotonic(), str(exc))
                 log.warning("%s@%s server login failed: %s", self.server_user, self.name, exc)
                 self._wake_next_waiter()
-                raise PoolError(exc.sqlstate if exc.sqlstate.startswith("28") else "08006",
-                                f"server login failed: {exc}") from exc
+                if exc.fields:
+                    # PostgreSQL refused the login: pass its error on as PgBouncer does
+                    # (e.g. 3D000 database "x" does not exist, 28P01 bad password).
+                    raise PoolError(exc.sqlstate, str(exc)) from exc
+                sqlstate = exc.sqlstate if exc.sqlstate.startswith("28") else "08006"
+                raise PoolError(sqlstate, f"server login failed: {exc}") from exc
             raise
         self.connecting -= 1
         self.last_login_failure = None

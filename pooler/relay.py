@@ -400,6 +400,7 @@ class Relay:
         client = self.client
         client.state = "waiting"
         srv = self.pool.acquire(client)
+        self.stats.server_assignment_count += 1
         client.state = "active"
         srv.client = client
         try:

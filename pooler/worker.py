@@ -146,11 +146,13 @@ class Worker:
         return True
 
     def get_pool(self, route: Route, user: str) -> Pool:
-        key = (route.name, user)
+        # A database entry with a forced user has one pool for all its clients,
+        # as in PgBouncer; otherwise one pool per client user.
+        server_user = route.user or user
+        key = (route.name, server_user)
         pool = self.pools.get(key)
         if pool is None:
-            server_user = route.user or user
-            pool = Pool(self, route, user, server_user, lambda: self._server_password(key))
+            pool = Pool(self, route, server_user, server_user, lambda: self._server_password(key))
             pool.paused = self.paused or route.name in self.paused_dbs
             self.pools[key] = pool
         return pool
