@@ -267,10 +267,16 @@ class Pool:
         self.waiters.append(w)
         try:
             return self.hub.switch()
+        except BaseException:
+            # Killed or timed out while queued: leave the queue (a hand-over
+            # already popped us, so only this path needs the O(n) removal).
+            try:
+                self.waiters.remove(w)
+            except ValueError:
+                pass
+            raise
         finally:
             w.done = True
-            if self.waiters and w in self.waiters:
-                self.waiters.remove(w)
             self.stats.wait_time += time.monotonic() - t0
 
     def _hand_over(self, srv: ServerConn | None) -> bool:
