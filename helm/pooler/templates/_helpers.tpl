@@ -1,0 +1,198 @@
+{{/*
+Named templates. Every one takes a context with .Values (this chart's values)
+and .Release, and nothing else, so that an application's chart can call them
+with this chart's values as a subchart:
+  include "pooler.sidecarContainers" (dict "Values" .Values.pooler "Release" .Release)
+*/}}
+
+{{/* The base name of every object: <release>-pooler, or fullnameOverride. */}}
+{{- define "pooler.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (default "pooler" .Values.nameOverride) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pooler.selectorLabels" -}}
+app.kubernetes.io/name: {{ default "pooler" .Values.nameOverride }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pooler.labels" -}}
+{{ include "pooler.selectorLabels" . }}
+app.kubernetes.io/component: connection-pooler
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Values.image.tag | quote }}
+{{- end -}}
+
+{{/* The pooler config file: a plain toYaml of .Values.config, nothing added. */}}
+{{- define "pooler.config" -}}
+{{ toYaml .Values.config }}
+{{- end -}}
+
+{{/* Pod annotations: scrape hints and the config checksum (see rolloutOnConfigChange). */}}
+{{- define "pooler.podAnnotations" -}}
+{{- if .Values.rolloutOnConfigChange }}
+checksum/pooler-config: {{ include "pooler.config" . | sha256sum }}
+{{- end }}
+{{- if and .Values.sidecar.enabled .Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.sidecar.port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The host clients are told to use in the pools API. */}}
+{{- define "pooler.publicHost" -}}
+{{- if .Values.sidecar.publicHost -}}
+{{- .Values.sidecar.publicHost -}}
+{{- else if eq .Values.mode "sidecar" -}}
+127.0.0.1
+{{- else -}}
+{{- printf "%s.%s.svc" (include "pooler.fullname" .) .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pooler.probes" -}}
+{{- if .Values.sidecar.enabled }}
+{{- if .Values.probes.startup.enabled }}
+startupProbe:
+  httpGet: {path: /healthz, port: {{ .Values.sidecar.port }}}
+  periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.startup.failureThreshold }}
+{{- end }}
+{{- if .Values.probes.liveness.enabled }}
+livenessProbe:
+  httpGet: {path: /healthz, port: {{ .Values.sidecar.port }}}
+  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+{{- end }}
+{{- if .Values.probes.readiness.enabled }}
+readinessProbe:
+  httpGet: {path: /readyz, port: {{ .Values.sidecar.port }}}
+  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+{{- end }}
+{{- else }}
+{{- if .Values.probes.liveness.enabled }}
+livenessProbe:
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
+  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+{{- end }}
+{{- if .Values.probes.readiness.enabled }}
+readinessProbe:
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
+  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The containers: the pooler, and the admin sidecar if sidecar.enabled.
+Used by this chart's Deployment, and by an application's pod spec in
+mode: sidecar (under its `containers:`, with "pooler.sidecarVolumes" under
+its `volumes:`).
+*/}}
+{{- define "pooler.sidecarContainers" -}}
+- name: pooler
+  image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["pooler", "/etc/pooler/pooler.yaml"]
+  ports:
+    - name: postgres
+      containerPort: {{ .Values.config.listen_port }}
+      protocol: TCP
+  env:
+    - name: PYTHONDONTWRITEBYTECODE
+      value: "1"
+  {{- include "pooler.probes" . | trim | nindent 2 }}
+  resources:
+    {{- toYaml .Values.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - {name: pooler-config, mountPath: /etc/pooler, readOnly: true}
+    - {name: pooler-userlist, mountPath: /etc/pooler-secret, readOnly: true}
+    - {name: pooler-tmp, mountPath: /tmp}
+{{- if .Values.sidecar.enabled }}
+- name: pooler-sidecar
+  image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - pooler-sidecar
+    - --config=/etc/pooler/pooler.yaml
+    # Not loopback: the kubelet's probes and Prometheus come in on the pod IP.
+    # State-changing endpoints still need the token.
+    - --host=0.0.0.0
+    - --port={{ .Values.sidecar.port }}
+    {{- if .Values.sidecar.token.existingSecret }}
+    - --token-file=/etc/pooler-sidecar/token
+    {{- end }}
+    {{- range .Values.sidecar.extraArgs }}
+    - {{ . | quote }}
+    {{- end }}
+  ports:
+    - name: metrics
+      containerPort: {{ .Values.sidecar.port }}
+      protocol: TCP
+  env:
+    - name: PYTHONDONTWRITEBYTECODE
+      value: "1"
+    - name: POOLER_PUBLIC_HOST
+      value: {{ include "pooler.publicHost" . | quote }}
+    {{- if .Values.sidecar.adminPassword.existingSecret }}
+    - name: POOLER_ADMIN_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.sidecar.adminPassword.existingSecret }}
+          key: {{ .Values.sidecar.adminPassword.key }}
+    {{- end }}
+  # Its own liveness is the HTTP port: /healthz failing means the pooler is down,
+  # which the pooler container's probes already act on.
+  livenessProbe:
+    tcpSocket: {port: {{ .Values.sidecar.port }}}
+    periodSeconds: 10
+  resources:
+    {{- toYaml .Values.sidecar.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - {name: pooler-config, mountPath: /etc/pooler, readOnly: true}
+    - {name: pooler-userlist, mountPath: /etc/pooler-secret, readOnly: true}
+    {{- if .Values.sidecar.token.existingSecret }}
+    - {name: pooler-sidecar-token, mountPath: /etc/pooler-sidecar, readOnly: true}
+    {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The volumes the containers above mount. */}}
+{{- define "pooler.sidecarVolumes" -}}
+- name: pooler-config
+  configMap:
+    name: {{ include "pooler.fullname" . }}
+- name: pooler-userlist
+  secret:
+    secretName: {{ required "auth.existingSecret: a Secret holding the userlist is required" .Values.auth.existingSecret }}
+    items:
+      - {key: {{ .Values.auth.userlistKey }}, path: userlist.txt}
+- name: pooler-tmp
+  emptyDir: {medium: Memory, sizeLimit: 16Mi}
+{{- if and .Values.sidecar.enabled .Values.sidecar.token.existingSecret }}
+- name: pooler-sidecar-token
+  secret:
+    secretName: {{ .Values.sidecar.token.existingSecret }}
+    items:
+      - {key: {{ .Values.sidecar.token.key }}, path: token}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,242 @@
+"""The admin sidecar: a Flask app over the pooler's admin console, served by gevent.
+
+    python -m sidecar.app --config /etc/pooler/pooler.yaml [--host 127.0.0.1] [--port 8080]
+
+GET  /healthz   200 if the admin console answers SHOW VERSION, else 503
+GET  /readyz    200 if it answers and is neither paused nor suspended, else 503
+POST /pause     PAUSE [db]      (?db=name; bearer token required)
+POST /resume    RESUME [db]     (?db=name; bearer token required)
+POST /reload    validate the config file, then RELOAD (bearer token required)
+GET  /config    the effective settings (SHOW CONFIG; secrets are never in it)
+GET  /metrics   Prometheus text, pgbouncer_exporter and CloudNativePG names
+GET  /pools     the pools API; /pools/<name> one entry
+
+State-changing endpoints need `Authorization: Bearer <token>`; with no token
+configured they are refused, never open.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from pooler.config import ConfigError, check_config_file, load_config
+
+from . import pools
+from .console import Console, ConsoleError
+from .metrics import PoolerCollector
+from .settings import Settings, from_args, parser
+
+log = logging.getLogger("sidecar")
+
+# A database name as a PAUSE/RESUME argument: quoted by us, so only '"' needs care.
+_DB_RE = re.compile(r"[^\x00\"]{1,63}")
+# SHOW CONFIG never lists a secret; refuse to relay one even if a future key did.
+_SECRET_KEY_RE = re.compile(r"password|secret|token", re.I)
+
+
+def create_app(settings: Settings, console: Console | None = None) -> Flask:
+    app = Flask("sidecar")
+    console = console or Console(settings.target)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolerCollector(console))
+    last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
+
+    def current_config() -> Any:
+        try:
+            last_good["cfg"] = load_config(settings.config_path)
+        except ConfigError as e:
+            if last_good["cfg"] is None:
+                raise
+            log.warning("config file invalid, using the last valid one: %s", e.errors[0])
+        return last_good["cfg"]
+
+    @app.get("/")
+    def index() -> Response:
+        return jsonify(endpoints=["/healthz", "/readyz", "/config", "/metrics", "/pools",
+                                  "POST /pause", "POST /resume", "POST /reload"])
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        try:
+            rows = console.show("VERSION")
+        except ConsoleError as e:
+            return _unavailable(e)
+        return jsonify(status="ok", version=rows[0]["version"] if rows else None), 200
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        try:
+            data = console.show_many(["STATE", "DATABASES"])
+        except ConsoleError as e:
+            return _unavailable(e)
+        state = {r["key"]: r["value"] for r in data["STATE"]}
+        paused_dbs = [d["name"] for d in data["DATABASES"] if d.get("paused")]
+        for what in ("paused", "suspended"):
+            if state.get(what) == "yes":
+                return jsonify(status="unavailable", reason=f"pooler is {what}"), 503
+        # A paused database is maintenance on one entry: the pooler still serves the others.
+        return jsonify(status="ok", paused_databases=paused_dbs), 200
+
+    @app.post("/pause")
+    @_needs_token(settings)
+    def pause() -> tuple[Response, int]:
+        return _run_command(console, settings, "PAUSE", request.args.get("db"))
+
+    @app.post("/resume")
+    @_needs_token(settings)
+    def resume() -> tuple[Response, int]:
+        return _run_command(console, settings, "RESUME", request.args.get("db"))
+
+    @app.post("/reload")
+    @_needs_token(settings)
+    def reload() -> tuple[Response, int]:
+        # Validate first: an invalid file must not even be offered to the pooler.
+        errors = check_config_file(settings.config_path)
+        if errors:
+            return jsonify(status="invalid", config=settings.config_path, errors=errors), 400
+        return _run_command(console, settings, "RELOAD", None)
+
+    @app.get("/config")
+    def config() -> tuple[Response, int]:
+        try:
+            rows = console.show("CONFIG")
+        except ConsoleError as e:
+            return _unavailable(e)
+        settings_out = {r["key"]: {"value": r["value"], "default": r.get("default"),
+                                   "changeable": r.get("changeable") == "yes"}
+                        for r in rows if not _SECRET_KEY_RE.search(r["key"])}
+        return jsonify(config=settings_out), 200
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/pools")
+    def pool_list() -> tuple[Response, int]:
+        result = _pools(console, settings, current_config)
+        if isinstance(result, tuple):
+            return result
+        return jsonify(pools=result), 200
+
+    @app.get("/pools/<name>")
+    def pool_one(name: str) -> tuple[Response, int]:
+        result = _pools(console, settings, current_config)
+        if isinstance(result, tuple):
+            return result
+        for entry in result:
+            if entry["name"] == name:
+                return jsonify(entry), 200
+        return jsonify(status="not found", reason=f"no pool or database named {name!r}"), 404
+
+    return app
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _needs_token(settings: Settings) -> Callable:
+    """Refuse (403) when no token is configured, 401 without the right bearer token."""
+    def wrap(view: Callable) -> Callable:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if settings.current_token() is None:
+                return jsonify(status="forbidden",
+                               reason="no token configured: state-changing endpoints are disabled"), 403
+            if not _authorized(settings):
+                resp = jsonify(status="unauthorized", reason="a valid bearer token is required")
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="pooler-sidecar"'
+                return resp, 401
+            return view(*args, **kwargs)
+        guarded.__name__ = view.__name__
+        return guarded
+    return wrap
+
+
+def _authorized(settings: Settings) -> bool:
+    scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and bool(offered.strip()) and \
+        settings.token_matches(offered.strip())
+
+
+def _run_command(console: Console, settings: Settings, verb: str,
+                 db: str | None) -> tuple[Response, int]:
+    if db is not None and not _DB_RE.fullmatch(db):
+        return jsonify(status="invalid", reason="db must be 1 to 63 characters without '\"'"), 400
+    sql = f'{verb} "{db}"' if db else verb
+    try:
+        tag = console.command(sql, timeout=settings.command_timeout)
+    except ConsoleError as e:
+        if e.timed_out and verb == "PAUSE":
+            # The pooler keeps pausing (it waits for running transactions to end);
+            # only our wait was cut short. RESUME cancels it.
+            return jsonify(status="pending", command=verb, database=db,
+                           reason=f"{e}; the pause stays in effect, POST /resume cancels it"), 504
+        if e.sqlstate is None:
+            return _unavailable(e)
+        # The console refused it (already paused, unknown database, not an admin...).
+        code = 403 if e.sqlstate == "42501" else 404 if e.sqlstate == "3D000" else \
+            400 if e.sqlstate == "F0000" else 409
+        return jsonify(status="refused", sqlstate=e.sqlstate, reason=str(e), detail=e.detail), code
+    log.info("%s done", sql)
+    return jsonify(status="ok", command=tag, database=db), 200
+
+
+def _pools(console: Console, settings: Settings,
+           current_config: Callable[[], Any]) -> list[dict] | tuple[Response, int]:
+    try:
+        cfg = current_config()
+    except ConfigError as e:
+        return jsonify(status="invalid", errors=e.errors), 500
+    try:
+        live = console.show("POOLS")
+    except ConsoleError as e:
+        return _unavailable(e)
+    reveal = _authorized(settings)
+    return [pools.with_connection(pools.with_counts(entry, live), cfg, settings.public_host,
+                                  settings.public_port, reveal)
+            for entry in pools.entries(cfg)]
+
+
+def _unavailable(e: ConsoleError) -> tuple[Response, int]:
+    return jsonify(status="unavailable", reason=f"admin console: {e}"), 503
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Patch before the server or any connection exists; psycogreen makes psycopg2
+    # wait through gevent, so a slow console blocks one request, not the process.
+    from gevent import monkey
+    monkey.patch_all()
+    from psycogreen.gevent import patch_psycopg
+    patch_psycopg()
+    from gevent.pywsgi import WSGIServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings = from_args(args)
+    except ConfigError as e:
+        print(f"pooler-sidecar: invalid pooler config {args.config}:", *e.errors, sep="\n  ",
+              file=sys.stderr)
+        return 2
+    if settings.current_token() is None:
+        log.warning("no token configured: /pause, /resume and /reload are disabled")
+    app = create_app(settings)
+    server = WSGIServer((args.host, args.port), app, log=None, error_log=log)
+    log.info("pooler-sidecar on http://%s:%d/ (admin console %s@%s:%d)", args.host, args.port,
+             settings.target.user, settings.target.host, settings.target.port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

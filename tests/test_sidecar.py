@@ -1,0 +1,364 @@
+"""The admin sidecar against a real pooler and a real PostgreSQL.
+
+The Flask test client drives the app in this process (psycopg2 left
+blocking: psycogreen's wait callback is process-wide and must not leak into
+other tests); one test runs `python -m sidecar.app` as the operator would,
+with gevent and psycogreen, over HTTP.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg2
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import APP_DB, APP_PASSWORD, APP_USER, REPO_ROOT, wait_until
+from pooler.devcluster import free_port
+from sidecar import pools
+from sidecar.app import create_app
+from sidecar.settings import from_args, parser
+
+ADMIN, ADMIN_PASSWORD = "admin", "adminpass"
+TOKEN = "s3cret-token"
+POOL = "app-pool"
+
+
+@pytest.fixture
+def pooler(pooler_factory, pooler_config, app_userlist):
+    """A pooler with an admin user (plain password in the userlist) and one managed pool."""
+    cfg = pooler_config(admin_users=[ADMIN], pool_mode="transaction", default_pool_size=4,
+                        pools={POOL: {"database": APP_DB, "user": APP_USER, "size": 3}})
+    return pooler_factory(cfg, userlist={**app_userlist, ADMIN: ADMIN_PASSWORD})
+
+
+def make_client(pooler, token: str | None = TOKEN, *extra: str):
+    """A Flask test client for a sidecar configured from `pooler`'s config file."""
+    argv = ["--config", str(pooler.config_path), "--timeout", "3", *extra]
+    env = {"POOLER_SIDECAR_TOKEN": token} if token else {}
+    return create_app(from_args(parser().parse_args(argv), env=env)).test_client()
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def config_value(client, key: str) -> str:
+    resp = client.get("/config")
+    assert resp.status_code == 200, resp.json
+    return resp.json["config"][key]["value"]
+
+
+def run_queries(pooler, n: int) -> None:
+    conn = pooler.connect()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for _ in range(n):
+            cur.execute("SELECT 1")
+    conn.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text -> {(sample name, sorted labels): value}."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+# --------------------------------------------------------------------------- health
+
+
+def test_health_and_readiness_follow_the_pooler(pooler):
+    client = make_client(pooler)
+    health = client.get("/healthz")
+    assert health.status_code == 200
+    assert "PgBouncer" in health.json["version"]
+    assert client.get("/readyz").status_code == 200
+
+    pooler.stop()
+    for path in ("/healthz", "/readyz"):
+        resp = client.get(path)
+        assert resp.status_code == 503
+        assert resp.json["status"] == "unavailable" and resp.json["reason"]
+    text = client.get("/metrics").get_data(as_text=True)
+    got = samples(text)
+    assert got[("pgbouncer_up", ())] == 0
+    assert got[("cnpg_pgbouncer_last_collection_error", ())] == 1
+
+
+def test_pause_makes_unready_and_resume_restores(pooler):
+    client = make_client(pooler)
+    resp = client.post("/pause", headers=bearer())
+    assert resp.status_code == 200, resp.json
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "paused" in ready.json["reason"]
+    assert client.get("/healthz").status_code == 200          # alive, just not ready
+
+    again = client.post("/pause", headers=bearer())
+    assert again.status_code == 409 and again.json["sqlstate"] == "55000"
+
+    assert client.post("/resume", headers=bearer()).status_code == 200
+    assert client.get("/readyz").status_code == 200
+    run_queries(pooler, 1)                                     # serving again
+
+
+def test_pause_one_database_keeps_the_pooler_ready(pooler):
+    client = make_client(pooler)
+    assert client.post(f"/pause?db={APP_DB}", headers=bearer()).status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json["paused_databases"] == [APP_DB]
+    assert client.post("/pause?db=nosuchdb", headers=bearer()).status_code == 404
+    assert client.post(f"/resume?db={APP_DB}", headers=bearer()).status_code == 200
+    assert client.get("/readyz").json["paused_databases"] == []
+
+
+def test_state_changes_need_a_token(pooler):
+    open_client = make_client(pooler, token=None)
+    for path in ("/pause", "/resume", "/reload"):
+        assert open_client.post(path).status_code == 403          # never open by default
+        assert open_client.post(path, headers=bearer()).status_code == 403
+
+    client = make_client(pooler)
+    for path in ("/pause", "/resume", "/reload"):
+        assert client.post(path).status_code == 401
+        wrong = client.post(path, headers=bearer("not-the-token"))
+        assert wrong.status_code == 401
+        assert wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    assert client.get("/readyz").status_code == 200               # nothing was paused
+
+
+def test_token_file_is_read_on_use(pooler, tmp_path: Path):
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    client = make_client(pooler, None, "--token-file", str(token_file))
+    assert client.post("/pause", headers=bearer("first")).status_code == 200
+    token_file.write_text("second\n")                             # a rotated Secret
+    assert client.post("/resume", headers=bearer("first")).status_code == 401
+    assert client.post("/resume", headers=bearer("second")).status_code == 200
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def test_reload_refuses_an_invalid_file_and_changes_nothing(pooler):
+    client = make_client(pooler)
+    good = pooler.config_path.read_text()
+    pooler.update_config({"default_pool_size": 9, "pool_mode": "bogus"}, reload=False)
+    resp = client.post("/reload", headers=bearer())
+    assert resp.status_code == 400
+    assert any(e.startswith("pool_mode:") for e in resp.json["errors"])
+    assert config_value(client, "default_pool_size") == "4"
+    pooler.config_path.write_text(good)
+
+
+def test_reload_applies_a_valid_change(pooler):
+    client = make_client(pooler)
+    pooler.update_config({"default_pool_size": 7}, reload=False)
+    assert config_value(client, "default_pool_size") == "4"
+    resp = client.post("/reload", headers=bearer())
+    assert resp.status_code == 200, resp.json
+    wait_until(lambda: config_value(client, "default_pool_size") == "7", timeout=5)
+
+
+def test_config_shows_settings_but_no_secrets(pooler):
+    client = make_client(pooler)
+    resp = client.get("/config")
+    assert resp.json["config"]["pool_mode"]["value"] == "transaction"
+    body = resp.get_data(as_text=True)
+    assert ADMIN_PASSWORD not in body and APP_PASSWORD not in body
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_use_exporter_and_cnpg_names_and_grow_with_traffic(pooler):
+    client = make_client(pooler)
+    run_queries(pooler, 5)
+    text = client.get("/metrics").get_data(as_text=True)
+    got = samples(text)
+    db = (("database", APP_DB),)
+    pool = (("database", APP_DB), ("user", APP_USER))
+    first = got[("pgbouncer_stats_queries_pooled_total", db)]
+    assert first >= 5
+    assert got[("pgbouncer_stats_totals_queries_pooled_total", db)] == first
+    assert got[("cnpg_pgbouncer_stats_total_query_count", db)] == first
+    assert got[("pgbouncer_stats_received_bytes_total", db)] > 0
+    assert got[("pgbouncer_stats_sent_bytes_total", db)] > 0
+    assert got[("pgbouncer_stats_queries_duration_seconds_total", db)] > 0
+    assert got[("pgbouncer_pools_server_idle_connections", pool)] >= 1
+    assert got[("cnpg_pgbouncer_pools_sv_idle", pool)] >= 1
+    assert got[("cnpg_pgbouncer_pools_pool_mode", pool)] == 2          # transaction
+    assert got[("pgbouncer_up", ())] == 1 and got[("cnpg_pgbouncer_up", ())] == 1
+    assert got[("cnpg_pgbouncer_last_collection_error", ())] == 0
+    assert got[("pgbouncer_config_max_client_connections", ())] == 100
+    assert got[("pgbouncer_used_clients", ())] >= 0
+    assert got[("cnpg_pgbouncer_lists_pools", ())] >= 1
+    assert any(k[0] == "pgbouncer_version_info" for k in got)
+    assert any(k[0] == "pgbouncer_databases_pool_size" and ("name", POOL) in k[1] for k in got)
+
+    run_queries(pooler, 3)
+    later = samples(client.get("/metrics").get_data(as_text=True))
+    assert later[("pgbouncer_stats_queries_pooled_total", db)] >= first + 3
+    for secret in (ADMIN_PASSWORD, APP_PASSWORD, "SCRAM-SHA-256$"):
+        assert secret not in text
+
+
+# --------------------------------------------------------------------------- pools API
+
+
+def test_pools_api_gives_a_uri_that_connects(pooler):
+    client = make_client(pooler)
+    listing = client.get("/pools")
+    assert listing.status_code == 200
+    names = {p["name"]: p for p in listing.json["pools"]}
+    assert names[POOL]["kind"] == "pool" and names[APP_DB]["kind"] == "database"
+
+    anonymous = client.get(f"/pools/{POOL}").json
+    assert anonymous["database"] == APP_DB and anonymous["user"] == APP_USER
+    assert anonymous["mode"] == "transaction" and anonymous["size"] == 3
+    keys = anonymous["connection"]
+    assert "CONNECTIONPOOL_PASSWORD" not in keys and APP_PASSWORD not in anonymous["uri"]
+    assert keys["CONNECTIONPOOL_HOST"] == pooler.host
+    assert keys["CONNECTIONPOOL_PORT"] == str(pooler.port)
+    assert keys["CONNECTIONPOOL_DATABASE"] == POOL and keys["CONNECTIONPOOL_SSLMODE"] == "disable"
+    assert keys["CONNECTIONPOOL_CA_CERT"] == ""
+
+    entry = client.get(f"/pools/{POOL}", headers=bearer()).json
+    assert entry["connection"]["CONNECTIONPOOL_PASSWORD"] == APP_PASSWORD
+    assert entry["connection"]["CONNECTIONPOOL_DATABASE_URI"] == entry["uri"]
+    conn = psycopg2.connect(entry["uri"], connect_timeout=10)
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_database(), current_user")
+        assert cur.fetchone() == (APP_DB, APP_USER)
+        counts = client.get(f"/pools/{POOL}").json["counts"]
+        assert counts["cl_active"] + counts["cl_waiting"] >= 1 and counts["sv_active"] == 1
+    conn.close()
+    assert client.get("/pools/nope").status_code == 404
+
+
+def test_console_reconnects_after_a_pooler_restart(pooler, pooler_factory, pooler_config,
+                                                   app_userlist):
+    client = make_client(pooler)
+    assert client.get("/healthz").status_code == 200       # leaves an idle console connection
+    pooler.stop()
+    cfg = yaml.safe_load(pooler.config_path.read_text())
+    cfg.pop("auth")
+    pooler_factory(cfg, userlist={**app_userlist, ADMIN: ADMIN_PASSWORD}, port=pooler.port)
+    assert client.get("/healthz").status_code == 200
+
+
+def test_connection_uri_escapes_and_brackets():
+    uri = pools.connection_uri("::1", 6432, "my db", "us@r", "p:w/d")
+    assert uri == "postgresql://us%40r:p%3Aw%2Fd@[::1]:6432/my%20db?sslmode=disable"
+    assert pools.connection_uri("h", 1, "d", "", None) == "postgresql://h:1/d?sslmode=disable"
+
+
+def test_admin_password_comes_from_a_plain_userlist_only(tmp_path: Path):
+    userlist = tmp_path / "userlist.txt"
+    userlist.write_text('"admin" "plainpass"\n"hashed" "md5' + "0" * 32 + '"\n')
+    cfg = tmp_path / "pooler.yaml"
+
+    def settings(admin: str, env: dict[str, str]):
+        cfg.write_text(yaml.safe_dump({"listen_addr": "*", "listen_port": 7000,
+                                       "admin_users": [admin], "auth": {"file": str(userlist)}}))
+        return from_args(parser().parse_args(["--config", str(cfg)]), env=env)
+
+    plain = settings("admin", {})
+    assert (plain.target.host, plain.target.port) == ("127.0.0.1", 7000)
+    assert (plain.target.user, plain.target.password) == ("admin", "plainpass")
+    assert settings("hashed", {}).target.password is None
+    assert settings("hashed", {"POOLER_ADMIN_PASSWORD": "x"}).target.password == "x"
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def http_get(url: str) -> tuple[int, str]:
+    return http("GET", url)
+
+
+def http(method: str, url: str, token: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method, headers=bearer(token) if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture
+def sidecar_process(pooler, tmp_path: Path):
+    """`python -m sidecar.app` for `pooler` on a free port; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "POOLER_SIDECAR_TOKEN": TOKEN}
+    log_path = tmp_path / "sidecar.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar.app", "--config",
+                                 str(pooler.config_path), "--port", str(port),
+                                 "--command-timeout", "1"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return http_get(base + "/healthz")[0] == 200
+        except OSError:
+            return False
+    try:
+        wait_until(up, timeout=15, interval=0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_sidecar_process_serves_health_and_metrics(pooler, sidecar_process: str):
+    base = sidecar_process
+    run_queries(pooler, 2)
+    status, text = http_get(base + "/metrics")
+    assert status == 200
+    got = samples(text)
+    assert got[("pgbouncer_up", ())] == 1
+    assert got[("pgbouncer_stats_queries_pooled_total", (("database", APP_DB),))] >= 2
+    assert ADMIN_PASSWORD not in text
+    assert http_get(base + "/readyz")[0] == 200
+    # Several requests at once: each waits on the console cooperatively.
+    statuses = _parallel(lambda url: http_get(url)[0], [base + "/metrics"] * 4 + [base + "/healthz"] * 4)
+    assert statuses == [200] * 8
+
+
+def test_sidecar_process_bounds_a_pause_that_waits(pooler, sidecar_process: str):
+    base = sidecar_process
+    holder = pooler.connect()
+    with holder.cursor() as cur:                 # a transaction in flight holds its server
+        cur.execute("SELECT 1")
+    started = time.monotonic()
+    status, body = http("POST", base + "/pause", TOKEN)
+    assert status == 504 and "pending" in body
+    assert time.monotonic() - started < 5
+    assert http_get(base + "/readyz")[0] == 503      # paused, while PAUSE still waits
+    assert http_get(base + "/healthz")[0] == 200     # the sidecar itself is not stuck
+    holder.commit()
+    holder.close()
+    assert http("POST", base + "/resume", TOKEN)[0] == 200
+    assert http_get(base + "/readyz")[0] == 200
+
+
+def _parallel(fn, items: list) -> list:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(items)) as ex:
+        return list(ex.map(fn, items))
