@@ -137,10 +137,7 @@ class ClientStatements:
         return pre + protocol.message(b"B", body)
 
     def rewrite_describe(self, msg: memoryview, srv: ServerStatements, batch: int) -> bytes | None:
-        if msg[5] != ord("S"):
-            return None
-        end = _cstr_end(msg, 6)
-        name = bytes(msg[6:end])
+        name = _statement_target(msg)
         if not name:
             return None
         pre, sname = self._ensure(name, srv, batch)
@@ -151,10 +148,7 @@ class ClientStatements:
     def rewrite_close(self, msg: memoryview, srv: ServerStatements, batch: int) -> bytes | None:
         entry = [batch, CLOSE_DONE, True, None]
         srv.expect.append(entry)
-        if msg[5] != ord("S"):
-            return None
-        end = _cstr_end(msg, 6)
-        name = bytes(msg[6:end])
+        name = _statement_target(msg)
         if not name:
             return None
         # The server copy stays cached for other clients; the client still
@@ -192,6 +186,13 @@ class ClientStatements:
         sname = b"_pl_%d" % next(_names)
         cache[tail] = sname
         return sname
+
+
+def _statement_target(msg: memoryview) -> bytes | None:
+    """The statement name of a Describe/Close aimed at a statement ('S'); None for a portal."""
+    if msg[5] != ord("S"):
+        return None
+    return bytes(msg[6:_cstr_end(msg, 6)])
 
 
 def _cstr_end(msg: memoryview, start: int) -> int:
