@@ -426,12 +426,23 @@ class Arbiter:
         if len(msg) > 60000:             # too big for one datagram: workers read the file
             msg = b"H" + pickle.dumps((gen, self.config_path))
         for slot in self._live():
-            try:
-                self.channels[slot.index][0].send(msg)
-            except OSError as exc:
-                log.error("RELOAD: could not reach worker %d: %s", slot.index, exc)
+            self._send(slot, msg, "RELOAD")
         log.info("RELOAD: config from %s validated and sent to %d workers (generation %d)",
                  self.config_path, len(self._live()), gen)
+
+    def _send(self, slot: Slot, msg: bytes, what: str) -> None:
+        """A control message to a worker; its queue holds only a few datagrams
+        (net.unix.max_dgram_qlen), so retry briefly while it drains."""
+        for _ in range(50):
+            try:
+                self.channels[slot.index][0].send(msg)
+                return
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError as exc:
+                log.error("%s: could not reach worker %d: %s", what, slot.index, exc)
+                return
+        log.error("%s: worker %d does not read its control channel", what, slot.index)
 
     def stop(self, graceful: bool) -> None:
         if self.stopping:
