@@ -515,9 +515,16 @@ def test_sigusr1_pauses_and_sigusr2_resumes_all_workers(pg, pooler_factory):
     def fresh_client() -> None:
         # Its first login in the new worker needs a server (to learn its parameters).
         query(connect(p, connect_timeout=20))
-    fresh = [threading.Thread(target=fresh_client, daemon=True) for _ in range(12)]
-    for t in fresh:
+    # Which worker accepts is the kernel's choice, and a loaded machine can
+    # favour the old one for a while: add clients until one lands on the new
+    # worker (bounded), rather than betting on a fixed number.
+    fresh: list[threading.Thread] = []
+    deadline = time.monotonic() + 15
+    while snapshot(p)["workers"][1]["clients"] < 1 and len(fresh) < 40 and time.monotonic() < deadline:
+        t = threading.Thread(target=fresh_client, daemon=True)
         t.start()
+        fresh.append(t)
+        time.sleep(0.1)
     wait_until(lambda: snapshot(p)["workers"][1]["clients"] >= 1, 5,
                message="no new client reached the respawned worker")
     time.sleep(1.0)
