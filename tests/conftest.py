@@ -12,10 +12,17 @@ Helpers (import with `from conftest import backend_count, Poller, ...`)
     backend_count(pg, dbname, user=None) -> int
     Poller(fn, interval=0.02)  context manager recording fn()'s max in a thread
     wait_until(predicate, timeout=10, interval=0.02, message=None)
+    run_threads(target, args_list, timeout=60)  target(*args) in parallel threads;
+                    AssertionError if one hangs or raises
+    direct_conn(pg, db, user) / app_direct(pg) / superuser_conn(pg)
+                    context managers: autocommit psycopg2 connections straight to `pg`
+    raw_client(port, user=app, database=app, password=None, **params) -> rawpg.RawConn
+                    logged in to 127.0.0.1:port (password None: trust)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -35,6 +42,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from pooler.devcluster import TempPostgres, free_port  # noqa: E402
+from rawpg import RawConn  # noqa: E402
 
 APP_USER, APP_PASSWORD = "app", "apppass"
 MD5_USER, MD5_PASSWORD = "md5user", "md5pass"
@@ -163,6 +171,68 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message
         if time.monotonic() > deadline:
             raise AssertionError(message or f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+def run_threads(target, args_list, timeout: float = 60.0, what: str = "threads") -> None:
+    """Call target(*args) for every args in `args_list`, each in its own thread, all
+    started at once, and join each for up to `timeout` s. AssertionError if one is
+    still running, or if any raised (the first exception is chained)."""
+    errors: list[BaseException] = []
+
+    def run(*args) -> None:
+        try:
+            target(*args)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=tuple(a), daemon=True) for a in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    hung = sum(t.is_alive() for t in threads)
+    assert not hung, f"{hung} of {len(threads)} {what} still running after {timeout}s"
+    if errors:
+        raise AssertionError(f"{len(errors)} of {len(threads)} {what} failed, "
+                             f"first: {errors[0]!r}") from errors[0]
+
+
+@contextlib.contextmanager
+def direct_conn(pg: TempPostgres, db: str, user: str, **extra):
+    """A direct (not pooled) autocommit psycopg2 connection over the Unix socket,
+    closed on exit; `extra` goes into the DSN (application_name=...)."""
+    conn = psycopg2.connect(pg.unix_dsn(db, user, **extra))
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def app_direct(pg: TempPostgres):
+    """direct_conn as app to the app database (closed on exit: tests count the app
+    database's backends, so it must not linger)."""
+    return direct_conn(pg, APP_DB, APP_USER)
+
+
+def superuser_conn(pg: TempPostgres, **extra):
+    """direct_conn as the superuser to the postgres database."""
+    return direct_conn(pg, "postgres", SUPERUSER, **extra)
+
+
+def raw_client(port: int, user: str = APP_USER, database: str = APP_DB,
+               password: str | None = None, *, host: str = "127.0.0.1", timeout: float = 20.0,
+               **params: str) -> RawConn:
+    """A rawpg.RawConn logged in to host:port (password None: trust auth, an
+    AssertionError if one is asked for); `params` are extra startup parameters.
+    Raises rawpg.PgError if the login is refused (the socket is closed then)."""
+    conn = RawConn(host, port, timeout)
+    try:
+        conn.login(user, password, database, **params)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 # -------------------------------------------------------------------------- pooler

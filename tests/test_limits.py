@@ -3,14 +3,14 @@ max_db_connections, max_user_connections, max_client_conn — counted in
 pg_stat_activity, under load from real clients."""
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg2
 import pytest
 
-from conftest import APP_DB, MD5_USER, Poller, backend_count, wait_until
-from test_protocol_patterns import LoginError, Q, Wire, data_row
+from conftest import (APP_DB, APP_USER, MD5_USER, Poller, backend_count, raw_client, run_threads,
+                      wait_until)
+from rawpg import PgError, RawConn, data_row, query
 
 
 def start(pooler_factory, pooler_config, app_userlist, **overrides):
@@ -18,22 +18,27 @@ def start(pooler_factory, pooler_config, app_userlist, **overrides):
     return pooler_factory(cfg, app_userlist)
 
 
-def hold_transactions(p, n: int, user: str = "app", database: str = APP_DB) -> list[Wire]:
+def hold_transactions(p, n: int, user: str = "app", database: str = APP_DB) -> list[RawConn]:
     """n clients, each inside a transaction (so each holds a server)."""
     out = []
     for _ in range(n):
-        w = Wire(p.port, user=user, database=database)
-        w.query("BEGIN")
+        w = raw_client(p.port, user=user, database=database)
+        w.rows("BEGIN")
         out.append(w)
     return out
 
 
 def close_all(ws) -> None:
     for w in ws:
-        try:
-            w.close()
-        except OSError:
-            pass
+        w.terminate()
+
+
+def short_transactions(p, user: str = APP_USER, database: str = APP_DB, n: int = 10) -> None:
+    """One client running n short transactions, each checking its own answer."""
+    w = raw_client(p.port, user=user, database=database)
+    for i in range(n):
+        assert w.rows(f"BEGIN; SELECT {i}, pg_sleep(0.02); COMMIT")[0][0] == str(i)
+    w.terminate()
 
 
 # ----------------------------------------------------------------------------- min_pool_size
@@ -43,9 +48,9 @@ def test_min_pool_size_keeps_servers_open_without_clients(pg, pooler_factory, po
     p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=5, min_pool_size=3,
               server_idle_timeout=0.5)
     assert backend_count(pg, APP_DB) == 0
-    w = Wire(p.port)
-    assert w.query("SELECT 1") == [["1"]]
-    w.close()
+    w = raw_client(p.port)
+    assert w.rows("SELECT 1") == [["1"]]
+    w.terminate()
     # No client any more: the pool still fills to min_pool_size, and server_idle_timeout
     # does not close it below that.
     wait_until(lambda: backend_count(pg, APP_DB) == 3, timeout=5,
@@ -78,20 +83,20 @@ def test_reserve_pool_serves_clients_that_waited_too_long(pg, pooler_factory, po
     with Poller(lambda: backend_count(pg, APP_DB), interval=0.02) as poll:
         holders = hold_transactions(p, 2)
         # One waiting client gets a reserve server after reserve_pool_timeout.
-        w3 = Wire(p.port)
+        w3 = raw_client(p.port)
         t0 = time.monotonic()
-        assert w3.query("BEGIN; SELECT 3") == [["3"]]
+        assert w3.rows("BEGIN; SELECT 3") == [["3"]]
         took = time.monotonic() - t0
         assert 0.4 < took < 2.5, f"reserve server after {took:.2f}s"
         assert backend_count(pg, APP_DB) == 3
         # Two more: one gets the last reserve server, the other must wait for a release.
-        w4, w5 = Wire(p.port), Wire(p.port)
-        w4.send(Q("BEGIN; SELECT 4"))
-        w5.send(Q("BEGIN; SELECT 5"))
+        w4, w5 = raw_client(p.port), raw_client(p.port)
+        w4.send(query("BEGIN; SELECT 4"))
+        w5.send(query("BEGIN; SELECT 5"))
         time.sleep(2)
         assert backend_count(pg, APP_DB) == 4
-        holders[0].query("COMMIT")
-        got = sorted(data_row(b)[0] for w in (w4, w5) for t, b in w.until_z() if t == "D")
+        holders[0].rows("COMMIT")
+        got = sorted(data_row(b)[0] for w in (w4, w5) for t, b in w.until_ready() if t == "D")
         assert got == ["4", "5"]
         assert backend_count(pg, APP_DB) == 4
     assert poll.max == 4, f"pool_size 2 + reserve 2 but saw {poll.max} servers"
@@ -102,26 +107,17 @@ def test_reserve_pool_under_load_never_exceeds_size_plus_reserve(pg, pooler_fact
                                                                  pooler_config, app_userlist):
     p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=3,
               reserve_pool_size=2, reserve_pool_timeout=0.2, max_client_conn=60)
-    errors: list[BaseException] = []
 
     def client() -> None:
-        try:
-            conn = psycopg2.connect(p.dsn(password=None), connect_timeout=10)
-            cur = conn.cursor()
-            for _ in range(6):
-                cur.execute("SELECT pg_sleep(0.05)")
-                conn.commit()
-            conn.close()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        conn = psycopg2.connect(p.dsn(password=None), connect_timeout=10)
+        cur = conn.cursor()
+        for _ in range(6):
+            cur.execute("SELECT pg_sleep(0.05)")
+            conn.commit()
+        conn.close()
 
     with Poller(lambda: backend_count(pg, APP_DB), interval=0.02) as poll:
-        threads = [threading.Thread(target=client) for _ in range(30)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    assert not errors, errors[0]
+        run_threads(client, [()] * 30, timeout=60)
     assert poll.max <= 5, poll.max
     assert poll.max == 5, "the reserve pool was never used under a backlog"
 
@@ -132,25 +128,9 @@ def test_max_db_connections_caps_servers_across_pools(pg, pooler_factory, pooler
                                                       app_userlist):
     p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=5,
               max_db_connections=3, query_wait_timeout=20)
-    errors: list[BaseException] = []
-
-    def client(user: str) -> None:
-        try:
-            w = Wire(p.port, user=user)
-            for i in range(10):
-                assert w.query(f"BEGIN; SELECT {i}, pg_sleep(0.02); COMMIT")[0][0] == str(i)
-            w.close()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
     with Poller(lambda: backend_count(pg, APP_DB), interval=0.02) as poll:
-        threads = [threading.Thread(target=client, args=(u,))
-                   for u in ["app", MD5_USER] * 6]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    assert not errors, errors[0]
+        run_threads(lambda user: short_transactions(p, user=user),
+                    [(u,) for u in ["app", MD5_USER] * 6], timeout=60)
     assert poll.max <= 3, f"max_db_connections=3 but saw {poll.max} servers"
 
 
@@ -160,15 +140,15 @@ def test_max_db_connections_moves_idle_servers_between_pools(pg, pooler_factory,
     servers: they are closed for a client that needs a server (PgBouncer evicts too)."""
     p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=2,
               max_db_connections=2, query_wait_timeout=5)
-    a = [Wire(p.port, user="app") for _ in range(2)]
+    a = [raw_client(p.port, user="app") for _ in range(2)]
     for w in a:
-        w.send(Q("SELECT pg_sleep(0.2)"))
+        w.send(query("SELECT pg_sleep(0.2)"))
     for w in a:
-        w.until_z()
+        w.until_ready()
     assert backend_count(pg, APP_DB, "app") == 2          # idle, in app's pool
-    b = Wire(p.port, user=MD5_USER)
+    b = raw_client(p.port, user=MD5_USER)
     t0 = time.monotonic()
-    assert b.query("SELECT current_user") == [[MD5_USER]]
+    assert b.rows("SELECT current_user") == [[MD5_USER]]
     assert time.monotonic() - t0 < 2
     assert backend_count(pg, APP_DB) <= 2
     close_all(a + [b])
@@ -182,55 +162,40 @@ def test_max_user_connections_caps_servers_across_databases(pg, pooler_factory, 
     def user_backends() -> int:
         return backend_count(pg, APP_DB, "app") + backend_count(pg, "postgres", "app")
 
-    errors: list[BaseException] = []
-
-    def client(db: str) -> None:
-        try:
-            w = Wire(p.port, database=db)
-            for i in range(10):
-                assert w.query(f"BEGIN; SELECT {i}, pg_sleep(0.02); COMMIT")[0][0] == str(i)
-            w.close()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
     with Poller(user_backends, interval=0.02) as poll:
-        threads = [threading.Thread(target=client, args=(d,)) for d in [APP_DB, "postgres"] * 5]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    assert not errors, errors[0]
+        run_threads(lambda db: short_transactions(p, database=db),
+                    [(d,) for d in [APP_DB, "postgres"] * 5], timeout=60)
     assert poll.max <= 3, f"max_user_connections=3 but saw {poll.max} servers"
     # Another user is not limited by app's cap.
-    w = Wire(p.port, user=MD5_USER)
-    assert w.query("SELECT 1") == [["1"]]
-    w.close()
+    w = raw_client(p.port, user=MD5_USER)
+    assert w.rows("SELECT 1") == [["1"]]
+    w.terminate()
 
 
 # ----------------------------------------------------------------------------- max_client_conn
 
 def test_max_client_conn_refuses_with_53300(pg, pooler_factory, pooler_config, app_userlist):
     p = start(pooler_factory, pooler_config, app_userlist, max_client_conn=3)
-    ws = [Wire(p.port) for _ in range(3)]
-    with pytest.raises(LoginError) as exc:
-        Wire(p.port)
+    ws = [raw_client(p.port) for _ in range(3)]
+    with pytest.raises(PgError) as exc:
+        raw_client(p.port)
     assert exc.value.fields["C"] == "53300"
     assert exc.value.fields["M"] == "no more connections allowed (max_client_conn)"
     # A driver sees it too.
     with pytest.raises(psycopg2.OperationalError, match=r"max_client_conn"):
         psycopg2.connect(p.dsn(password=None), connect_timeout=5)
     # The connected clients are fine, and a slot freed is a slot reusable.
-    assert [w.query("SELECT 1") for w in ws] == [[["1"]]] * 3
-    ws.pop().close()
+    assert [w.rows("SELECT 1") for w in ws] == [[["1"]]] * 3
+    ws.pop().terminate()
     wait_until(lambda: _try_login(p), timeout=5)
     close_all(ws)
 
 
 def _try_login(p) -> bool:
     try:
-        w = Wire(p.port)
-    except LoginError:
+        w = raw_client(p.port)
+    except PgError:
         return False
-    w.query("SELECT 1")
-    w.close()
+    w.rows("SELECT 1")
+    w.terminate()
     return True

@@ -22,208 +22,28 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
-import struct
 import subprocess
-import threading
 import time
 
 import psycopg
-import psycopg2
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER, wait_until
-from pooler import protocol
-from pooler.auth import ScramClient, md5_challenge_response
+from conftest import (APP_DB, APP_PASSWORD, APP_USER, app_direct, raw_client, run_threads,
+                      superuser_conn, wait_until)
+from rawpg import (FLUSH, SYNC, RawConn, bind, close, describe, error_of, execute, parse, query,
+                   rows_of, show, types_of)
 
 pytestmark = pytest.mark.timeout(120)
 
 
 # ----------------------------------------------------------------- wire client
-def parse(name: str, sql: str, types: tuple[int, ...] = ()) -> bytes:
-    body = protocol.cstr(name) + protocol.cstr(sql) + struct.pack("!h", len(types))
-    body += b"".join(struct.pack("!i", t) for t in types)
-    return protocol.message(b"P", body)
-
-
-def bind(stmt: str, params: tuple = (), portal: str = "") -> bytes:
-    """Bind with text parameters (None = NULL) and text results."""
-    body = protocol.cstr(portal) + protocol.cstr(stmt) + struct.pack("!h", 0)
-    body += struct.pack("!h", len(params))
-    for p in params:
-        if p is None:
-            body += struct.pack("!i", -1)
-        else:
-            b = str(p).encode()
-            body += struct.pack("!i", len(b)) + b
-    body += struct.pack("!h", 0)
-    return protocol.message(b"B", body)
-
-
-def execute(portal: str = "", max_rows: int = 0) -> bytes:
-    return protocol.message(b"E", protocol.cstr(portal) + struct.pack("!i", max_rows))
-
-
-def describe(kind: str, name: str) -> bytes:
-    return protocol.message(b"D", kind.encode() + protocol.cstr(name))
-
-
-def close(kind: str, name: str) -> bytes:
-    return protocol.message(b"C", kind.encode() + protocol.cstr(name))
-
-
-SYNC = protocol.message(b"S")
-FLUSH = protocol.message(b"H")
-
-
-def query(sql: str) -> bytes:
-    return protocol.query(sql)
-
-
+# rawpg.RawConn, logged in as app: send bytes, read typed messages.
 def run_stmt(name: str, params: tuple = ()) -> bytes:
     """Bind + Execute + Sync of a named statement."""
     return bind(name, params) + execute() + SYNC
 
 
-def count_ready(payload: bytes) -> int:
-    """How many ReadyForQuery answers `payload` (Q and S messages) will get."""
-    n = pos = 0
-    while pos < len(payload):
-        if payload[pos] in (ord("Q"), ord("S")):
-            n += 1
-        pos += 1 + struct.unpack_from("!i", payload, pos + 1)[0]
-    return n
-
-
-class Wire:
-    """A minimal frontend: log in, send raw bytes, read typed messages."""
-
-    def __init__(self, port: int, host: str = "127.0.0.1", db: str = APP_DB,
-                 user: str = APP_USER, password: str = APP_PASSWORD, timeout: float = 10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.buf = b""
-        self.pid = 0
-        self.sock.sendall(protocol.startup_message({"user": user, "database": db}))
-        scram = None
-        while True:
-            t, body = self.read()
-            if t == "R":
-                code = struct.unpack_from("!i", body)[0]
-                if code == protocol.AUTH_OK:
-                    pass
-                elif code == protocol.AUTH_CLEARTEXT:
-                    self.send(protocol.password_message(password.encode() + b"\0"))
-                elif code == protocol.AUTH_MD5:
-                    resp = md5_challenge_response(password, user, body[4:8])
-                    self.send(protocol.password_message(resp.encode() + b"\0"))
-                elif code == protocol.AUTH_SASL:
-                    scram = ScramClient(password)
-                    self.send(protocol.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
-                elif code == protocol.AUTH_SASL_CONTINUE:
-                    self.send(protocol.password_message(scram.client_final(body[4:])))
-                elif code == protocol.AUTH_SASL_FINAL:
-                    scram.verify_server_final(body[4:])
-                else:
-                    raise AssertionError(f"unexpected auth request {code}")
-            elif t == "K":
-                self.pid = struct.unpack_from("!i", body)[0]
-            elif t == "E":
-                raise AssertionError(f"login failed: {protocol.parse_error_fields(body)}")
-            elif t == "Z":
-                return
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self, n: int) -> None:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"connection closed; got so far {self.buf!r}")
-            self.buf += chunk
-
-    def read(self) -> tuple[str, bytes]:
-        self._fill(5)
-        ln = struct.unpack_from("!i", self.buf, 1)[0]
-        self._fill(1 + ln)
-        t, body = chr(self.buf[0]), bytes(self.buf[5:1 + ln])
-        self.buf = self.buf[1 + ln:]
-        return t, body
-
-    def until_ready(self, n: int = 1) -> list[tuple[str, bytes]]:
-        """Every message up to and including the n-th ReadyForQuery."""
-        out = []
-        while n:
-            m = self.read()
-            out.append(m)
-            if m[0] == "Z":
-                n -= 1
-        return out
-
-    def exchange(self, payload: bytes) -> list[tuple[str, bytes]]:
-        self.send(payload)
-        return self.until_ready(count_ready(payload))
-
-    def scalar(self, sql: str):
-        """First column of the first row of a simple query (text), or None."""
-        msgs = self.exchange(query(sql))
-        errors = [m for m in msgs if m[0] == "E"]
-        assert not errors, protocol.parse_error_fields(errors[0][1])
-        rows = [m for m in msgs if m[0] == "D"]
-        return data_values(rows[0][1])[0] if rows else None
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(protocol.terminate())
-        except OSError:
-            pass
-        self.sock.close()
-
-
-def data_values(body: bytes) -> list[str | None]:
-    n = struct.unpack_from("!h", body)[0]
-    pos, out = 2, []
-    for _ in range(n):
-        ln = struct.unpack_from("!i", body, pos)[0]
-        pos += 4
-        if ln < 0:
-            out.append(None)
-        else:
-            out.append(body[pos:pos + ln].decode())
-            pos += ln
-    return out
-
-
-def rows_of(msgs) -> list[list[str | None]]:
-    return [data_values(b) for t, b in msgs if t == "D"]
-
-
-def types_of(msgs) -> str:
-    return "".join(t for t, _ in msgs)
-
-
-def error_of(msgs) -> dict[str, str] | None:
-    for t, b in msgs:
-        if t == "E":
-            return protocol.parse_error_fields(b)
-    return None
-
-
-def show(msgs) -> list:
-    """Readable form for assertion messages."""
-    out = []
-    for t, b in msgs:
-        if t == "E":
-            f = protocol.parse_error_fields(b)
-            out.append(("E", f.get("C"), f.get("M")))
-        elif t == "D":
-            out.append(("D", data_values(b)))
-        else:
-            out.append((t, b))
-    return out
-
-
-def compare(pooled: Wire, direct: Wire, steps: list[bytes], between=None) -> list:
+def compare(pooled: RawConn, direct: RawConn, steps: list[bytes], between=None) -> list:
     """Send each step to both; the full answers (types and bodies) must be equal.
     `between(i)` runs before step i > 0 (it may disturb the pooler's servers)."""
     results = []
@@ -250,24 +70,23 @@ def start_pooler(pooler_factory, pooler_config, app_userlist):
 
 @pytest.fixture
 def superuser(pg):
-    conn = psycopg2.connect(pg.unix_dsn("postgres", "postgres", application_name="test-prepared-su"))
-    conn.autocommit = True
-    yield conn
-    conn.close()
+    with superuser_conn(pg, application_name="test-prepared-su") as conn:
+        yield conn
 
 
 @pytest.fixture
 def wires():
-    """Wire connections closed at the end of the test."""
-    opened: list[Wire] = []
+    """make(port) -> a RawConn logged in as app (password) to the app database on
+    127.0.0.1:port; all are terminated at the end of the test."""
+    opened: list[RawConn] = []
 
-    def make(port: int, **kw) -> Wire:
-        w = Wire(port, **kw)
+    def make(port: int) -> RawConn:
+        w = raw_client(port, password=APP_PASSWORD, timeout=10.0)
         opened.append(w)
         return w
     yield make
     for w in opened:
-        w.close()
+        w.terminate()
 
 
 def kill_app_backends(superuser, keep: tuple[int, ...] = ()) -> int:
@@ -305,21 +124,15 @@ CLIENTS, SERVERS = 12, 3
 
 
 def _table(pg, name: str) -> None:
-    conn = psycopg2.connect(pg.unix_dsn(APP_DB, APP_USER))
-    conn.autocommit = True
-    with conn.cursor() as cur:
+    with app_direct(pg) as conn, conn.cursor() as cur:
         cur.execute(f"DROP TABLE IF EXISTS {name}")
         cur.execute(f"CREATE TABLE {name} (client int, n int, v text)")
-    conn.close()
 
 
 def _table_rows(pg, name: str) -> int:
-    conn = psycopg2.connect(pg.unix_dsn(APP_DB, APP_USER))
-    with conn.cursor() as cur:
+    with app_direct(pg) as conn, conn.cursor() as cur:
         cur.execute(f"SELECT count(*) FROM {name}")
-        n = cur.fetchone()[0]
-    conn.close()
-    return n
+        return cur.fetchone()[0]
 
 
 def test_asyncpg_default_statement_cache(start_pooler, pg):
@@ -367,40 +180,30 @@ def test_psycopg3_prepared(start_pooler, pg, threshold):
     table = f"prep_pg3_{threshold}"
     _table(pg, table)
     rounds = 30
-    errors: list[BaseException] = []
     prepared_seen: list[int] = []
 
     def one(c: int) -> None:
-        try:
-            with psycopg.connect(pooler.dsn(connect_timeout=10), autocommit=True,
-                                 prepare_threshold=threshold) as conn:
-                for i in range(rounds):
-                    assert conn.execute("SELECT %s::int + %s::int", (c, i)).fetchone()[0] == c + i
-                    got = conn.execute("SELECT %s::text || %s::text", (f"c{c}", i)).fetchone()[0]
-                    assert got == f"c{c}{i}"
-                    with conn.transaction():
-                        conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s)", (c, i, "x"))
-                        n = conn.execute(f"SELECT count(*) FROM {table} WHERE client = %s",
-                                         (c,)).fetchone()[0]
-                        assert n == i + 1
-                    if i % 10 == 5:
-                        # A rolled back transaction: psycopg then sends DEALLOCATE ALL
-                        # and prepares everything again under new names.
-                        with pytest.raises(psycopg.errors.DivisionByZero):
-                            with conn.transaction():
-                                conn.execute("SELECT 1 / %s::int", (0,))
-                    assert conn.execute("SELECT %s::int * 2", (i,), prepare=True).fetchone()[0] == 2 * i
-                prepared_seen.append(len(conn._prepared._names))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with psycopg.connect(pooler.dsn(connect_timeout=10), autocommit=True,
+                             prepare_threshold=threshold) as conn:
+            for i in range(rounds):
+                assert conn.execute("SELECT %s::int + %s::int", (c, i)).fetchone()[0] == c + i
+                got = conn.execute("SELECT %s::text || %s::text", (f"c{c}", i)).fetchone()[0]
+                assert got == f"c{c}{i}"
+                with conn.transaction():
+                    conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s)", (c, i, "x"))
+                    n = conn.execute(f"SELECT count(*) FROM {table} WHERE client = %s",
+                                     (c,)).fetchone()[0]
+                    assert n == i + 1
+                if i % 10 == 5:
+                    # A rolled back transaction: psycopg then sends DEALLOCATE ALL
+                    # and prepares everything again under new names.
+                    with pytest.raises(psycopg.errors.DivisionByZero):
+                        with conn.transaction():
+                            conn.execute("SELECT 1 / %s::int", (0,))
+                assert conn.execute("SELECT %s::int * 2", (i,), prepare=True).fetchone()[0] == 2 * i
+            prepared_seen.append(len(conn._prepared._names))
 
-    threads = [threading.Thread(target=one, args=(c,)) for c in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "psycopg clients hung"
-    assert not errors, errors[:3]
+    run_threads(one, [(c,) for c in range(CLIENTS)], timeout=60, what="psycopg clients")
     assert _table_rows(pg, table) == rounds * CLIENTS
     assert prepared_seen and min(prepared_seen) > 0   # prepared statements really were used
 

@@ -4,7 +4,6 @@ server_lifetime / server_idle_timeout, and clients vanishing mid-query.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -16,20 +15,9 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER, Poller, backend_count, wait_until
+from conftest import (APP_DB, APP_PASSWORD, APP_USER, Poller, app_direct, backend_count,
+                      superuser_conn, wait_until)
 from rawpg import RawConn
-
-
-@contextlib.contextmanager
-def app_direct(pg):
-    """A direct (not pooled) autocommit connection as app, closed on exit (tests count
-    the app database's backends, so it must not linger)."""
-    conn = psycopg2.connect(pg.unix_dsn(APP_DB, APP_USER))
-    conn.autocommit = True
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def direct_sql(pg, sql, params=None):
@@ -43,13 +31,11 @@ def session_pooler(pooler_factory, pooler_config, app_userlist, **overrides):
 
 
 def server_pids(pg) -> set[int]:
-    with contextlib.closing(psycopg2.connect(pg.unix_dsn("postgres", "postgres"))) as c:
-        c.autocommit = True
-        with c.cursor() as cur:
-            cur.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                        "AND datname = %s AND usename = %s AND pid <> pg_backend_pid()",
-                        (APP_DB, APP_USER))
-            return {r[0] for r in cur.fetchall()}
+    with superuser_conn(pg) as c, c.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                    "AND datname = %s AND usename = %s AND pid <> pg_backend_pid()",
+                    (APP_DB, APP_USER))
+        return {r[0] for r in cur.fetchall()}
 
 
 def one(conn, sql, params=None):

@@ -5,7 +5,6 @@ Every test runs a real pooler subprocess in front of the session PostgreSQL
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -18,30 +17,8 @@ import time
 import psycopg2
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER, Poller, backend_count, wait_until
-
-
-@contextlib.contextmanager
-def superuser_conn(pg):
-    """A direct autocommit superuser connection to `postgres`, closed on exit."""
-    conn = psycopg2.connect(pg.unix_dsn("postgres", "postgres"))
-    conn.autocommit = True
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-@contextlib.contextmanager
-def app_direct(pg):
-    """A direct (not pooled) autocommit connection to the app database as app, closed on exit
-    (it must not linger: tests count the backends of the app database)."""
-    conn = psycopg2.connect(pg.unix_dsn(APP_DB, APP_USER))
-    conn.autocommit = True
-    try:
-        yield conn
-    finally:
-        conn.close()
+from conftest import (APP_DB, APP_PASSWORD, APP_USER, Poller, app_direct, backend_count,
+                      raw_client, superuser_conn, wait_until)
 
 
 def tx_pooler(pooler_factory, pooler_config, app_userlist, **overrides):
@@ -347,17 +324,11 @@ def _rss_kb(pid: int) -> int:
     return total
 
 
-def _raw_trust_client(port: int, user=APP_USER, db=APP_DB) -> socket.socket:
-    from pooler import protocol
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    s.sendall(protocol.startup_message({"user": user, "database": db}))
-    buf = b""
-    while not re.search(rb"Z\x00\x00\x00\x05I$", buf):
-        chunk = s.recv(65536)
-        assert chunk, f"closed during login: {buf!r}"
-        buf += chunk
-    assert buf[:1] == b"R"
-    return s
+def _raw_trust_client(port: int) -> socket.socket:
+    """The socket of a client logged in (trust) and idle, for reading bytes as they come."""
+    c = raw_client(port)
+    assert c.status == "I" and not c.buf, (c.status, c.buf)
+    return c.sock
 
 
 def test_50mb_result_streams_without_growing_pooler_memory(pg, pooler_factory, pooler_config,
