@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from . import auth, protocol
+from . import auth, peering, protocol
+from .authquery import AuthQueryError
 from .config import ADMIN_DB
 from .control import is_disabled
 from .netio import ConnectionClosed, Stream
@@ -18,6 +19,7 @@ from .pool import Pool, PoolError
 from .relay import ClientKill, Relay
 
 if TYPE_CHECKING:
+    from .config import Route
     from .server import ServerConn
     from .worker import Worker
 
@@ -174,7 +176,7 @@ class Client:
         if is_disabled(self.worker, route.name):
             raise LoginFailed("55000", f"database does not allow connections: {route.name}")
         startup = self._startup_parameters(params)
-        scram_keys = self._authenticate()
+        scram_keys = self._authenticate(route)
         self.pool = self.worker.get_pool(route, self.user)
         if scram_keys and self.pool.scram_keys is None:
             self.pool.scram_keys = scram_keys
@@ -214,8 +216,7 @@ class Client:
         self.pool.release(srv)
 
     def _welcome(self, values: dict[str, str]) -> None:
-        pid = secrets.randbits(31)
-        key = secrets.randbits(31)
+        pid, key = peering.new_cancel_key(self.cfg.peer_id)   # peer_id in it when peering
         self.cancel_key = (pid, key)
         self.worker.register_cancel_key(self)
         out = [protocol.auth_ok()]
@@ -226,13 +227,15 @@ class Client:
 
     # -- authentication ----------------------------------------------------------
 
-    def _authenticate(self) -> tuple | None:
+    def _authenticate(self, route: "Route | None" = None) -> tuple | None:
         """Authenticate the client; returns SCRAM keys for pass-through, if any."""
         atype = self.cfg.auth.type
-        secret = self.worker.userlist.get(self.user)
+        secret, looked_up = self._user_secret(route)
         if atype == "trust":
-            if self.worker.userlist and secret is None and self.cfg.auth.file:
+            if secret is None and (looked_up or (self.worker.userlist and self.cfg.auth.file)):
                 raise LoginFailed("28000", f'no such user: "{self.user}"')
+            if looked_up:
+                self.worker.auth_query.remember(route, self.user, secret)
             return None
         if secret is None:
             # Go through the motions so that unknown and known users look alike.
@@ -240,7 +243,25 @@ class Client:
             fake = secrets.token_hex(16)
             self._do_auth(atype, fake if atype == "md5" else auth.scram_secret(fake))
             raise LoginFailed("28P01", f'password authentication failed for user "{self.user}"')
-        return self._do_auth(atype, secret)
+        keys = self._do_auth(atype, secret)
+        if looked_up:
+            # The pool logs in to the server with it too, as with an auth_file secret.
+            self.worker.auth_query.remember(route, self.user, secret)
+        return keys
+
+    def _user_secret(self, route: "Route | None") -> tuple[str | None, bool]:
+        """(secret, looked_up): from the auth_file, else from auth_query when an
+        auth_user applies to the route; None for a user neither knows."""
+        secret = self.worker.userlist.get(self.user)
+        if secret is not None or route is None:
+            return secret, False
+        aq = self.worker.auth_query
+        try:
+            if aq.settings(route) is None:
+                return None, False
+            return aq.lookup(route, self.user), True
+        except AuthQueryError as exc:
+            raise LoginFailed(exc.sqlstate, str(exc)) from None
 
     def _do_auth(self, atype: str, secret: str) -> tuple | None:
         kind = auth.secret_kind(secret)

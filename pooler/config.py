@@ -22,6 +22,7 @@ import yaml
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256")
 ADMIN_DB = "pgbouncer"  # the admin console's virtual database; never a real one
+MAX_PEER_ID = 16383  # PgBouncer's: the peer id takes 14 bits of the cancel key
 
 
 class ConfigError(Exception):
@@ -50,6 +51,9 @@ class DatabaseEntry:
     max_db_connections: int | None = None
     connect_query: str | None = None
     application_name: str | None = None
+    auth_user: str | None = None     # PgBouncer's per-database auth_user / auth_query /
+    auth_query: str | None = None    # auth_dbname; unset: auth.user / auth.query / auth.dbname
+    auth_dbname: str | None = None
 
 
 @dataclass
@@ -62,11 +66,20 @@ class PoolEntry:
 
 
 @dataclass
+class PeerEntry:
+    """Another pooler (or PgBouncer) process peered with this one (PgBouncer's [peers])."""
+    peer_id: int
+    host: str          # starts with '/': that peer's Unix socket directory
+    port: int
+
+
+@dataclass
 class AuthConfig:
     type: str = "md5"
     file: str | None = None
     query: str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
     user: str | None = None
+    dbname: str | None = None   # the database entry auth.query runs in (default: the client's)
 
 
 @dataclass
@@ -84,6 +97,9 @@ class Route:
     max_db_connections: int
     connect_query: str | None
     application_name: str | None
+    auth_user: str | None = None     # the entry's own; the global auth.* apply when None
+    auth_query: str | None = None
+    auth_dbname: str | None = None
 
 
 @dataclass
@@ -93,6 +109,8 @@ class Config:
     listen_port: int = 6432
     unix_socket_dir: str = ""  # ours: PgBouncer uses /tmp; containers rarely want one
     workers: int = 1  # ours (prefork); 0 = one per CPU
+    so_reuseport: bool = False
+    peer_id: int = 0  # 0: peering off; else written into every cancel key (pooler/peering.py)
     pool_mode: str = "session"
     default_pool_size: int = 20
     min_pool_size: int = 0
@@ -125,6 +143,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     databases: dict[str, DatabaseEntry] = field(default_factory=dict)
     pools: dict[str, PoolEntry] = field(default_factory=dict)
+    peers: dict[int, PeerEntry] = field(default_factory=dict)
     log_format: str = "text"  # ours: "text" or "json"
     logfile: str = ""
     pidfile: str = ""
@@ -164,7 +183,8 @@ class Config:
             min_pool_size=_pick(entry.min_pool_size, self.min_pool_size),
             reserve_pool_size=_pick(entry.reserve_pool_size, self.reserve_pool_size),
             max_db_connections=_pick(entry.max_db_connections, self.max_db_connections),
-            connect_query=entry.connect_query, application_name=entry.application_name)
+            connect_query=entry.connect_query, application_name=entry.application_name,
+            auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname)
 
     def effective_workers(self) -> int:
         """``workers: 0`` means one worker per CPU."""
@@ -286,6 +306,8 @@ _GLOBAL: dict[str, Converter] = {
     "listen_port": _PORT,
     "unix_socket_dir": _TEXT,
     "workers": _int(0),
+    "so_reuseport": _bool,
+    "peer_id": _int(0, MAX_PEER_ID),
     "pool_mode": _choice(POOL_MODES),
     "default_pool_size": _COUNT,
     "min_pool_size": _COUNT,
@@ -324,13 +346,14 @@ _GLOBAL: dict[str, Converter] = {
     "stats_period": _int(1),
     "tcp_keepalive": _bool,
 }
-_SECTIONS = ("auth", "databases", "pools")  # top-level keys parsed by their own functions
+_SECTIONS = ("auth", "databases", "pools", "peers")  # top-level keys parsed by their own functions
 
 _AUTH: dict[str, Converter] = {
     "type": _choice(AUTH_TYPES, aliases={"password": "plain"}),
     "file": _optional(_NONEMPTY),
     "query": _NONEMPTY,
     "user": _optional(_NONEMPTY),
+    "dbname": _optional(_NONEMPTY),
 }
 
 _DATABASE: dict[str, Converter] = {
@@ -346,6 +369,9 @@ _DATABASE: dict[str, Converter] = {
     "max_db_connections": _optional(_COUNT),
     "connect_query": _optional(_TEXT),
     "application_name": _optional(_TEXT),
+    "auth_user": _optional(_NONEMPTY),
+    "auth_query": _optional(_NONEMPTY),
+    "auth_dbname": _optional(_NONEMPTY),
 }
 _DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}  # PgBouncer's older spelling
 _DATABASE_INTS = {"port", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"}
@@ -357,6 +383,8 @@ _POOL: dict[str, Converter] = {
     "size": _int(1, 10000),
 }
 _POOL_NAME_RE = re.compile(r"[A-Za-z0-9_-]{3,60}")
+
+_PEER: dict[str, Converter] = {"host": _NONEMPTY, "port": _PORT}
 
 # --------------------------------------------------------------------------- validation
 
@@ -501,6 +529,45 @@ def _parse_pools(raw: Any, databases: set[str], errors: list[str]) -> dict[str, 
     return out
 
 
+def _parse_peers(raw: Any, errors: list[str]) -> dict[int, PeerEntry]:
+    """peers: {peer_id: {host, port} or "host=... port=..."}; this pooler's own
+    peer_id may be listed (ignored, as PgBouncer does) so that every peer can
+    share one peers list."""
+    section = _mapping(raw, "peers", "a mapping of peer id to {host, port}", errors)
+    out: dict[int, PeerEntry] = {}
+    for key, spec_raw in (section or {}).items():
+        path = _join("peers", key)
+        peer_id = key if isinstance(key, int) and not isinstance(key, bool) else \
+            int(key) if isinstance(key, str) and key.strip().isdigit() else None
+        if peer_id is None or not 1 <= peer_id <= MAX_PEER_ID:
+            errors.append(_bad(path, key, f"a peer id from 1 to {MAX_PEER_ID}"))
+            continue
+        if peer_id in out:
+            errors.append(_bad(path, key, "a peer id listed once"))
+            continue
+        if isinstance(spec_raw, str):
+            try:
+                spec: dict | None = dict(parse_connstr(spec_raw))
+            except ValueError:
+                spec = None
+                errors.append(_bad(path, spec_raw, "a connection string like 'host=... port=...'"))
+            if spec is not None and re.fullmatch(r"-?\d+", spec.get("port", "")):
+                spec["port"] = int(spec["port"])
+        else:
+            spec = _mapping(spec_raw, path, "a mapping with host and port, or a connection string",
+                            errors)
+        if spec is None:
+            continue
+        values = _convert(spec, _PEER, path, errors)
+        missing = [k for k in _PEER if k not in spec]
+        for k in missing:
+            what = "address, or Unix socket directory" if k == "host" else "port"
+            errors.append(f"{path}.{k}: is required (the peer's {what})")
+        if not missing and len(values) == len(_PEER):
+            out[peer_id] = PeerEntry(peer_id=peer_id, **values)
+    return out
+
+
 def _parse_auth(raw: Any, base_dir: str, errors: list[str]) -> AuthConfig:
     section = _mapping(raw, "auth", "a mapping with keys " + ", ".join(_AUTH), errors)
     section = section or {}
@@ -519,6 +586,18 @@ def _parse_auth(raw: Any, base_dir: str, errors: list[str]) -> AuthConfig:
     return auth
 
 
+def _check_auth_dbnames(auth: AuthConfig, databases: dict[str, DatabaseEntry],
+                       errors: list[str]) -> None:
+    """auth.dbname / a database's auth_dbname name a database entry, as in PgBouncer."""
+    allowed = "the name of a database entry (or any name when databases has a '*' entry)"
+    wanted = [("auth.dbname", auth.dbname)] + \
+        [(f"databases.{n}.auth_dbname", e.auth_dbname) for n, e in databases.items()]
+    for path, name in wanted:
+        # (no databases at all: a partial config, e.g. the admin console's SET)
+        if name is not None and databases and name not in databases and "*" not in databases:
+            errors.append(_bad(path, name, allowed))
+
+
 def parse_config(data: dict, source_path: str | None = None) -> Config:
     """Validate already-loaded YAML data; raises ConfigError listing every problem."""
     if not isinstance(data, dict):
@@ -535,9 +614,12 @@ def parse_config(data: dict, source_path: str | None = None) -> Config:
     raw_dbs = data.get("databases")
     db_names = {k for k in raw_dbs if isinstance(k, str)} if isinstance(raw_dbs, dict) else set()
     pools = _parse_pools(data.get("pools"), db_names, errors)
+    peers = _parse_peers(data.get("peers"), errors)
+    _check_auth_dbnames(auth, databases, errors)
     if errors:
         raise ConfigError(errors)
-    return Config(**values, auth=auth, databases=databases, pools=pools, source_path=source_path)
+    return Config(**values, auth=auth, databases=databases, pools=pools, peers=peers,
+                  source_path=source_path)
 
 
 def load_config(path: str) -> Config:

@@ -13,7 +13,7 @@ PgBouncer's file rules, as PgBouncer 1.18-1.2x applies them:
     connection strings (`key=value key='quoted value'`).
 
 The [pgbouncer] keys are mapped onto the YAML keys (same names, except
-auth_type/auth_file/auth_query/auth_user -> auth.*), strings are given their
+auth_type/auth_file/auth_query/auth_user/auth_dbname -> auth.*), strings are given their
 YAML types, and the result goes through config.parse_config. PgBouncer
 settings the pooler does not implement are WARNINGs naming the setting;
 unknown keys are errors naming the key and the value.
@@ -41,9 +41,9 @@ log = logging.getLogger("pooler.ini")
 
 # --------------------------------------------------------------------------- key tables
 
-_NOT_SETTINGS = ("auth", "databases", "pools", "source_path")
+_NOT_SETTINGS = ("auth", "databases", "pools", "peers", "source_path")
 AUTH_KEYS = {"auth_type": "auth.type", "auth_file": "auth.file",
-             "auth_query": "auth.query", "auth_user": "auth.user"}
+             "auth_query": "auth.query", "auth_user": "auth.user", "auth_dbname": "auth.dbname"}
 # ini key -> Config attribute path ("auth.type" for the auth section).
 SETTINGS: dict[str, str] = {
     **{f.name: f.name for f in dataclasses.fields(Config) if f.name not in _NOT_SETTINGS},
@@ -51,7 +51,7 @@ SETTINGS: dict[str, str] = {
 }
 # Bound at start (sockets, processes, log handlers): SET refuses them, SHOW CONFIG says "no".
 RESTART_ONLY = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "workers",
-                          "pidfile", "logfile", "log_format"})
+                          "so_reuseport", "peer_id", "pidfile", "logfile", "log_format"})
 
 # PgBouncer settings the pooler does not implement -> values that behave the same here
 # (no warning for those). Every other value is reported as a WARNING by name.
@@ -59,14 +59,14 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
     k: frozenset(v.split()) for k, v in {
         "user": "", "unix_socket_mode": "0777 777", "unix_socket_group": "",
         "max_db_client_connections": "0", "max_user_client_connections": "0",
-        "peer_id": "0", "disable_pqexec": "0", "application_name_add_host": "0",
+        "disable_pqexec": "0", "application_name_add_host": "0",
         "conffile": "", "service_name": "", "job_name": "", "auth_hba_file": "",
-        "auth_ident_file": "", "auth_dbname": "", "syslog": "0", "syslog_ident": "",
+        "auth_ident_file": "", "syslog": "0", "syslog_ident": "",
         "syslog_facility": "", "log_stats": "0 1", "server_fast_close": "0",
         "autodb_idle_timeout": "", "dns_max_ttl": "", "dns_nxdomain_ttl": "",
         "dns_zone_check_period": "0", "resolv_conf": "", "cancel_wait_timeout": "",
         "transaction_timeout": "0", "suspend_timeout": "", "pkt_buf": "",
-        "max_packet_size": "", "listen_backlog": "", "sbuf_loopcnt": "", "so_reuseport": "0",
+        "max_packet_size": "", "listen_backlog": "", "sbuf_loopcnt": "",
         "tcp_defer_accept": "", "tcp_socket_buffer": "0", "tcp_keepcnt": "0",
         "tcp_keepidle": "0", "tcp_keepintvl": "0", "tcp_user_timeout": "0",
         "query_wait_notify": "", "auth_ldap_options": "",
@@ -81,16 +81,17 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
 # [databases] connection-string keys: ours, and PgBouncer's that we do not implement.
 DB_KEYS = {"host", "port", "dbname", "user", "password", "pool_mode", "pool_size",
            "min_pool_size", "reserve_pool_size", "max_db_connections", "connect_query",
-           "application_name"}
+           "application_name", "auth_user", "auth_query", "auth_dbname"}
 DB_ALIASES = {"reserve_pool": "reserve_pool_size"}
 DB_INTS = {"port", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"}
-DB_UNSUPPORTED = {"auth_user", "auth_query", "auth_dbname", "client_encoding", "datestyle",
+DB_UNSUPPORTED = {"client_encoding", "datestyle",
                   "timezone", "max_db_client_connections", "server_lifetime",
                   "load_balance_hosts", "target_session_attrs", "query_wait_timeout"}
 USER_KEYS = {"pool_mode", "pool_size", "reserve_pool_size", "max_user_connections",
              "query_timeout", "query_wait_timeout", "idle_transaction_timeout",
              "transaction_timeout", "client_idle_timeout", "max_user_client_connections"}
 PGBOUNCER_UNIX_DIR = "/tmp"     # PgBouncer's default unix_socket_dir (ours is "")
+PGBOUNCER_PEER_PORT = 6432      # PgBouncer's port for a [peers] entry without one
 MAX_INCLUDE_DEPTH = 10
 
 _TYPES: dict[str, str] = {
@@ -244,8 +245,7 @@ def convert(path: str) -> Converted:
     unix_dir = pgb["unix_socket_dir"].value if "unix_socket_dir" in pgb else PGBOUNCER_UNIX_DIR
     _map_databases(ini.sections.get("databases", {}), unix_dir, out)
     _check_users(ini.sections.get("users", {}), out)
-    if ini.sections.get("peers"):
-        out.warnings.append("[peers]: peering is not supported by pooler; the section is ignored")
+    _map_peers(ini.sections.get("peers", {}), out)
     return out
 
 
@@ -315,6 +315,36 @@ def _database(spec: dict[str, str], label: str, out: Converted) -> dict[str, Any
     return db
 
 
+def _map_peers(entries: dict[str, Entry], out: Converted) -> None:
+    """[peers] `1 = host=... port=...`: PgBouncer's default port 6432 when none is
+    given; pool_size (in-flight cancels per peer) is accepted and ignored."""
+    peers: dict[Any, dict[str, Any]] = {}
+    for name, entry in entries.items():
+        key: Any = int(name) if name.isdigit() else name
+        label = f"{entry.where}: [peers] {name}"
+        out.origins[f"peers.{key}"] = label
+        try:
+            spec = parse_connstr(entry.value)
+        except ValueError as e:
+            out.errors.append(f"{label}: cannot parse connection string ({e})")
+            continue
+        peer: dict[str, Any] = {"port": PGBOUNCER_PEER_PORT}
+        for k, value in spec.items():
+            k = k.lower()
+            if k == "host":
+                peer["host"] = value
+            elif k == "port":
+                peer["port"] = int(value) if _INT_RE.fullmatch(value) else value
+            elif k == "pool_size":
+                out.warnings.append(f"{label}: pool_size is not supported by pooler; ignored")
+            else:
+                out.errors.append(f"{label}: unknown connection parameter {k} = {_show(value)} "
+                                  "(allowed: host, port, pool_size)")
+        peers[key] = peer
+    if entries:
+        out.data["peers"] = peers
+
+
 def _secret_like(key: str) -> bool:
     """A misspelled `password` still holds a password: never echo its value."""
     return any(w in key for w in ("pass", "pw", "secret")) or \
@@ -369,7 +399,7 @@ def _translate(error: str, origins: dict[str, str]) -> str:
 
 
 def _auth_names(text: str) -> str:
-    return re.sub(r"\bauth\.(type|file|query|user)\b", r"auth_\1", text)
+    return re.sub(r"\bauth\.(type|file|query|user|dbname)\b", r"auth_\1", text)
 
 
 def _warn(message: str) -> None:

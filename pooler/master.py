@@ -38,7 +38,8 @@ BOOT_WINDOW = 5.0         # dying sooner than this after a spawn counts as a cra
 MAX_BACKOFF = 30.0
 KILL_GRACE = 5.0          # after shutdown_timeout, before SIGKILL
 LOOP_PERIOD = 0.5
-RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "workers")
+RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "workers", "so_reuseport",
+                "peer_id")   # peer_id: the cancel keys already issued carry the old one
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
 

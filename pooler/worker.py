@@ -10,8 +10,9 @@ import time
 import gevent
 from gevent.server import StreamServer
 
-from . import auth, netio
+from . import auth, netio, peering
 from .admin import AdminConsole
+from .authquery import AuthQuery
 from .cli import version_line
 from .client import TRACKED_BASE, Client
 from .config import Config, Route
@@ -34,6 +35,7 @@ class Worker:
         self.cancel_keys: dict[tuple[int, int], Client] = {}
         self.servers: list[StreamServer] = []
         self.admin = AdminConsole(self)  # the virtual database `pgbouncer`
+        self.auth_query = AuthQuery(self)  # auth_user / auth_query lookups and their cache
         self.userlist: dict[str, str] = {}
         self._scram_cache: dict[str, str] = {}
         self.tracked: tuple[str, ...] = ()
@@ -54,6 +56,7 @@ class Worker:
         """Take a (validated) config: new limits apply to pools from now on."""
         self.cfg = cfg
         self.userlist = auth.load_userlist(cfg.auth.file) if cfg.auth.file else {}
+        self.auth_query.reset()
         self.tracked = TRACKED_BASE + tuple(p for p in cfg.track_extra_parameters if p not in TRACKED_BASE)
         self.tracked_canon = {p.lower(): p for p in self.tracked}
         for key, pool in list(self.pools.items()):
@@ -121,7 +124,14 @@ class Worker:
             self.peers.cancel_key_added(client.cancel_key)
 
     def forward_cancel(self, pid: int, key: int) -> None:
-        """A CancelRequest arrived here: cancel locally, or hand it to the owning worker."""
+        """A CancelRequest arrived here: cancel locally, or hand it to the owning worker,
+        or (peering: the key names another peer_id) to the owning peer process."""
+        if self.cfg.peer_id:
+            owner = peering.peer_of(pid)
+            if owner != self.cfg.peer_id:
+                peering.forward(self.cfg, owner, pid, key)
+                return
+            key = peering.as_issued(key)        # forwarded ones arrive with a lower TTL
         if not self.cancel_local(pid, key) and self.peers is not None:
             self.peers.forward_cancel(pid, key)
 
@@ -161,7 +171,10 @@ class Worker:
         pool = self.pools[key]
         if pool.route.password:
             return pool.route.password
-        return self.userlist.get(pool.server_user)
+        secret = self.userlist.get(pool.server_user)
+        if secret is None:      # a user found by auth_query (md5 / plain secret)
+            secret = self.auth_query.login_secret(pool.route, pool.server_user)
+        return secret
 
     def handle(self, gsock, addr) -> None:
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "unix"
@@ -207,6 +220,7 @@ class Worker:
             pool.maintain(now)
             if pool.route.min_pool_size and pool.total < pool.route.min_pool_size:
                 gevent.spawn(pool.fill_min)
+        self.auth_query.maintain(now)
         self._client_timeouts(now)
 
     def _client_timeouts(self, now: float) -> None:
@@ -261,6 +275,7 @@ class Worker:
         gevent.sleep(0.05)
         for pool in self.pools.values():
             pool.close_all("pooler shutdown")
+        self.auth_query.close()
 
     def _close_unlinked_clients(self) -> None:
         """Clients between transactions can go now (session clients keep their server),

@@ -126,12 +126,12 @@ def test_unknown_connection_parameter_hides_password(tmp_path, userlist):
 def test_unsupported_settings_are_warnings_by_name(tmp_path, userlist, capsys, caplog):
     path = write(tmp_path, base(userlist, "client_tls_sslmode = require", "server_tls_sslmode = disable",
                                 "so_reuseport = 0", "[users]", "app = pool_mode=session",
-                                "[databases]", "b = host=x auth_user=y"))
+                                "[databases]", "b = host=x client_encoding=UTF8"))
     load_ini(path)
     err = warned(capsys, caplog)
     assert "WARNING" in err and "client_tls_sslmode = 'require': not supported" in err
     assert "[users] app: per-user settings (pool_mode)" in err
-    assert "[databases] b: auth_user is not supported" in err
+    assert "[databases] b: client_encoding is not supported" in err
     assert "server_tls_sslmode" not in err and "so_reuseport" not in err   # same behaviour here
 
 
