@@ -28,7 +28,6 @@ import os
 import pwd
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import psycopg2
 
-from pooler.devcluster import TempPostgres, free_port
+from pooler.devcluster import TempPostgres, free_port, stop_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_USER = BENCH_DB = BENCH_PASSWORD = "bench"
@@ -53,20 +52,7 @@ _live: list[subprocess.Popen] = []
 def kill_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM the process, wait, then SIGKILL its whole session (the pooler's
     workers and anything else it forked) so nothing outlives the benchmark."""
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)   # every child was started in its own session
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
+    stop_session(proc, timeout)
     if proc in _live:
         _live.remove(proc)
 

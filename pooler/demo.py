@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .devcluster import PostgresError, TempPostgres, find_pg_bindir, free_port
+from .devcluster import PostgresError, TempPostgres, find_pg_bindir, free_port, stop_session
 
 DEMO_DB = DEMO_USER = DEMO_PASSWORD = "demo"
 PREFERRED_PORT = 6432
@@ -89,23 +89,10 @@ def _say(msg: str = "") -> None:
 
 
 def _stop_proc(proc: subprocess.Popen | None, name: str, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
+    if proc is None:
         return
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        _say(f"{name} did not stop within {timeout:.0f}s of SIGTERM; killing it")
-    except ProcessLookupError:
-        pass
-    try:  # the process group is ours (start_new_session): take any leftover worker with it
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
+    if not stop_session(proc, timeout):
+        _say(f"{name} did not stop within {timeout:.0f}s of SIGTERM; killed it")
 
 
 def _run_pgbench(args: list[str], env: dict[str, str]) -> tuple[int, str]:

@@ -397,3 +397,27 @@ class TempPostgres:
         from urllib.parse import quote
         return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
                 f"@{self.host}:{self.port}/{quote(db, safe='')}")
+
+
+def stop_session(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """SIGTERM a process started with start_new_session=True, wait, then SIGKILL
+    its whole session (a pooler's workers, a sidecar's children) so nothing
+    outlives the caller. False when it had to be killed."""
+    clean = True
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            clean = False
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+    return clean

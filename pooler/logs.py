@@ -50,3 +50,13 @@ def setup(log_format: str = "text", logfile: str = "", verbose: int = 0, quiet: 
     if quiet and not logfile:
         root.setLevel(logging.WARNING)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def flush_and_exit(code: int) -> None:
+    """Leave at once (os._exit: no cleanup handlers), after flushing the log handlers."""
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    os._exit(code)

@@ -28,6 +28,7 @@ import time
 from collections import deque
 
 from . import logs, shm
+from .logs import flush_and_exit
 from .config import Config, ConfigError, load_config
 from .listen import bind_listeners
 
@@ -477,15 +478,6 @@ class Arbiter:
 
     def _cleanup(self) -> None:
         self.seg.unlink()
-
-
-def flush_and_exit(code: int) -> None:
-    for h in logging.getLogger().handlers:
-        try:
-            h.flush()
-        except Exception:
-            pass
-    os._exit(code)
 
 
 def describe_status(status: int) -> str:

@@ -18,6 +18,7 @@ import gevent
 import gevent.event
 
 from . import control, shm
+from .logs import flush_and_exit
 from .config import Config, ConfigError, load_config
 from .peers import Peers
 from .shm import Segment, ShmQuota
@@ -34,14 +35,8 @@ ADMIN_MSG, SNAP_REQUEST, SNAP_REPLY, RELOAD_MSG = b"A", b"Q", b"R", b"H"
 # -- signals ----------------------------------------------------------------------------------
 
 
-def exit_now(code: int) -> None:
-    """Leave at once (SIGQUIT, second SIGTERM/SIGINT): flush logs, skip cleanup."""
-    for h in logging.getLogger().handlers:
-        try:
-            h.flush()
-        except Exception:
-            pass
-    os._exit(code)
+# SIGQUIT, or a second SIGTERM/SIGINT: leave at once, logs flushed, no cleanup.
+exit_now = flush_and_exit
 
 
 def serve_until_stopped(worker: Worker, on_reload: Callable[[], None] | None,

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import struct
 import subprocess
-import threading
 
 import psycopg2
 import pytest

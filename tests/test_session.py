@@ -13,7 +13,6 @@ import time
 
 import psycopg2
 import psycopg2.extensions
-import pytest
 
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, Poller, app_direct, backend_count,
                       superuser_conn, wait_until)
