@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"   PostgreSQL     : 127.0.0.1:{pg.port} (log {pg.logfile})")
         else:
             _say(f"   PostgreSQL     : 127.0.0.1:{pg.port} (throwaway: removed at exit)")
+        _say(f"   admin console  : psql '{admin_uri}' -c 'SHOW POOLS'   (also SHOW STATS, CLIENTS, SERVERS)")
         if sidecar_port:
             _say(f"   admin sidecar  : http://127.0.0.1:{sidecar_port}/ (log {sidecar_log})")
+            _say("                    /healthz /readyz /metrics /pools")
         if rc != 0:
             _say(f"   last lines of the pooler log:\n{_tail(pooler_log)}")
         if args.keep:
