@@ -356,8 +356,12 @@ class Pool:
 
     def fill_min(self) -> None:
         """Open servers up to min_pool_size (called from the janitor's own greenlet)."""
-        while not self.paused and self.total < self.route.min_pool_size and not self.last_login_failure:
-            if not self.worker.quota.try_claim(self._claim_keys()):
+        want = self.route.min_pool_size
+        while not self.paused and self.total < want and not self.last_login_failure:
+            # Claim against min_pool_size as the pool's cap: the quota is global
+            # with several workers, so together they open min_pool_size, not N times it.
+            keys = self._quota_keys
+            if not self.worker.quota.try_claim([(keys[0][0], want)] + keys[1:]):
                 return
             try:
                 srv = self._open()

@@ -686,3 +686,16 @@ def test_admin_console_sees_and_commands_every_worker(pg, pooler_factory):
     run("RELOAD")
     assert reload_gens(p) == [1, 1]
     admin.close()
+
+
+def test_min_pool_size_is_global_across_workers(pg, pooler_factory):
+    """Two workers warm a forced-user database up to min_pool_size together,
+    not each: the warm-up claims against the shared quota."""
+    cfg = prefork_config(pg, 2, 5)
+    cfg["databases"][APP_DB]["min_pool_size"] = 2
+    with Poller(lambda: backend_count(pg, APP_DB), interval=0.02) as poll:
+        start(pooler_factory, cfg)
+        wait_until(lambda: backend_count(pg, APP_DB) == 2, 5,
+                   message="min_pool_size servers were not opened")
+        time.sleep(1.5)              # several janitor ticks in both workers
+    assert poll.max == 2, f"{poll.max} servers opened ahead for min_pool_size 2 with 2 workers"
