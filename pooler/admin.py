@@ -306,21 +306,22 @@ def _toggle(s: Session, verb: str, db: str | None) -> Result:
     return Result(verb)
 
 
-def cmd_reconnect(s: Session, db: str | None) -> Result:
+def _on_databases(s: Session, verb: str, db: str | None) -> Result:
+    """A command on one database or all of them, run in every worker."""
     if db:
-        s.known_database(db, "reconnect")
-    log.info("RECONNECT%s command issued", f" '{db}'" if db else "")
-    s.worker.control("RECONNECT", db)
-    return Result("RECONNECT")
+        s.known_database(db, verb.lower())
+    log.info("%s%s command issued", verb, f" '{db}'" if db else "")
+    s.worker.control(verb, db)
+    return Result(verb)
+
+
+def cmd_reconnect(s: Session, db: str | None) -> Result:
+    return _on_databases(s, "RECONNECT", db)
 
 
 def cmd_kill(s: Session, db: str | None) -> Result:
     _not_paused(s)
-    if db:
-        s.known_database(db, "kill")
-    log.info("KILL%s command issued", f" '{db}'" if db else "")
-    s.worker.control("KILL", db)
-    return Result("KILL")
+    return _on_databases(s, "KILL", db)
 
 
 def cmd_kill_client(s: Session, arg: str | None) -> Result:

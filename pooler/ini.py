@@ -287,10 +287,8 @@ def _map_databases(entries: dict[str, Entry], unix_dir: str, out: Converted) -> 
     for name, entry in entries.items():
         label = f"{entry.where}: [databases] {name}"
         out.origins[f"databases.{name}"] = label
-        try:
-            spec = parse_connstr(entry.value)
-        except ValueError as e:
-            out.errors.append(f"{label}: cannot parse connection string ({e})")
+        spec = _connstr(entry, label, out)
+        if spec is None:
             continue
         dbs[name] = _database(spec, label, out)
         if "host" not in dbs[name]:
@@ -298,6 +296,15 @@ def _map_databases(entries: dict[str, Entry], unix_dir: str, out: Converted) -> 
             dbs[name]["host"] = unix_dir or PGBOUNCER_UNIX_DIR
     if entries:
         out.data["databases"] = dbs
+
+
+def _connstr(entry: Entry, label: str, out: Converted) -> dict[str, str] | None:
+    """The key=value pairs of a [databases]/[peers] value; None (error noted) if malformed."""
+    try:
+        return parse_connstr(entry.value)
+    except ValueError as e:
+        out.errors.append(f"{label}: cannot parse connection string ({e})")
+        return None
 
 
 def _database(spec: dict[str, str], label: str, out: Converted) -> dict[str, Any]:
@@ -323,10 +330,8 @@ def _map_peers(entries: dict[str, Entry], out: Converted) -> None:
         key: Any = int(name) if name.isdigit() else name
         label = f"{entry.where}: [peers] {name}"
         out.origins[f"peers.{key}"] = label
-        try:
-            spec = parse_connstr(entry.value)
-        except ValueError as e:
-            out.errors.append(f"{label}: cannot parse connection string ({e})")
+        spec = _connstr(entry, label, out)
+        if spec is None:
             continue
         peer: dict[str, Any] = {"port": PGBOUNCER_PEER_PORT}
         for k, value in spec.items():
