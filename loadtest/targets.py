@@ -28,6 +28,7 @@ import os
 import pwd
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,9 +51,10 @@ _live: list[subprocess.Popen] = []
 
 
 def kill_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process, wait, then SIGKILL its whole session (the pooler's
-    workers and anything else it forked) so nothing outlives the benchmark."""
-    stop_session(proc, timeout)
+    """SIGINT the process (for the pooler and PgBouncer alike: exit once servers are
+    released), wait, then SIGKILL its whole session (the pooler's workers and
+    anything else it forked) so nothing outlives the benchmark."""
+    stop_session(proc, timeout, signal.SIGINT)
     if proc in _live:
         _live.remove(proc)
 

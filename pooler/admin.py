@@ -13,7 +13,10 @@ no live pool and writes none: it parses, authorizes, renders and waits.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import struct
 from typing import TYPE_CHECKING, Callable
 
 import gevent
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pooler.admin")
 
 WAIT_PERIOD = 0.05
+LOCAL_SUPERUSER = "pgbouncer"
+PEERCRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
 EXTENDED = frozenset(b"PBDECHSdcf")
 
 
@@ -54,6 +59,19 @@ class AdminConsole:
         self.worker = worker
         self.history = StatsHistory()
         self.queries = 0            # admin commands run here: PgBouncer counts them
+
+    def trusts_local_superuser(self, client: "Client") -> bool:
+        """PgBouncer's rule: user `pgbouncer` connecting over the Unix socket from the
+        pooler's own OS user is an admin without a password (the socket's peer
+        credentials prove who it is, as PostgreSQL's `peer` authentication does)."""
+        if client.user != LOCAL_SUPERUSER or client.addr != "unix":
+            return False
+        try:
+            creds = client.stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  PEERCRED.size)
+        except OSError:
+            return False
+        return PEERCRED.unpack(creds)[1] == os.geteuid()
 
     def check_login(self, client: "Client") -> None:
         """After authentication: only admin_users and stats_users get in."""
@@ -81,7 +99,7 @@ class Session:
         self.console = console
         self.worker = console.worker
         self.client = client
-        self.is_admin = client.user in self.worker.cfg.admin_users
+        self.is_admin = client.user in self.worker.cfg.admin_users or client.local_superuser
 
     def run(self) -> None:
         stream = self.client.stream

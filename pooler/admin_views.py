@@ -19,6 +19,7 @@ from .relay import CLIENT_BUF
 from .server import SERVER_BUF
 
 if TYPE_CHECKING:
+    from .config import Config
     from .worker import Worker
 
 TEXT, INT4, INT8, NUMERIC, BYTEA = 25, 23, 20, 1700, 17
@@ -266,17 +267,38 @@ def show_active_sockets(_v: View) -> Result:
     return table(SOCKET_COLS + DEBUG_COLS, [])
 
 
+USERS_COLS = ("name:s pool_size:s reserve_pool_size:s pool_mode:s max_user_connections:i "
+              "current_connections:i max_user_client_connections:i current_client_connections:i")
+
+
 def show_users(v: View) -> Result:
     cfg = v.cfg
     names = {ADMIN_DB} | {u for snap in v.snaps for u in snap.get("users", ())}
-    names |= {d.user for d in cfg.databases.values() if d.user}
+    names |= {d.user for d in cfg.databases.values() if d.user} | set(cfg.users)
     names |= {p["user"] for p in v.pools} | ({cfg.auth.user} if cfg.auth.user else set())
     conns: dict[str, int] = {}
     for p in v.pools:
         conns[p["server_user"]] = conns.get(p["server_user"], 0) + sum(p[k] for k in SERVER_KEYS)
-    rows = [[n, None, None, None, cfg.max_user_connections, conns.get(n, 0)] for n in sorted(names)]
-    return table("name:s pool_size:s reserve_pool_size:s pool_mode:s max_user_connections:i "
-                 "current_connections:i", rows)
+    clients: dict[str, int] = {}
+    for c in v.clients:
+        if c["state"] not in ("login", "admin"):
+            clients[c["user"]] = clients.get(c["user"], 0) + 1
+    rows = [_user_row(cfg, n, conns.get(n, 0), clients.get(n, 0)) for n in sorted(names)]
+    return table(USERS_COLS, rows)
+
+
+def _user_row(cfg: "Config", name: str, conns: int, clients: int) -> list:
+    """PgBouncer 1.24's row: the [users] entry's own pool settings (NULL when unset),
+    then the caps in force for the user (its own, else the global one)."""
+    u = cfg.users.get(name)
+
+    def own(attr: str):
+        return None if u is None else getattr(u, attr)
+    text = [None if own(k) is None else str(own(k)) for k in ("pool_size", "reserve_pool_size")]
+    max_conns = own("max_user_connections")
+    if max_conns is None:
+        max_conns = cfg.max_user_connections
+    return [name, *text, own("pool_mode"), max_conns, conns, cfg.user_client_limit(name), clients]
 
 
 STATS_NAMES = ("server_assignment_count", "xact_count", "query_count", "received", "sent",

@@ -59,8 +59,10 @@ class Client:
         self.tparams: dict[str, str | None] = {}   # tracked parameters as the client sees them
         self.tsig: tuple = ()                      # their values, compared against ServerConn.tsig
         self.state = "login"
+        self.local_superuser = False               # `pgbouncer` over the Unix socket (admin.py)
         self.connect_time = time.time()
         self.cancel_key = (0, 0)
+        self.user_client_key: tuple | None = None   # max_user_client_connections claim held
         self.glet = gevent.getcurrent()
         self.close_reason = "client close request"   # for the log line; fatal() sets it
 
@@ -165,18 +167,25 @@ class Client:
         if not self.worker.try_add_client(self):
             raise LoginFailed("53300", "no more connections allowed (max_client_conn)")
         if self.worker.admin is not None and self.database == ADMIN_DB:
-            self._authenticate()
-            self.worker.admin.check_login(self)     # admin_users / stats_users only
+            self.local_superuser = self.worker.admin.trusts_local_superuser(self)
+            if not self.local_superuser:
+                self._authenticate()
+                self.worker.admin.check_login(self)     # admin_users / stats_users only
             self.state = "admin"                    # serve() runs the console
             self._welcome(self.worker.admin.welcome_params())
             return
-        route = cfg.route(self.database)
+        # The pool's settings depend on its user too ([users]): resolve with the login user.
+        route = cfg.route(self.database, self.user)
         if route is None:
             raise LoginFailed("3D000", f"no such database: {self.database}")
         if is_disabled(self.worker, route.name):
             raise LoginFailed("55000", f"database does not allow connections: {route.name}")
         startup = self._startup_parameters(params)
         scram_keys = self._authenticate(route)
+        # Counted only once authenticated: clients that never prove who they are must
+        # not be able to use up a user's connections.
+        if not self.worker.admit_user_client(self):
+            raise LoginFailed("53300", "no more connections allowed (max_user_client_connections)")
         self.pool = self.worker.get_pool(route, self.user)
         if scram_keys and self.pool.scram_keys is None:
             self.pool.scram_keys = scram_keys

@@ -66,6 +66,23 @@ class PoolEntry:
 
 
 @dataclass
+class UserEntry:
+    """PgBouncer's [users]: settings of one user. None means unset: fall back to the
+    database entry (pool_mode, pool_size, reserve_pool_size) or to the global setting.
+    An explicit 0 for a cap or a timeout turns it off for this user."""
+    name: str
+    pool_mode: str | None = None
+    pool_size: int | None = None
+    reserve_pool_size: int | None = None
+    max_user_connections: int | None = None
+    max_user_client_connections: int | None = None
+    query_timeout: float | None = None
+    query_wait_timeout: float | None = None
+    idle_transaction_timeout: float | None = None
+    client_idle_timeout: float | None = None
+
+
+@dataclass
 class PeerEntry:
     """Another pooler (or PgBouncer) process peered with this one (PgBouncer's [peers])."""
     peer_id: int
@@ -100,6 +117,13 @@ class Route:
     auth_user: str | None = None     # the entry's own; the global auth.* apply when None
     auth_query: str | None = None
     auth_dbname: str | None = None
+    # Effective per-pool values (the pool's user's [users] entry, else the global), resolved
+    # here once so that the pool and the janitor never look anything up per message.
+    max_user_connections: int = 0
+    query_timeout: float = 0.0
+    query_wait_timeout: float = 120.0
+    idle_transaction_timeout: float = 0.0
+    client_idle_timeout: float = 0.0
 
 
 @dataclass
@@ -119,6 +143,7 @@ class Config:
     max_client_conn: int = 100
     max_db_connections: int = 0
     max_user_connections: int = 0
+    max_user_client_connections: int = 0
     max_prepared_statements: int = 200
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
@@ -134,7 +159,7 @@ class Config:
     client_idle_timeout: float = 0.0
     client_login_timeout: float = 60.0
     idle_transaction_timeout: float = 0.0
-    shutdown_timeout: float = 30.0  # ours: bound on a graceful (SIGTERM) shutdown
+    shutdown_timeout: float = 30.0  # ours: bound on a SIGTERM/SIGINT shutdown; 0 = none
     # ours: PgBouncer's default is empty, but pgjdbc and others always send this one.
     ignore_startup_parameters: list[str] = field(default_factory=lambda: ["extra_float_digits"])
     track_extra_parameters: list[str] = field(default_factory=lambda: ["IntervalStyle"])
@@ -143,6 +168,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     databases: dict[str, DatabaseEntry] = field(default_factory=dict)
     pools: dict[str, PoolEntry] = field(default_factory=dict)
+    users: dict[str, UserEntry] = field(default_factory=dict)
     peers: dict[int, PeerEntry] = field(default_factory=dict)
     log_format: str = "text"  # ours: "text" or "json"
     logfile: str = ""
@@ -155,36 +181,58 @@ class Config:
     tcp_keepalive: bool = True
     source_path: str | None = None  # where it was loaded from; not a YAML key
 
-    def route(self, dbname: str) -> Route | None:
-        """Resolve the dbname a client asked for: pools, then databases, then '*'."""
+    def route(self, dbname: str, user: str | None = None) -> Route | None:
+        """Resolve the dbname a client asked for: pools, then databases, then '*'.
+
+        ``user`` is the client's login user; the pool's user is the entry's forced user
+        if it has one, else ``user``. That user's [users] entry beats the database entry
+        (or named pool), which beats the global setting, as in PgBouncer.
+        """
         pool = self.pools.get(dbname)
         if pool is not None:
             entry = self.databases.get(pool.database) or self.databases.get("*")
             if entry is None:  # prevented by validation; kept for hand-built Configs
                 return None
-            user = pool.user if pool.user is not None else entry.user
+            forced = pool.user if pool.user is not None else entry.user
             # The entry's password belongs to the entry's user; a pool forcing another
             # user must get that user's password from auth (userlist / auth_query).
-            password = entry.password if user == entry.user else None
+            password = entry.password if forced == entry.user else None
             return self._route(dbname, entry, entry.dbname or pool.database,
-                               user, password, pool.mode, pool.size)
+                               forced, password, pool.mode, pool.size, forced or user)
         entry = self.databases.get(dbname) or self.databases.get("*")
         if entry is None:
             return None
         return self._route(dbname, entry, entry.dbname or dbname, entry.user, entry.password,
                            _pick(entry.pool_mode, self.pool_mode),
-                           _pick(entry.pool_size, self.default_pool_size))
+                           _pick(entry.pool_size, self.default_pool_size), entry.user or user)
 
     def _route(self, name: str, entry: DatabaseEntry, dbname: str, user: str | None,
-               password: str | None, mode: str, size: int) -> Route:
+               password: str | None, mode: str, size: int, pool_user: str | None) -> Route:
+        u = self.users.get(pool_user) if pool_user is not None else None
+        reserve = _pick(entry.reserve_pool_size, self.reserve_pool_size)
         return Route(
             name=name, host=entry.host, port=entry.port, dbname=dbname, user=user,
-            password=password, pool_mode=mode, pool_size=size,
+            password=password, pool_mode=_pick(_of(u, "pool_mode"), mode),
+            pool_size=_pick(_of(u, "pool_size"), size),
             min_pool_size=_pick(entry.min_pool_size, self.min_pool_size),
-            reserve_pool_size=_pick(entry.reserve_pool_size, self.reserve_pool_size),
+            reserve_pool_size=_pick(_of(u, "reserve_pool_size"), reserve),
             max_db_connections=_pick(entry.max_db_connections, self.max_db_connections),
             connect_query=entry.connect_query, application_name=entry.application_name,
-            auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname)
+            auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname,
+            **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES})
+
+    def user_client_limit(self, user: str) -> int:
+        """max_user_client_connections for a login user: its [users] value, else the
+        global one; 0 is no limit."""
+        return _pick(_of(self.users.get(user), "max_user_client_connections"),
+                     self.max_user_client_connections)
+
+    def any_client_timeout(self) -> bool:
+        """Is any client timeout on, globally or for some user? (The janitor skips its
+        scan of every client when none is.)"""
+        names = ("query_timeout", "idle_transaction_timeout", "client_idle_timeout")
+        return any(getattr(self, n) for n in names) or \
+            any(getattr(u, n) for u in self.users.values() for n in names)
 
     def effective_workers(self) -> int:
         """``workers: 0`` means one worker per CPU."""
@@ -200,8 +248,18 @@ class Config:
         return _scrub(dataclasses.asdict(self))
 
 
+# Route fields where a user's [users] value simply replaces the global setting.
+USER_OVERRIDES = ("max_user_connections", "query_timeout", "query_wait_timeout",
+                  "idle_transaction_timeout", "client_idle_timeout")
+
+
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _of(entry: Any, attr: str) -> Any:
+    """An entry's setting, None when there is no entry."""
+    return None if entry is None else getattr(entry, attr)
 
 
 def _scrub(obj: Any) -> Any:
@@ -316,6 +374,7 @@ _GLOBAL: dict[str, Converter] = {
     "max_client_conn": _COUNT,
     "max_db_connections": _COUNT,
     "max_user_connections": _COUNT,
+    "max_user_client_connections": _COUNT,
     "max_prepared_statements": _COUNT,
     "server_reset_query": _TEXT,
     "server_reset_query_always": _bool,
@@ -346,7 +405,8 @@ _GLOBAL: dict[str, Converter] = {
     "stats_period": _int(1),
     "tcp_keepalive": _bool,
 }
-_SECTIONS = ("auth", "databases", "pools", "peers")  # top-level keys parsed by their own functions
+# Top-level keys parsed by their own functions.
+_SECTIONS = ("auth", "databases", "pools", "users", "peers")
 
 _AUTH: dict[str, Converter] = {
     "type": _choice(AUTH_TYPES, aliases={"password": "plain"}),
@@ -375,6 +435,21 @@ _DATABASE: dict[str, Converter] = {
 }
 _DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}  # PgBouncer's older spelling
 _DATABASE_INTS = {"port", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"}
+
+# PgBouncer 1.24's [users] settings.
+_USER: dict[str, Converter] = {
+    "pool_mode": _optional(_choice(POOL_MODES)),
+    "pool_size": _optional(_COUNT),
+    "reserve_pool_size": _optional(_COUNT),
+    "max_user_connections": _optional(_COUNT),
+    "max_user_client_connections": _optional(_COUNT),
+    "query_timeout": _optional(_duration),
+    "query_wait_timeout": _optional(_duration),
+    "idle_transaction_timeout": _optional(_duration),
+    "client_idle_timeout": _optional(_duration),
+}
+_USER_INTS = {"pool_size", "reserve_pool_size", "max_user_connections",
+              "max_user_client_connections"}
 
 _POOL: dict[str, Converter] = {
     "database": _str(1, 40, what="a database name of 1 to 40 characters"),
@@ -473,23 +548,29 @@ def parse_connstr(text: str) -> dict[str, str]:
 
 def _database_spec(raw: Any, path: str, errors: list[str]) -> dict | None:
     """A database entry's settings as a dict, from a mapping or a connection string."""
+    spec = _entry_spec(raw, path, errors, _DATABASE_INTS | _DATABASE_ALIASES.keys(),
+                       "a connection string like 'host=... port=... dbname=...'")
+    if spec is None:
+        return None
+    return {_DATABASE_ALIASES.get(k, k): v for k, v in spec.items()}
+
+
+def _entry_spec(raw: Any, path: str, errors: list[str], ints: set[str],
+                example: str) -> dict | None:
+    """An entry's settings from a mapping or a ``key=value ...`` connection string."""
     if isinstance(raw, str):
         try:
             spec: dict[str, Any] = dict(parse_connstr(raw))
         except ValueError:
-            errors.append(_bad(path, raw, "a connection string like 'host=... port=... dbname=...'"))
+            errors.append(_bad(path, raw, example))
             return None
-        spec = {_DATABASE_ALIASES.get(k, k): v for k, v in spec.items()}
         # Connection strings carry only text; numbers are converted here so that the
         # same table validates both forms (and 'abc' still reports as 'abc').
-        for key in _DATABASE_INTS & spec.keys():
+        for key in ints & spec.keys():
             if re.fullmatch(r"-?\d+", spec[key]):
                 spec[key] = int(spec[key])
         return spec
-    spec = _mapping(raw, path, "a mapping of settings, or a connection string", errors)
-    if spec is None:
-        return None
-    return {_DATABASE_ALIASES.get(k, k): v for k, v in spec.items()}
+    return _mapping(raw, path, "a mapping of settings, or a connection string", errors)
 
 
 def _parse_databases(raw: Any, errors: list[str]) -> dict[str, DatabaseEntry]:
@@ -503,6 +584,22 @@ def _parse_databases(raw: Any, errors: list[str]) -> dict[str, DatabaseEntry]:
         spec = _database_spec(spec_raw, path, errors)
         if spec is not None:
             out[name] = DatabaseEntry(name=name, **_convert(spec, _DATABASE, path, errors))
+    return out
+
+
+def _parse_users(raw: Any, errors: list[str]) -> dict[str, UserEntry]:
+    """users: {name: {pool_mode, pool_size, ...} or "pool_mode=... pool_size=..."}."""
+    section = _mapping(raw, "users", "a mapping of user name to settings", errors)
+    out: dict[str, UserEntry] = {}
+    for name, spec_raw in (section or {}).items():
+        path = _join("users", name)
+        if not isinstance(name, str) or not name:
+            errors.append(_bad(path, name, "a non-empty user name"))
+            continue
+        spec = _entry_spec(spec_raw, path, errors, _USER_INTS,
+                           "a connection string like 'pool_mode=session pool_size=5'")
+        if spec is not None:
+            out[name] = UserEntry(name=name, **_convert(spec, _USER, path, errors))
     return out
 
 
@@ -614,12 +711,13 @@ def parse_config(data: dict, source_path: str | None = None) -> Config:
     raw_dbs = data.get("databases")
     db_names = {k for k in raw_dbs if isinstance(k, str)} if isinstance(raw_dbs, dict) else set()
     pools = _parse_pools(data.get("pools"), db_names, errors)
+    users = _parse_users(data.get("users"), errors)
     peers = _parse_peers(data.get("peers"), errors)
     _check_auth_dbnames(auth, databases, errors)
     if errors:
         raise ConfigError(errors)
-    return Config(**values, auth=auth, databases=databases, pools=pools, peers=peers,
-                  source_path=source_path)
+    return Config(**values, auth=auth, databases=databases, pools=pools, users=users,
+                  peers=peers, source_path=source_path)
 
 
 def load_config(path: str) -> Config:

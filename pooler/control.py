@@ -23,8 +23,6 @@ Commands and their local effect (PgBouncer semantics):
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -191,51 +189,17 @@ def _reload(worker: "Worker", _arg: str | None) -> None:
 # --------------------------------------------------------------------------- shutdown
 
 def _shutdown(worker: "Worker", mode: str | None) -> None:
-    """SHUTDOWN: now; or once servers are released; or once clients have gone."""
+    """SHUTDOWN: now; or once servers are released; or once clients have gone.
+    The same shutdown as the signals' (SIGINT, SIGTERM), bounded by shutdown_timeout;
+    the process exits when it is done."""
+    from .worker import STOP_CLIENTS, STOP_NOW, STOP_SERVERS
     mode = (mode or "").upper() or None
     state_of(worker).shutdown_mode = mode or "IMMEDIATE"
-    if mode is None:
-        _exit_process(worker)
-    elif mode == "WAIT_FOR_SERVERS":
-        # The worker's graceful shutdown is exactly this: stop accepting, start no
-        # transaction, let those in flight finish, disconnect the rest.
-        gevent.spawn(_then_exit, worker, lambda: worker.shutdown(True))
-    else:
-        # WAIT_FOR_CLIENTS: clients keep being served until they leave by themselves.
-        _stop_listening(worker)
-        gevent.spawn(_then_exit, worker, lambda: _wait_for(
-            lambda: not any(c.state != "admin" for c in list(worker.clients))))
-
-
-def _then_exit(worker: "Worker", step: Callable[[], None]) -> None:
-    step()
-    _exit_process(worker)
-
-
-def _wait_for(done: Callable[[], bool]) -> None:
-    while not done():
-        gevent.sleep(CLOSER_PERIOD)
-
-
-def _stop_listening(worker: "Worker") -> None:
-    for server in list(worker.servers):
-        try:
-            server.close()
-        except Exception:       # already closed
-            pass
-
-
-def _exit_process(worker: "Worker") -> None:
-    """End this process the way a fast shutdown does.
-
-    A process model that owns the exit (the prefork master) gives the worker a
-    `request_exit()`; a single process gets the SIGINT it already handles.
-    """
-    hook = getattr(worker, "request_exit", None)
-    if hook is not None:
-        hook()
-    else:
-        os.kill(os.getpid(), signal.SIGINT)
+    announce = getattr(worker, "announce_shutdown", None)    # prefork: tell the master
+    if announce is not None:
+        announce()
+    worker.stop({None: STOP_NOW, "WAIT_FOR_SERVERS": STOP_SERVERS,
+                 "WAIT_FOR_CLIENTS": STOP_CLIENTS}[mode])
 
 
 # --------------------------------------------------------------------------- helpers

@@ -88,11 +88,12 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def _stop_proc(proc: subprocess.Popen | None, name: str, timeout: float = 10.0) -> None:
+def _stop_proc(proc: subprocess.Popen | None, name: str, timeout: float = 10.0,
+               sig: signal.Signals = signal.SIGTERM) -> None:
     if proc is None:
         return
-    if not stop_session(proc, timeout):
-        _say(f"{name} did not stop within {timeout:.0f}s of SIGTERM; killed it")
+    if not stop_session(proc, timeout, sig):
+        _say(f"{name} did not stop within {timeout:.0f}s of {sig.name}; killed it")
 
 
 def _run_pgbench(args: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         prev_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             _stop_proc(sidecar, "sidecar")
-            _stop_proc(pooler, "pooler")
+            _stop_proc(pooler, "pooler", sig=signal.SIGINT)   # its SIGTERM waits for clients
             if pg is not None:
                 pg.stop()
         finally:

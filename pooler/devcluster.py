@@ -399,14 +399,16 @@ class TempPostgres:
                 f"@{self.host}:{self.port}/{quote(db, safe='')}")
 
 
-def stop_session(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
-    """SIGTERM a process started with start_new_session=True, wait, then SIGKILL
-    its whole session (a pooler's workers, a sidecar's children) so nothing
-    outlives the caller. False when it had to be killed."""
+def stop_session(proc: subprocess.Popen, timeout: float = 10.0,
+                 sig: int = signal.SIGTERM) -> bool:
+    """Signal a process started with start_new_session=True (SIGTERM; pass SIGINT
+    for a pooler or PgBouncer, whose SIGTERM waits for clients to leave), wait,
+    then SIGKILL its whole session (a pooler's workers, a sidecar's children) so
+    nothing outlives the caller. False when it had to be killed."""
     clean = True
     if proc.poll() is None:
         try:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             clean = False

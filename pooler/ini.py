@@ -9,12 +9,13 @@ PgBouncer's file rules, as PgBouncer 1.18-1.2x applies them:
     them too); an empty value is allowed; the last duplicate wins;
   * `%include FILE` reads another file in place (relative to the working
     directory, like PgBouncer; we also try the including file's directory);
-  * [databases] keys may be "double quoted" identifiers; values are libpq-style
-    connection strings (`key=value key='quoted value'`).
+  * [databases] and [users] keys may be "double quoted" identifiers; values are
+    libpq-style connection strings (`key=value key='quoted value'`).
 
 The [pgbouncer] keys are mapped onto the YAML keys (same names, except
 auth_type/auth_file/auth_query/auth_user/auth_dbname -> auth.*), strings are given their
-YAML types, and the result goes through config.parse_config. PgBouncer
+YAML types, [databases]/[users]/[peers] become the YAML sections of those
+names, and the result goes through config.parse_config. PgBouncer
 settings the pooler does not implement are WARNINGs naming the setting;
 unknown keys are errors naming the key and the value.
 
@@ -41,7 +42,7 @@ log = logging.getLogger("pooler.ini")
 
 # --------------------------------------------------------------------------- key tables
 
-_NOT_SETTINGS = ("auth", "databases", "pools", "peers", "source_path")
+_NOT_SETTINGS = ("auth", "databases", "pools", "users", "peers", "source_path")
 AUTH_KEYS = {"auth_type": "auth.type", "auth_file": "auth.file",
              "auth_query": "auth.query", "auth_user": "auth.user", "auth_dbname": "auth.dbname"}
 # ini key -> Config attribute path ("auth.type" for the auth section).
@@ -58,7 +59,7 @@ RESTART_ONLY = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "work
 UNSUPPORTED: dict[str, frozenset[str]] = {
     k: frozenset(v.split()) for k, v in {
         "user": "", "unix_socket_mode": "0777 777", "unix_socket_group": "",
-        "max_db_client_connections": "0", "max_user_client_connections": "0",
+        "max_db_client_connections": "0",
         "disable_pqexec": "0", "application_name_add_host": "0",
         "conffile": "", "service_name": "", "job_name": "", "auth_hba_file": "",
         "auth_ident_file": "", "syslog": "0", "syslog_ident": "",
@@ -87,9 +88,18 @@ DB_INTS = {"port", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_co
 DB_UNSUPPORTED = {"client_encoding", "datestyle",
                   "timezone", "max_db_client_connections", "server_lifetime",
                   "load_balance_hosts", "target_session_attrs", "query_wait_timeout"}
+# [users] settings (PgBouncer 1.24's names), and PgBouncer's that we do not implement
+# -> their values that behave the same here (no warning for those).
 USER_KEYS = {"pool_mode", "pool_size", "reserve_pool_size", "max_user_connections",
-             "query_timeout", "query_wait_timeout", "idle_transaction_timeout",
-             "transaction_timeout", "client_idle_timeout", "max_user_client_connections"}
+             "max_user_client_connections", "query_timeout", "query_wait_timeout",
+             "idle_transaction_timeout", "client_idle_timeout"}
+USER_INTS = {"pool_size", "reserve_pool_size", "max_user_connections",
+             "max_user_client_connections"}
+# PgBouncer treats 0 (its default) in [users] as "not set": the global setting applies.
+# In the YAML an explicit 0 turns the limit off for the user, so these 0s are dropped.
+USER_ZERO_IS_UNSET = {"max_user_connections", "max_user_client_connections", "query_timeout",
+                      "query_wait_timeout", "idle_transaction_timeout", "client_idle_timeout"}
+USER_UNSUPPORTED = {"transaction_timeout": frozenset({"0"})}
 PGBOUNCER_UNIX_DIR = "/tmp"     # PgBouncer's default unix_socket_dir (ours is "")
 PGBOUNCER_PEER_PORT = 6432      # PgBouncer's port for a [peers] entry without one
 MAX_INCLUDE_DEPTH = 10
@@ -244,7 +254,7 @@ def convert(path: str) -> Converted:
     _map_globals(pgb, out)
     unix_dir = pgb["unix_socket_dir"].value if "unix_socket_dir" in pgb else PGBOUNCER_UNIX_DIR
     _map_databases(ini.sections.get("databases", {}), unix_dir, out)
-    _check_users(ini.sections.get("users", {}), out)
+    _map_users(ini.sections.get("users", {}), out)
     _map_peers(ini.sections.get("peers", {}), out)
     return out
 
@@ -356,20 +366,39 @@ def _secret_like(key: str) -> bool:
         bool(difflib.get_close_matches(key, ["password"], n=1, cutoff=0.6))
 
 
-def _check_users(entries: dict[str, Entry], out: Converted) -> None:
+def _map_users(entries: dict[str, Entry], out: Converted) -> None:
+    """[users] `alice = pool_mode=session pool_size=5`: into the YAML `users` section."""
+    users: dict[str, dict[str, Any]] = {}
     for name, entry in entries.items():
         label = f"{entry.where}: [users] {name}"
-        try:
-            spec = parse_connstr(entry.value)
-        except ValueError as e:
-            out.errors.append(f"{label}: cannot parse settings ({e})")
-            continue
-        for key in spec:
-            if key.lower() not in USER_KEYS:
-                out.errors.append(f"{label}: unknown setting {key}{_guess(key.lower(), list(USER_KEYS))}")
-        if spec:
-            out.warnings.append(f"{label}: per-user settings ({', '.join(spec)}) are not "
-                                "supported by pooler; ignored")
+        out.origins[f"users.{name}"] = label
+        spec = _connstr(entry, label, out)
+        if spec is not None:
+            users[name] = _user(spec, label, out)
+    if entries:
+        out.data["users"] = users
+
+
+def _user(spec: dict[str, str], label: str, out: Converted) -> dict[str, Any]:
+    user: dict[str, Any] = {}
+    for key, value in spec.items():
+        key = key.lower()
+        if key in USER_KEYS:
+            if key in USER_ZERO_IS_UNSET and _is_zero(value):
+                continue
+            user[key] = int(value) if key in USER_INTS and _INT_RE.fullmatch(value) else value
+        elif key in USER_UNSUPPORTED:
+            if value not in USER_UNSUPPORTED[key]:
+                out.warnings.append(f"{label}: {key} = {value!r}: not supported by pooler; ignored")
+        else:
+            out.errors.append(f"{label}: unknown setting {key} = {_show(value)}"
+                              f"{_guess(key, [*USER_KEYS, *USER_UNSUPPORTED])}")
+    return user
+
+
+def _is_zero(text: str) -> bool:
+    """'0', '0.0', '0s', '0ms': a zero number or duration."""
+    return re.fullmatch(r"\+?0+(\.0*)?\s*(us|ms|s|min|m|h|d)?", text.strip()) is not None
 
 
 # --------------------------------------------------------------------------- loading

@@ -10,7 +10,8 @@ respawns them (rate-limited when they crash at boot), kills hung ones (stale
 heartbeat) and handles queued signals:
 
     SIGHUP   reload: validate the file, then send the new config to every worker
-    SIGTERM  graceful shutdown (bounded by shutdown_timeout); SIGINT fast shutdown;
+    SIGTERM  shutdown once every client has left; SIGINT shutdown once every server
+             is released (both bounded by shutdown_timeout, see Worker._shutdown);
              a second SIGTERM/SIGINT, or SIGQUIT, exits at once
     SIGUSR1  pause all pools / SIGUSR2 resume (a flag in shared memory)
 """
@@ -41,6 +42,7 @@ KILL_GRACE = 5.0          # after shutdown_timeout, before SIGKILL
 LOOP_PERIOD = 0.5
 RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "workers", "so_reuseport",
                 "peer_id")   # peer_id: the cancel keys already issued carry the old one
+SET_MSG = b"S"            # worker -> master: an admin SET (key, text), pickled
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
 
@@ -233,11 +235,16 @@ class Arbiter:
         self.channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(n)]
         for a, _ in self.channels:
             a.setblocking(False)
+        # Workers tell the master about console SETs here, so that a worker spawned
+        # later starts with them too: (send end for the workers, receive end).
+        self.inbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for end in self.inbox:
+            end.setblocking(False)
         self.signals: deque[int] = deque()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
-        self.stopping = ""           # "", "graceful", "fast" or "admin"
+        self.stopping = ""           # "", "SIGTERM", "SIGINT" or "admin"
         self.stop_deadline = 0.0
         self.pidfile = ""            # removed on an immediate exit too
 
@@ -249,6 +256,7 @@ class Arbiter:
                  self.seg.path, self.seg.lay.size // 1024)
         try:
             while True:
+                self._read_inbox()
                 if not self.stopping:
                     self._spawn_due()
                 self._sleep()
@@ -282,7 +290,7 @@ class Arbiter:
         if self.signals:
             timeout = 0
         try:
-            select.select([self.wake_r], [], [], timeout)
+            select.select([self.wake_r, self.inbox[1]], [], [], timeout)
         except InterruptedError:
             pass
         try:
@@ -304,7 +312,7 @@ class Arbiter:
         if sig == signal.SIGHUP:
             self.reload()
         elif sig in (signal.SIGTERM, signal.SIGINT):
-            self.stop(graceful=sig == signal.SIGTERM)
+            self.stop(signal.Signals(sig))
         elif sig == signal.SIGQUIT:
             self._exit_now("SIGQUIT")
         elif sig in (signal.SIGUSR1, signal.SIGUSR2):
@@ -361,7 +369,7 @@ class Arbiter:
         monkey.patch_all()
         from .workerproc import worker_main
         return worker_main(self.cfg, self.config_path, self.listeners, self.seg, index,
-                           self.channels, self.pid)
+                           self.channels, self.pid, self.inbox[0])
 
     def _reap(self) -> None:
         while True:
@@ -415,6 +423,24 @@ class Arbiter:
                     signal.Signals(sig).name)
             self._signal(slot, sig)
 
+    def _read_inbox(self) -> None:
+        """Console SETs run by the workers: apply them to the config new workers get
+        (a RELOAD replaces it with the file's, as it does in the workers)."""
+        from .ini import runtime_setting
+        while True:
+            try:
+                msg = self.inbox[1].recv(65536)
+            except BlockingIOError:
+                return
+            if not msg.startswith(SET_MSG):
+                log.warning("unknown message from a worker: %r", msg[:20])
+                continue
+            key, text = pickle.loads(msg[len(SET_MSG):])
+            try:
+                self.cfg = runtime_setting(self.cfg, key, text)
+            except ConfigError as exc:    # validated by the worker already; be safe
+                log.error("SET %s from a worker not kept for new workers: %s", key, exc)
+
     # -- reload / stop ------------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -446,17 +472,19 @@ class Arbiter:
                 return
         log.error("%s: worker %d does not read its control channel", what, slot.index)
 
-    def stop(self, graceful: bool) -> None:
+    def stop(self, sig: signal.Signals) -> None:
+        """SIGTERM / SIGINT: the workers shut down (each bounded by shutdown_timeout);
+        a second one, or one during an admin SHUTDOWN, exits at once."""
         if self.stopping:
             self._exit_now("second shutdown signal")
-        self.stopping = "graceful" if graceful else "fast"
-        timeout = self.cfg.shutdown_timeout if graceful else 0.0
-        self.stop_deadline = time.monotonic() + timeout + KILL_GRACE
-        log.info("%s shutdown: stopping %d workers", self.stopping, len(self._live()))
+        self.stopping = sig.name
+        limit = self.cfg.shutdown_timeout
+        self.stop_deadline = time.monotonic() + limit + KILL_GRACE if limit else float("inf")
+        log.info("got %s, shutting down: stopping %d workers", sig.name, len(self._live()))
         self.seg.set_state(shm.STATE_SHUTDOWN, True)
         for sock in self.listeners:      # the workers close theirs: nothing accepts any more
             sock.close()
-        self._kill_all(signal.SIGTERM if graceful else signal.SIGINT, "stopping", logging.INFO)
+        self._kill_all(sig, "stopping", logging.INFO)
 
     def _admin_shutdown(self) -> None:
         """A worker ran the console's SHUTDOWN: every worker stops by itself; respawn
@@ -487,8 +515,9 @@ def describe_status(status: int) -> str:
 
 
 def slots_for(cfg: Config) -> int:
-    """Slot-table size: every pool uses up to 3 keys (pool, database, user)."""
-    return max(shm.DEFAULT_SLOTS, 8 * (len(cfg.databases) + len(cfg.pools)))
+    """Slot-table size: every pool uses up to 3 keys (pool, database, user), and
+    every [users] entry one more (its client count)."""
+    return max(shm.DEFAULT_SLOTS, 8 * (len(cfg.databases) + len(cfg.pools) + len(cfg.users)))
 
 
 def cancel_cap_for(cfg: Config) -> int:

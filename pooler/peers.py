@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import struct
 import time
@@ -326,7 +325,8 @@ class Peers:
     def _check_parent(self) -> None:
         if os.getppid() != self.master_pid and not self.worker.shutting_down:
             log.error("worker %d: master (pid %d) is gone; shutting down", self.me, self.master_pid)
-            os.kill(os.getpid(), signal.SIGTERM)
+            from .worker import STOP_SERVERS     # as SIGINT: release servers, don't wait for clients
+            self.worker.stop(STOP_SERVERS)
 
 
 def pool_stat_values(pool, now: float, check_delay: float) -> list[int]:

@@ -49,6 +49,10 @@ class LocalQuota:
             counts[key] = counts.get(key, 0) + 1
         return True
 
+    def try_admit(self, key: object, cap: int) -> bool:
+        """Count one client under `key` (max_user_client_connections), within `cap`."""
+        return self.try_claim([(key, cap)])
+
     def release(self, keys: list[tuple[object, int]]) -> None:
         counts = self.counts
         for key, _ in keys:
@@ -103,11 +107,12 @@ class Pool:
         self._quota_keys = self._make_quota_keys()
 
     def _make_quota_keys(self) -> list[tuple[object, int]]:
+        # The route holds the effective values: the pool's user's [users] entry first.
         r, cfg = self.route, self.cfg
         max_db = r.max_db_connections or cfg.max_db_connections
         return [(("pool", r.name, self.user), r.pool_size + r.reserve_pool_size),
                 (("db", r.name), max_db),
-                (("user", self.server_user), cfg.max_user_connections)]
+                (("user", self.server_user), r.max_user_connections)]
 
     @property
     def total(self) -> int:
@@ -186,17 +191,16 @@ class Pool:
         """Below pool_size but max_db_connections / max_user_connections is reached:
         close the least recently used idle server of another pool of this worker that
         counts against the same cap, so this pool can open one (PgBouncer evicts too)."""
-        cfg = self.cfg
-        max_db = self.route.max_db_connections or cfg.max_db_connections
-        if self.paused or self.total >= self.route.pool_size or \
-                not (max_db or cfg.max_user_connections):
+        max_db = self.route.max_db_connections or self.cfg.max_db_connections
+        max_user = self.route.max_user_connections
+        if self.paused or self.total >= self.route.pool_size or not (max_db or max_user):
             return False
         victim = None
         for pool in self.worker.pools.values():
             if pool is self or not pool.idle:
                 continue
             if (max_db and pool.name == self.name) or \
-                    (cfg.max_user_connections and pool.server_user == self.server_user):
+                    (max_user and pool.server_user == self.server_user):
                 srv = pool.idle[0]
                 if victim is None or srv.last_used < victim.last_used:
                     victim = srv
@@ -347,9 +351,10 @@ class Pool:
             # Reserve granted, or below pool_size yet waiting: a database/user cap was
             # full; let the oldest waiter retry (it may evict another pool's idle server).
             self._wake_next_waiter()
-        if cfg.query_wait_timeout:
+        wait_limit = self.route.query_wait_timeout     # the user's, else the global one
+        if wait_limit:
             for w in list(self.waiters):
-                if not w.done and now - w.since > cfg.query_wait_timeout:
+                if not w.done and now - w.since > wait_limit:
                     self.waiters.remove(w)
                     w.done = True
                     self.hub.loop.run_callback(w.glet.throw, PoolError("08P01", "query_wait_timeout"))

@@ -11,7 +11,8 @@ CLOCK_MONOTONIC, which is the same clock in every process):
     header       global: magic, geometry, master pid, state flags, generations
     workers      per worker: pid, heartbeat, clients, waiting clients, ...
     keys         slot table: quota key -> slot (hash, flags, key text)
-    claims       per (worker, slot): server connections this worker holds
+    claims       per (worker, slot): server connections this worker holds (and, under
+                 ("user_clients", user) keys, its clients of that user)
     waiting      per (worker, slot): clients this worker has waiting on the key
     stats        per (worker, pool slot): counters; one extra "retired" row
     cancel       per worker: the client cancel keys (pid, key) it owns
@@ -555,6 +556,19 @@ class ShmQuota:
         if not ok and self.on_refused is not None:
             self.on_refused()
         return ok
+
+    def try_admit(self, key: object, cap: int) -> bool:
+        """Count one client under `key` (max_user_client_connections) if the sum over
+        all workers is below `cap`. Unlike try_claim it ignores PAUSE (a paused pooler
+        still accepts clients; they wait for servers) and a refusal is final, so it
+        does not wake the hand-off ticker: no client waits on this key."""
+        slot = self.slot(key)
+        if slot is not None:
+            return self.seg.try_claim(self.worker_id, [(slot, cap)])
+        if cap and self.overflow.get(key, 0) >= cap:        # table full: per worker
+            return False
+        self.overflow[key] = self.overflow.get(key, 0) + 1
+        return True
 
     def _db_paused(self, keys: list[tuple[object, int]]) -> bool:
         for key, _ in keys:

@@ -4,10 +4,12 @@ pools in shape."""
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 
 import gevent
+import gevent.event
 from gevent.server import StreamServer
 
 from . import auth, netio, peering
@@ -21,6 +23,15 @@ from .relay import STATUS_IDLE, ClientKill
 
 log = logging.getLogger("pooler.worker")
 JANITOR_PERIOD = 0.5
+
+# Shutdown levels, slowest first (PgBouncer's meanings): SIGTERM and SHUTDOWN
+# WAIT_FOR_CLIENTS wait for clients to leave; SIGINT and SHUTDOWN WAIT_FOR_SERVERS
+# wait for servers to be released; SHUTDOWN closes everything now.
+STOP_CLIENTS, STOP_SERVERS, STOP_NOW = 1, 2, 3
+STOP_WORDS = {STOP_CLIENTS: "waiting for all clients to disconnect",
+              STOP_SERVERS: "waiting for all servers to be released",
+              STOP_NOW: "closing every connection now"}
+DRAIN_WINDOW = 5.0      # a STOP_CLIENTS shutdown drains like STOP_SERVERS for its last 5 s
 
 
 class Worker:
@@ -41,6 +52,9 @@ class Worker:
         self.tracked: tuple[str, ...] = ()
         self.tracked_canon: dict[str, str] = {}
         self.shutting_down = False
+        self.stop_level = 0                  # STOP_* of the shutdown under way; 0: serving
+        self._stopper: gevent.Greenlet | None = None
+        self.stopped = gevent.event.Event()  # set when a shutdown has closed everything
         self.config_path = ""
         # Prefork mode (master.py): the link to the other workers (workerproc.Peers),
         # None when this process is the whole pooler.
@@ -59,8 +73,9 @@ class Worker:
         self.auth_query.reset()
         self.tracked = TRACKED_BASE + tuple(p for p in cfg.track_extra_parameters if p not in TRACKED_BASE)
         self.tracked_canon = {p.lower(): p for p in self.tracked}
+        self.client_timeouts_on = cfg.any_client_timeout()
         for key, pool in list(self.pools.items()):
-            route = cfg.route(pool.name)
+            route = cfg.route(pool.name, pool.user)     # the pool's user: its [users] entry
             if route is None:
                 pool.close_all("database removed from config")
                 continue
@@ -110,11 +125,28 @@ class Worker:
         self.clients.add(client)
         return True
 
+    def admit_user_client(self, client: Client) -> bool:
+        """max_user_client_connections of the client's login user, counted over every
+        worker by the quota (shared memory with several workers). Users without a cap
+        are not counted at all, so that logins cost nothing extra by default."""
+        cap = self.cfg.user_client_limit(client.user)
+        if not cap:
+            return True
+        key = ("user_clients", client.user)
+        if not self.quota.try_admit(key, cap):
+            return False
+        client.user_client_key = key
+        return True
+
     def forget_client(self, client: Client) -> None:
         if client in self.clients:
             self.clients.discard(client)
             if self.peers is not None:
                 self.peers.remove_client()
+        key = client.user_client_key
+        if key is not None:
+            client.user_client_key = None           # released once, whoever calls again
+            self.quota.release([(key, 0)])
         if self.cancel_keys.pop(client.cancel_key, None) is not None and self.peers is not None:
             self.peers.cancel_key_removed(client.cancel_key)
 
@@ -156,6 +188,8 @@ class Worker:
         return True
 
     def get_pool(self, route: Route, user: str) -> Pool:
+        # `route` comes from cfg.route(name, user), so it carries the pool user's [users]
+        # settings; apply_config re-resolves it the same way on reload.
         # A database entry with a forced user has one pool for all its clients,
         # as in PgBouncer; otherwise one pool per client user.
         server_user = route.user or user
@@ -193,8 +227,10 @@ class Worker:
         log.info("worker %d listening", self.worker_id)
 
     def stop_accepting(self) -> None:
+        """Close the listeners: with several workers the master closes its copies
+        too, so the kernel refuses new connections at once."""
         for server in self.servers:
-            server.stop_accepting() if hasattr(server, "stop_accepting") else server.close()
+            server.close()
 
     def close_clients(self, sqlstate: str, message: str) -> None:
         for client in list(self.clients):
@@ -213,7 +249,7 @@ class Worker:
         # client arrives (PgBouncer does the same), so fill_min below can warm it.
         for name, entry in self.cfg.databases.items():
             if entry.user and name != "*" and (name, entry.user) not in self.pools:
-                route = self.cfg.route(name)
+                route = self.cfg.route(name, entry.user)
                 if route is not None and route.min_pool_size:
                     self.get_pool(route, entry.user)
         for pool in list(self.pools.values()):
@@ -224,8 +260,7 @@ class Worker:
         self._client_timeouts(now)
 
     def _client_timeouts(self, now: float) -> None:
-        cfg = self.cfg
-        if not (cfg.query_timeout or cfg.idle_transaction_timeout or cfg.client_idle_timeout):
+        if not self.client_timeouts_on:         # none set, globally or for any user
             return
         for client in list(self.clients):
             reason = self._timeout_reason(client, now)
@@ -237,45 +272,74 @@ class Worker:
         relay = client.relay
         if relay is None:
             return None
-        cfg = self.cfg
+        # The client's pool's route: its user's timeouts, else the global ones.
+        route = relay.pool.route
         if relay.server is not None:
             if relay.send != relay.recv:
-                if cfg.query_timeout and now - relay.query_start > cfg.query_timeout:
+                if route.query_timeout and now - relay.query_start > route.query_timeout:
                     return ("57014", "query timeout")
-            elif cfg.idle_transaction_timeout and relay.status != STATUS_IDLE and \
-                    now - relay.last_active > cfg.idle_transaction_timeout:
+            elif route.idle_transaction_timeout and relay.status != STATUS_IDLE and \
+                    now - relay.last_active > route.idle_transaction_timeout:
                 # (a session-mode client between transactions holds its server at 'I')
                 return ("25P03", "idle transaction timeout")
-        elif cfg.client_idle_timeout and client.state == "idle" and \
-                now - relay.last_active > cfg.client_idle_timeout:
+        elif route.client_idle_timeout and client.state == "idle" and \
+                now - relay.last_active > route.client_idle_timeout:
             return ("57P05", "client_idle_timeout")
         return None
 
     # -- shutdown -----------------------------------------------------------------
 
-    def shutdown(self, graceful: bool) -> None:
-        """Stop accepting; with `graceful`, let linked clients finish their
-        transaction (bounded by shutdown_timeout), then close everything."""
+    def stop(self, level: int) -> None:
+        """Begin a shutdown at `level` (STOP_CLIENTS, STOP_SERVERS, STOP_NOW), or make
+        the one under way faster; a slower request never slows it down. `stopped` is
+        set once every connection is closed."""
+        if level > self.stop_level:
+            self.stop_level = level
+        if self._stopper is None:
+            self._stopper = gevent.spawn(self._shutdown)
+
+    def _shutdown(self) -> None:
+        """Stop accepting at once, then, bounded by shutdown_timeout:
+        STOP_CLIENTS serves connected clients until they leave; in the last
+        DRAIN_WINDOW of the bound it turns into STOP_SERVERS, which starts no new
+        transaction, lets those in flight finish and closes each client at its
+        transaction boundary. Whatever is left at the bound (or at STOP_NOW) is
+        closed with 57P01."""
         self.shutting_down = True
-        for server in self.servers:
-            server.close()
-        log.info("shutting down (%s)", "graceful" if graceful else "fast")
-        if graceful:
-            # No transaction starts from now on: a client asking for a server waits, and
-            # is closed while parked (a transaction boundary); those in flight finish.
-            for pool in self.pools.values():
-                pool.paused = True
-            deadline = time.monotonic() + self.cfg.shutdown_timeout
-            while time.monotonic() < deadline:
+        self.stop_accepting()
+        limit = self.cfg.shutdown_timeout
+        deadline = time.monotonic() + limit if limit else math.inf      # 0: no bound
+        drain_at = deadline - min(DRAIN_WINDOW, limit / 2) if limit else math.inf
+        log.info("shutting down: %s (shutdown_timeout=%gs)", STOP_WORDS[self.stop_level], limit)
+        draining = False
+        while self.stop_level < STOP_NOW:
+            now = time.monotonic()
+            if now >= deadline:
+                log.warning("shutdown_timeout reached: closing %d clients", len(self.clients))
+                break
+            if self.stop_level >= STOP_SERVERS or now >= drain_at:
+                if not draining:
+                    draining = True
+                    self._start_draining()
                 self._close_unlinked_clients()
                 if not self.clients:
                     break
-                gevent.sleep(0.05)
+            elif not any(c.state != "admin" for c in list(self.clients)):
+                break
+            gevent.sleep(0.05)
         self.close_clients("57P01", "pooler is shutting down")
         gevent.sleep(0.05)
         for pool in self.pools.values():
             pool.close_all("pooler shutdown")
         self.auth_query.close()
+        self.stopped.set()
+
+    def _start_draining(self) -> None:
+        """No transaction starts from now on: a client asking for a server waits, and
+        is closed while parked (a transaction boundary); those in flight finish."""
+        log.info("shutting down: %s", STOP_WORDS[STOP_SERVERS])
+        for pool in self.pools.values():
+            pool.paused = True
 
     def _close_unlinked_clients(self) -> None:
         """Clients between transactions can go now (session clients keep their server),

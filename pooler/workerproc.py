@@ -19,10 +19,11 @@ import gevent.event
 
 from . import control, shm
 from .logs import flush_and_exit
+from .master import SET_MSG
 from .config import Config, ConfigError, load_config
 from .peers import Peers
 from .shm import Segment, ShmQuota
-from .worker import Worker
+from .worker import STOP_CLIENTS, STOP_SERVERS, Worker
 
 log = logging.getLogger("pooler.worker")
 
@@ -38,37 +39,38 @@ ADMIN_MSG, SNAP_REQUEST, SNAP_REPLY, RELOAD_MSG = b"A", b"Q", b"R", b"H"
 # SIGQUIT, or a second SIGTERM/SIGINT: leave at once, logs flushed, no cleanup.
 exit_now = flush_and_exit
 
+SIGNAL_LEVELS = {signal.SIGTERM: STOP_CLIENTS, signal.SIGINT: STOP_SERVERS}
+
 
 def serve_until_stopped(worker: Worker, on_reload: Callable[[], None] | None,
                         on_pause: Callable[[bool], None] | None, second_exits: bool) -> int:
     """Install the worker's signal handlers and block until it has shut down.
 
-    SIGTERM graceful, SIGINT fast, SIGQUIT immediate. With `second_exits`
-    (single process) a second SIGTERM/SIGINT exits at once; under a master the
+    As PgBouncer: SIGTERM waits for clients to leave, SIGINT for servers to be
+    released, SIGQUIT exits at once; both waits are bounded by shutdown_timeout.
+    With `second_exits` (single process) a shutdown signal during a shutdown
+    (also one begun by the admin console) exits at once; under a master the
     master does that, and a worker may see a signal twice (a terminal's Ctrl-C
-    reaches the whole process group, then the master fans it out again)."""
-    done = gevent.event.Event()
-    stopping: list[bool] = []            # graceful flags of the shutdowns started
+    reaches the whole process group, then the master fans it out again), so
+    there a repeat can only make the shutdown faster."""
 
-    def terminate(graceful: bool) -> None:
-        if stopping:
-            if second_exits:
-                log.warning("second shutdown signal: exiting now")
-                exit_now(1)
-            if graceful or not stopping[-1]:
-                return                   # already stopping at least this fast
-        stopping.append(graceful)
-        gevent.spawn(worker.shutdown, graceful).link(lambda _: done.set())
+    def terminate(sig: signal.Signals) -> None:
+        if worker.stop_level and second_exits:
+            log.warning("second shutdown signal (%s): exiting now", sig.name)
+            exit_now(1)
+        if not worker.stop_level:
+            log.info("got %s, shutting down", sig.name)
+        worker.stop(SIGNAL_LEVELS[sig])
 
-    gevent.signal_handler(signal.SIGTERM, terminate, True)
-    gevent.signal_handler(signal.SIGINT, terminate, False)
+    for sig in SIGNAL_LEVELS:
+        gevent.signal_handler(sig, terminate, sig)
     gevent.signal_handler(signal.SIGQUIT, exit_now, 0)
     if on_reload is not None:
         gevent.signal_handler(signal.SIGHUP, on_reload)
     if on_pause is not None:
         gevent.signal_handler(signal.SIGUSR1, on_pause, True)
         gevent.signal_handler(signal.SIGUSR2, on_pause, False)
-    done.wait()
+    worker.stopped.wait()
     return 0
 
 
@@ -91,7 +93,7 @@ def apply_pause(worker: Worker, paused: bool, paused_dbs: set[str]) -> None:
 
 def worker_main(cfg: Config, config_path: str, listeners: list[socket.socket], seg: Segment,
                 worker_id: int, channels: list[tuple[socket.socket, socket.socket]],
-                master_pid: int) -> int:
+                master_pid: int, master_inbox: socket.socket) -> int:
     """Body of a forked worker (gevent already patched in). Returns the exit code."""
     quota = ShmQuota(seg, worker_id)
     worker = PreforkWorker(cfg, listeners, worker_id, quota=quota)
@@ -99,7 +101,7 @@ def worker_main(cfg: Config, config_path: str, listeners: list[socket.socket], s
     worker.max_accept = MULTI_MAX_ACCEPT
     peers = Peers(worker, seg, quota, worker_id, channels, master_pid)
     worker.peers = peers
-    worker.fanout = Fanout(worker, peers, master_pid)
+    worker.fanout = Fanout(worker, peers, master_pid, master_inbox)
     seg.worker_set(worker_id, shm.W_CONFIG_GEN, seg.config_gen())   # the master's latest
     worker.fanout.apply_flags()          # a worker spawned during PAUSE starts paused
     worker.start()
@@ -120,8 +122,8 @@ class PreforkWorker(Worker):
     def control(self, cmd: str, arg: str | None) -> None:
         self.fanout.control(cmd, arg)
 
-    def request_exit(self) -> None:
-        self.fanout.request_exit()
+    def announce_shutdown(self) -> None:
+        self.fanout.announce_shutdown()
 
 
 class Fanout:
@@ -131,8 +133,10 @@ class Fanout:
     its resulting pause/disable flags go to shared memory (so a worker spawned
     later starts in that state), then every other worker runs it too."""
 
-    def __init__(self, worker: Worker, peers: Peers, master_pid: int) -> None:
+    def __init__(self, worker: Worker, peers: Peers, master_pid: int,
+                 master_inbox: socket.socket) -> None:
         self.worker = worker
+        self.master_inbox = master_inbox
         self.peers = peers
         self.seg = peers.seg
         self.master_pid = master_pid
@@ -156,6 +160,18 @@ class Fanout:
         msg = ADMIN_MSG + pickle.dumps((cmd, arg))
         for w in self.others():
             self.peers.send(w, msg)
+        if cmd.upper() == "SET":
+            self._tell_master(arg or "")
+
+    def _tell_master(self, assignment: str) -> None:
+        """A SET lives in memory only (as in PgBouncer): the master keeps it for the
+        workers it spawns later, or a respawned worker would run with the old value."""
+        key, _, text = assignment.partition("=")
+        try:
+            self.master_inbox.send(SET_MSG + pickle.dumps((key, text)))
+        except OSError as exc:
+            log.error("SET %s: could not tell the master (%s); a respawned worker will not "
+                      "have it", key.strip(), exc)
 
     def _on_admin(self, body: bytes) -> None:
         cmd, arg = pickle.loads(body)
@@ -182,10 +198,10 @@ class Fanout:
                 # As the admin PAUSE: paused pools drop their servers as they are released.
                 control.apply_control(worker, "WAIT_CLOSE", None)
 
-    def request_exit(self) -> None:
-        """Admin SHUTDOWN: the whole pooler ends; the master respawns nobody."""
+    def announce_shutdown(self) -> None:
+        """Admin SHUTDOWN: the whole pooler ends; the master respawns nobody, closes
+        its copies of the listeners and exits when the last worker has."""
         self.seg.set_state(shm.STATE_SHUTDOWN, True)
-        os.kill(os.getpid(), signal.SIGINT)
 
     # -- reload: the master validates, then sends the config to every worker ---------------------
 

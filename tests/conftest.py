@@ -322,7 +322,7 @@ class PoolerProc:
             self.reload()
         return cfg
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
         """Send `sig` and wait up to `timeout` s for exit; return the exit code
         (negative: killed by that signal). On timeout: SIGKILL it and its process
         group, then raise TimeoutError with the log."""
@@ -465,7 +465,7 @@ def pooler_factory(tmp_path: Path):
     for p in procs:
         if p.proc.poll() is None:
             try:
-                os.kill(p.proc.pid, signal.SIGTERM)
+                os.kill(p.proc.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + KILL_AFTER

@@ -409,3 +409,27 @@ def test_access_rules_and_protocol(pooler):
         assert err is None and rows[0][0].startswith("PgBouncer")
     stats.close()
     admin.close()
+
+
+def test_pgbouncer_user_over_unix_socket_from_own_os_user(pg, pooler_factory, pooler_config,
+                                                          app_userlist, tmp_path):
+    """As PgBouncer: user `pgbouncer` over the Unix socket, from the pooler's own OS
+    user, is an admin without a password (peer credentials); over TCP it is not."""
+    sock_dir = tmp_path / "sock"
+    sock_dir.mkdir()
+    p = pooler_factory(pooler_config(unix_socket_dir=str(sock_dir)), userlist=app_userlist)
+    conn = psycopg2.connect(host=str(sock_dir), port=p.port, dbname="pgbouncer", user="pgbouncer",
+                            connect_timeout=10)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SHOW VERSION")
+        assert cur.fetchone()[0].startswith("PgBouncer")
+        cur.execute("PAUSE app")                              # an admin command: full rights
+        cur.execute("RESUME app")
+    conn.close()
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(host="127.0.0.1", port=p.port, dbname="pgbouncer", user="pgbouncer",
+                         password="guess", connect_timeout=10)
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(host=str(sock_dir), port=p.port, dbname="pgbouncer", user=APP_USER,
+                         password="wrong", connect_timeout=10)

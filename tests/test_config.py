@@ -47,7 +47,8 @@ def test_defaults_match_pgbouncer():
         "listen_port": 6432, "pool_mode": "session", "default_pool_size": 20,
         "min_pool_size": 0, "reserve_pool_size": 0, "reserve_pool_timeout": 5.0,
         "max_client_conn": 100, "max_db_connections": 0, "max_user_connections": 0,
-        "max_prepared_statements": 200, "server_reset_query": "DISCARD ALL",
+        "max_user_client_connections": 0, "max_prepared_statements": 200,
+        "server_reset_query": "DISCARD ALL",
         "server_reset_query_always": False, "server_check_query": "select 1",
         "server_check_delay": 30.0, "server_lifetime": 3600.0, "server_idle_timeout": 600.0,
         "server_connect_timeout": 15.0, "server_login_retry": 15.0,
@@ -339,3 +340,93 @@ def test_top_level_not_a_mapping(tmp_path):
         f"{path}: ['a', 'b'] is not valid: a mapping of settings at the top level"]
     with pytest.raises(ConfigError, match=r"\(top level\): 'x' is not valid"):
         parse_config("x")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- users
+
+USERS_CFG = {
+    "auth": {"type": "trust"}, "pool_mode": "transaction", "default_pool_size": 20,
+    "reserve_pool_size": 1, "max_user_connections": 50, "max_user_client_connections": 9,
+    "query_timeout": 30, "query_wait_timeout": 60, "client_idle_timeout": "5m",
+    "databases": {
+        "app": {"pool_mode": "statement", "pool_size": 8, "reserve_pool_size": 2},
+        "forced": {"user": "alice", "password": "pw"},
+        "*": {},
+    },
+    "pools": {"app-pool": {"database": "app", "mode": "statement", "size": 4}},
+    "users": {
+        "alice": {"pool_mode": "session", "pool_size": 3, "reserve_pool_size": 0,
+                  "max_user_connections": 5, "max_user_client_connections": 0,
+                  "query_timeout": 0, "idle_transaction_timeout": "2s"},
+        "bob": "pool_size=6 query_wait_timeout=250ms",
+    },
+}
+
+
+@pytest.fixture
+def with_users() -> Config:
+    return parse_config(USERS_CFG)
+
+
+def test_users_section_parses_both_forms(with_users):
+    alice, bob = with_users.users["alice"], with_users.users["bob"]
+    assert (alice.pool_mode, alice.pool_size, alice.query_timeout) == ("session", 3, 0.0)
+    assert alice.idle_transaction_timeout == 2.0 and alice.client_idle_timeout is None
+    assert (bob.pool_size, bob.query_wait_timeout, bob.pool_mode) == (6, 0.25, None)
+
+
+def test_user_beats_database_beats_global(with_users):
+    alice, bob, carol = (with_users.route("app", u) for u in ("alice", "bob", "carol"))
+    # pool_mode / pool_size / reserve_pool_size: user > database entry > global.
+    assert (alice.pool_mode, alice.pool_size, alice.reserve_pool_size) == ("session", 3, 0)
+    assert (bob.pool_mode, bob.pool_size, bob.reserve_pool_size) == ("statement", 6, 2)
+    assert (carol.pool_mode, carol.pool_size, carol.reserve_pool_size) == ("statement", 8, 2)
+    other = with_users.route("elsewhere", "carol")             # the '*' entry sets nothing
+    assert (other.pool_mode, other.pool_size, other.reserve_pool_size) == ("transaction", 20, 1)
+    # Without a user (SHOW DATABASES, auth lookups): the database's own values.
+    assert with_users.route("app").pool_size == 8
+
+
+def test_user_timeouts_and_caps_replace_the_global_ones(with_users):
+    alice, bob, carol = (with_users.route("app", u) for u in ("alice", "bob", "carol"))
+    assert alice.query_timeout == 0.0                 # explicit 0: off for alice only
+    assert (bob.query_timeout, carol.query_timeout) == (30.0, 30.0)
+    assert (alice.query_wait_timeout, bob.query_wait_timeout) == (60.0, 0.25)
+    assert (alice.idle_transaction_timeout, bob.idle_transaction_timeout) == (2.0, 0.0)
+    assert alice.client_idle_timeout == bob.client_idle_timeout == 300.0
+    assert (alice.max_user_connections, bob.max_user_connections) == (5, 50)
+    assert with_users.user_client_limit("alice") == 0          # explicit 0: no limit
+    assert with_users.user_client_limit("bob") == 9            # the global one
+    assert with_users.any_client_timeout()
+    assert not parse_config({"auth": {"type": "trust"}}).any_client_timeout()
+    assert parse_config({"auth": {"type": "trust"},
+                         "users": {"u": {"client_idle_timeout": 1}}}).any_client_timeout()
+
+
+def test_pool_user_is_the_forced_user(with_users):
+    # A forced user's entry applies to every client of that database, whoever logs in.
+    r = with_users.route("forced", "carol")
+    assert (r.user, r.pool_mode, r.pool_size, r.max_user_connections) == ("alice", "session", 3, 5)
+    # A named pool's mode and size are beaten by the user's too (PgBouncer's order).
+    assert with_users.route("app-pool", "alice").pool_mode == "session"
+    assert with_users.route("app-pool", "carol").pool_size == 4
+
+
+@pytest.mark.parametrize("users, expected", [
+    ({"u": {"pool_size": -1}}, "users.u.pool_size: -1 is not valid: an integer >= 0"),
+    ({"u": {"pool_mode": "tx"}},
+     "users.u.pool_mode: 'tx' is not valid: one of 'session', 'transaction', 'statement'"),
+    ({"u": {"query_timeout": "soon"}},
+     "users.u.query_timeout: 'soon' is not valid: a number of seconds >= 0"),
+    ({"u": {"max_user_client_connections": True}},
+     "users.u.max_user_client_connections: True is not valid: an integer >= 0"),
+    ({"u": "pool_size=many"}, "users.u.pool_size: 'many' is not valid: an integer >= 0"),
+    ({"u": {"pool_sise": 3}}, "users.u.pool_sise: unknown key (allowed: pool_mode, pool_size,"),
+    ({"u": "pool_mode='open"}, "users.u: \"pool_mode='open\" is not valid: a connection string"),
+    ({"u": 5}, "users.u: 5 is not valid: a mapping of settings, or a connection string"),
+    ({"": {}}, "users.: '' is not valid: a non-empty user name"),
+    (["u"], "users: ['u'] is not valid: a mapping of user name to settings"),
+])
+def test_bad_user_setting_is_named(users, expected):
+    err = one_error({"users": users})
+    assert err.startswith(expected), err

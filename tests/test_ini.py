@@ -8,6 +8,7 @@ import time
 
 import psycopg2
 import pytest
+import yaml
 
 from bouncer import (connect, hold_transactions, login_ok, pool_counts, reconfigure,
                      admin_query, side_by_side, side_ini)  # noqa: F401  (side_by_side: fixture)
@@ -125,12 +126,14 @@ def test_unknown_connection_parameter_hides_password(tmp_path, userlist):
 
 def test_unsupported_settings_are_warnings_by_name(tmp_path, userlist, capsys, caplog):
     path = write(tmp_path, base(userlist, "client_tls_sslmode = require", "server_tls_sslmode = disable",
-                                "so_reuseport = 0", "[users]", "app = pool_mode=session",
+                                "so_reuseport = 0", "[users]",
+                                "app = pool_mode=session transaction_timeout=30",
                                 "[databases]", "b = host=x client_encoding=UTF8"))
-    load_ini(path)
+    cfg = load_ini(path)
     err = warned(capsys, caplog)
     assert "WARNING" in err and "client_tls_sslmode = 'require': not supported" in err
-    assert "[users] app: per-user settings (pool_mode)" in err
+    assert "[users] app: transaction_timeout = '30': not supported by pooler" in err
+    assert cfg.users["app"].pool_mode == "session"      # the rest of the entry is taken
     assert "[databases] b: client_encoding is not supported" in err
     assert "server_tls_sslmode" not in err and "so_reuseport" not in err   # same behaviour here
 
@@ -145,16 +148,53 @@ def test_check_config_dispatches_ini(tmp_path, userlist, capsys):
 
 def test_convert_ini_round_trip(tmp_path, userlist):
     path = write(tmp_path, base(userlist, "pool_mode = transaction", "default_pool_size = 7",
-                                "server_idle_timeout = 30", "[databases]",
-                                "* = host=127.0.0.1 port=5433 password=pw"))
+                                "server_idle_timeout = 30", "max_user_client_connections = 8",
+                                "[databases]", "* = host=127.0.0.1 port=5433 password=pw",
+                                "[users]", "alice = pool_mode=session pool_size=2 query_timeout=0",
+                                "bob = max_user_client_connections=3 query_wait_timeout=1.5"))
     out = tmp_path / "sub" / "pooler.yaml"
     out.parent.mkdir()
     assert convert_main([path, "-o", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["users"] == {
+        "alice": {"pool_mode": "session", "pool_size": 2},     # 0: unset, so left out
+        "bob": {"max_user_client_connections": 3, "query_wait_timeout": "1.5"}}
     from_yaml = dataclasses.asdict(load_config(str(out)))
     from_ini = dataclasses.asdict(load_ini(path))
     from_yaml.pop("source_path"), from_ini.pop("source_path")
     assert from_yaml == from_ini
+    assert from_yaml["users"]["bob"]["query_wait_timeout"] == 1.5
     assert convert_main([write(tmp_path, base(userlist, "bogus = 1"), "bad.ini")]) == 1
+
+
+def test_users_section_is_read(tmp_path, userlist):
+    path = write(tmp_path, base(userlist, "query_timeout = 30", "max_user_connections = 9",
+                                "[users]",
+                                "alice = pool_mode=session pool_size=5 max_user_connections=3",
+                                '"odd user" = query_timeout=0 idle_transaction_timeout=2.5 '
+                                "reserve_pool_size=0 max_user_client_connections=4",
+                                "bob = max_user_connections=0 client_idle_timeout=0s"))
+    cfg = load_ini(path)
+    alice, odd, bob = cfg.users["alice"], cfg.users["odd user"], cfg.users["bob"]
+    assert (alice.pool_mode, alice.pool_size, alice.max_user_connections) == ("session", 5, 3)
+    assert (odd.idle_transaction_timeout, odd.reserve_pool_size) == (2.5, 0)
+    assert odd.max_user_client_connections == 4
+    # PgBouncer: a [users] timeout or cap of 0 is "not set", so the global one applies.
+    assert odd.query_timeout is None and cfg.route("app", "odd user").query_timeout == 30.0
+    assert bob.max_user_connections is None and cfg.route("app", "bob").max_user_connections == 9
+    assert bob.client_idle_timeout is None
+    route = cfg.route("app", "alice")
+    assert (route.pool_mode, route.pool_size, route.max_user_connections) == ("session", 5, 3)
+
+
+def test_users_section_errors_name_key_line_and_user(tmp_path, userlist):
+    path = write(tmp_path, base(userlist, "[users]", "alice = pool_mode=session pool_sise=5",
+                                "bob = pool_size=lots", "carol = pool_mode='open"))
+    errors = ini_errors(path)
+    assert f"{path}:8: [users] alice: unknown setting pool_sise = '5' (did you mean pool_size?)" \
+        in errors
+    assert f"{path}:9: [users] bob: pool_size: 'lots' is not valid: an integer >= 0" in errors
+    assert any(e.startswith(f"{path}:10: [users] carol: cannot parse") for e in errors), errors
+    assert len(errors) == 3, errors
 
 
 def test_runtime_setting_validates_like_the_file(tmp_path, userlist):
@@ -252,3 +292,56 @@ def test_ini_drop_in_serves_and_warns(pg, pooler_factory):
     p = pooler_factory(text, userlist={APP_USER: APP_PASSWORD}, filename="pgbouncer.ini")
     assert login_ok(p, APP_DB, APP_USER, APP_PASSWORD)
     assert "client_tls_sslmode = 'require': not supported by pooler" in p.log()
+
+
+def _session_user_picture(pg, target) -> tuple:
+    """Two md5user clients at once, two transactions each: in session mode each keeps
+    its own server (stable, distinct pids, two backends)."""
+    conns = [connect(target, APP_DB, MD5_USER, MD5_PASSWORD) for _ in range(2)]
+    try:
+        pids = []
+        for conn in conns + conns:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                pids.append(cur.fetchone()[0])
+        stable = pids[:2] == pids[2:]
+        mode = [r[-1] for r in admin_query(target, "SHOW POOLS") if r[:2] == (APP_DB, MD5_USER)]
+        return stable, pids[0] != pids[1], backend_count(pg, APP_DB, MD5_USER), mode
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _capped_user_picture(pg, target) -> tuple:
+    """Two app clients in a transaction each, app's max_user_connections = 1: one runs,
+    the other waits, and PostgreSQL sees one backend of app."""
+    release = threading.Event()
+    threads = hold_transactions(target, 2, release)
+    try:
+        wait_until(lambda: pool_counts(target) == (1, 1, 1), 10,
+                   message=f"{target}: app's pool never settled at 1 active + 1 waiting")
+        return pool_counts(target), backend_count(pg, APP_DB, APP_USER)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(20)
+
+
+def test_users_section_same_as_pgbouncer(pg, side_by_side):
+    """PgBouncer 1.18's [users] knows pool_mode and max_user_connections: the same ini
+    gives the same pools and the same backends in PostgreSQL."""
+    bouncer, pooler = side_by_side
+    text = side_ini(pg, "plain") + \
+        f"[users]\n{MD5_USER} = pool_mode=session\n{APP_USER} = max_user_connections=1\n"
+    bouncer.write_ini(text)
+    pooler.config_path.write_text(text.replace("{port}", str(pooler.port))
+                                  .replace("{userlist}", str(pooler.userlist_path)))
+    pictures = []
+    for target in side_by_side:
+        admin_query(target, "RELOAD")
+        pictures.append((_session_user_picture(pg, target), _capped_user_picture(pg, target)))
+        admin_query(target, "RECONNECT")       # leave no server behind for the next target
+        wait_until(lambda: backend_count(pg, APP_DB) == 0, 10)
+    assert pictures[0] == pictures[1]
+    assert pictures[1] == ((True, True, 2, ["session"]), ((1, 1, 1), 1))
