@@ -119,6 +119,16 @@ def spread_connections(p, per_worker: int, workers: int, limit: int = 60) -> dic
     return by_worker
 
 
+def kill_and_await_respawn(p, w: int) -> int:
+    """SIGKILL worker `w`; wait until its replacement has started; its pid."""
+    old = snapshot(p)["workers"][w]["pid"]
+    os.kill(old, signal.SIGKILL)
+    new = wait_until(lambda: snapshot(p)["workers"][w]["pid"] not in (0, old) and
+                     snapshot(p)["workers"][w]["pid"], 10)
+    p.wait_for_log(rf"worker {w} \(pid {new}\) started")
+    return new
+
+
 def refused(p) -> bool:
     """A new connection is refused (the pooler no longer listens)."""
     try:
@@ -441,11 +451,7 @@ def test_sigusr1_pauses_and_sigusr2_resumes_all_workers(pg, pooler_factory):
     for t in threads:
         t.start()
     # A worker spawned during the pause starts paused.
-    old = snapshot(p)["workers"][1]["pid"]
-    os.kill(old, signal.SIGKILL)
-    new = wait_until(lambda: snapshot(p)["workers"][1]["pid"] not in (0, old) and
-                     snapshot(p)["workers"][1]["pid"], 10)
-    p.wait_for_log(rf"worker 1 \(pid {new}\) started")
+    kill_and_await_respawn(p, 1)
 
     def fresh_client() -> None:
         # Its first login in the new worker needs a server (to learn its parameters).
@@ -658,11 +664,7 @@ def test_console_set_holds_in_a_respawned_worker(pg, pooler_factory):
     with admin.cursor() as cur:
         cur.execute("SET default_pool_size = 2")
     admin.close()
-    old = snapshot(p)["workers"][1]["pid"]
-    os.kill(old, signal.SIGKILL)
-    new = wait_until(lambda: snapshot(p)["workers"][1]["pid"] not in (0, old) and
-                     snapshot(p)["workers"][1]["pid"], 10)
-    p.wait_for_log(rf"worker 1 \(pid {new}\) started")
+    kill_and_await_respawn(p, 1)
     by_worker = spread_connections(p, 4, 2)
     conns = [c for cs in by_worker.values() for c in cs]
 
