@@ -58,6 +58,10 @@ class LocalQuota:
         for key, _ in keys:
             counts[key] = counts.get(key, 1) - 1
 
+    def count(self, key: object) -> int:
+        """Connections held under `key` now."""
+        return self.counts.get(key, 0)
+
 
 class Stats:
     """Counters of one pool in this worker (SHOW STATS / metrics read them)."""
@@ -337,10 +341,13 @@ class Pool:
     def maintain(self, now: float) -> None:
         """Close old idle servers, open min_pool_size, grant reserve, expire waits."""
         cfg = self.cfg
+        # min_pool_size holds for the whole pooler (fill_min claims globally), so the
+        # idle timeout may shrink the pool down to it counting every worker's servers.
+        surplus = self._surplus_over_min()
         for srv in list(self.idle):
             age_idle = now - srv.last_used
-            if cfg.server_idle_timeout and age_idle > cfg.server_idle_timeout and \
-                    self.total > self.route.min_pool_size:
+            if cfg.server_idle_timeout and age_idle > cfg.server_idle_timeout and surplus > 0:
+                surplus -= 1
                 self.idle.remove(srv)
                 self.discard(srv, "server idle timeout")
             elif cfg.server_lifetime and now - srv.created > cfg.server_lifetime:
@@ -358,6 +365,13 @@ class Pool:
                     self.waiters.remove(w)
                     w.done = True
                     self.hub.loop.run_callback(w.glet.throw, PoolError("08P01", "query_wait_timeout"))
+
+    def _surplus_over_min(self) -> int:
+        """Servers this pool holds beyond min_pool_size, counted over all workers."""
+        want = self.route.min_pool_size
+        if not want:
+            return len(self.idle)
+        return self.worker.quota.count(self._quota_keys[0][0]) - want
 
     def fill_min(self) -> None:
         """Open servers up to min_pool_size (called from the janitor's own greenlet)."""

@@ -586,6 +586,12 @@ class ShmQuota:
             else:
                 self.overflow[key] = self.overflow.get(key, 1) - 1
 
+    def count(self, key: object) -> int:
+        """Connections held under `key` by all workers together (this worker's own
+        when the key has no slot)."""
+        slot = self.slot(key)
+        return self.seg.claimed(slot) if slot is not None else self.overflow.get(key, 0)
+
     def free(self, keys: list[tuple[object, int]]) -> int:
         """How many more connections these keys allow right now (a hint, no lock)."""
         free = 1 << 30

@@ -653,6 +653,26 @@ def test_min_pool_size_is_global_across_workers(pg, pooler_factory):
     assert poll.max == 2, f"{poll.max} servers opened ahead for min_pool_size 2 with 2 workers"
 
 
+def test_idle_timeout_shrinks_to_global_min_pool_size(pg, pooler_factory):
+    """After a burst, server_idle_timeout shrinks the pool to min_pool_size counted
+    over every worker (a per-worker count would keep min_pool_size in each)."""
+    cfg = prefork_config(pg, 2, 10, server_idle_timeout=0.5)
+    cfg["databases"][APP_DB]["min_pool_size"] = 2
+    p = start(pooler_factory, cfg)
+    by_worker = spread_connections(p, 4, 2)
+
+    def burst(conn) -> None:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.3)")
+    run_threads(burst, [(c,) for cs in by_worker.values() for c in cs], timeout=30)
+    assert backend_count(pg, APP_DB) >= 6, "the burst did not open servers in both workers"
+    wait_until(lambda: backend_count(pg, APP_DB) == 2, 10,
+               message="pool did not shrink to min_pool_size 2 over both workers")
+    time.sleep(1.5)                  # and stays there: nobody refills or over-closes
+    assert backend_count(pg, APP_DB) == 2
+
+
 def test_console_set_holds_in_a_respawned_worker(pg, pooler_factory):
     """SET lives in memory (as in PgBouncer), so the master must keep it for the
     workers it spawns later: a respawned worker with the file's default_pool_size
