@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -38,7 +39,10 @@ def setup(log_format: str = "text", logfile: str = "", verbose: int = 0, quiet: 
         h.close()
     handlers: list[logging.Handler] = []
     if logfile:
-        handlers.append(logging.FileHandler(logfile))
+        # Reopened when logrotate moves the file away (every process checks on its own
+        # next line), so rotation needs no signal; PgBouncer's habit of a SIGHUP after
+        # rotating stays harmless.
+        handlers.append(logging.handlers.WatchedFileHandler(logfile))
     if not quiet or not logfile:
         handlers.append(logging.StreamHandler(sys.stderr))
     fmt: logging.Formatter = JsonFormatter() if log_format == "json" else \

@@ -697,3 +697,22 @@ def test_console_set_holds_in_a_respawned_worker(pg, pooler_factory):
         run_threads(work, [(c,) for c in conns], timeout=60)
     assert servers.max == 2, f"{servers.max} servers with a global pool_size of 2"
     assert snapshot(p)["pools"][f"{APP_DB}/{APP_USER}"]["pool_size"] == 2
+
+
+def test_logfile_follows_logrotate(pg, pooler_factory, tmp_path):
+    """logrotate moves the file away (then sends SIGHUP, out of PgBouncer habit):
+    every worker goes on writing to a new file at the configured path."""
+    logfile = tmp_path / "pooler.log"
+    p = start(pooler_factory, prefork_config(pg, 2, 2, logfile=str(logfile)))
+    spread_connections(p, 1, 2)                       # both workers have logged already
+    logfile.rename(tmp_path / "pooler.log.1")
+    p.reload()
+    wait_until(lambda: logfile.exists() and "config from" in logfile.read_text(), 10,
+               message="the master did not reopen its log file")
+    by_worker = spread_connections(p, 2, 2)           # new logins in both workers
+    pids = {w["pid"] for w in snapshot(p)["workers"]}
+    logged = {int(m) for m in re.findall(r"^\S+ \S+ (\d+) INFO C-\d+ .* login attempt", logfile.read_text(), re.M)}
+    assert pids <= logged, f"workers {pids - logged} still write to the rotated file"
+    for cs in by_worker.values():
+        for c in cs:
+            c.close()
