@@ -230,14 +230,14 @@ def _client_row(c: dict, state: str) -> list:
     return ["C", c["user"] or "(nouser)", c["database"] or "(nodb)", "none", state, c["addr"],
             c["port"], c["local_addr"], c["local_port"], _ts(c["connect_time"]),
             _ts(c["request_time"]), c["wait_us"] // 1_000_000, c["wait_us"] % 1_000_000, 0,
-            c["ptr"], c["link"] or "", 0, "", c["application_name"], c["prepared_statements"],
+            c["ptr"], c["link"] or "", 0, c.get("tls", ""), c["application_name"], c["prepared_statements"],
             c["id"]]
 
 
 def _server_row(s: dict, state: str) -> list:
     return ["S", s["user"], s["database"], "none", state, s["addr"], s["port"], s["local_addr"],
             s["local_port"], _ts(s["connect_time"]), _ts(s["request_time"]), 0, 0,
-            int(s["close_needed"]), s["ptr"], s["link"] or "", s["remote_pid"], "",
+            int(s["close_needed"]), s["ptr"], s["link"] or "", s["remote_pid"], s.get("tls", ""),
             s["application_name"], s["prepared_statements"], s["id"]]
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from . import auth, peering, protocol
+from . import auth, peering, protocol, tls
 from .authquery import AuthQueryError
 from .config import ADMIN_DB
 from .control import is_disabled
@@ -65,6 +65,7 @@ class Client:
         self.user_client_key: tuple | None = None   # max_user_client_connections claim held
         self.glet = gevent.getcurrent()
         self.close_reason = "client close request"   # for the log line; fatal() sets it
+        self.tls: tls.TlsPump | None = None         # set once a TLS handshake is done
 
     # -- life cycle -------------------------------------------------------------
 
@@ -131,13 +132,19 @@ class Client:
                 raise LoginFailed("08P01", "invalid startup packet length")
             body = s.read_exact(length - 4)
             code = protocol.unpack_i32(body, 0)[0]
-            if code in (protocol.SSL_REQUEST, protocol.GSSENC_REQUEST):
+            if code == protocol.SSL_REQUEST:
+                s = self._ssl_request(s)
+                continue
+            if code == protocol.GSSENC_REQUEST:
                 s.sendall(b"N")
                 continue
             if code == protocol.CANCEL_REQUEST:
                 if len(body) >= 12:
                     self.worker.forward_cancel(*struct.unpack("!ii", body[4:12]))
                 return False
+            if self.tls is None and self.addr != "unix" and tls.current().client_required:
+                # PgBouncer's check and words (not on the Unix socket, as there).
+                raise LoginFailed("08P01", "SSL required")
             if code >> 16 != 3:
                 raise LoginFailed("08P01", f"unsupported frontend protocol {code >> 16}.{code & 0xffff}: "
                                   "server supports 3.0")
@@ -146,6 +153,29 @@ class Client:
                 self._negotiate_minor(params)
             self._login(params)
             return True
+
+    def _ssl_request(self, s: Stream) -> Stream:
+        """Answer an SSLRequest: 'N' (client_tls_sslmode disable, Unix socket), or 'S'
+        and the TLS handshake; returns the stream to go on with."""
+        if self.tls is not None:
+            raise LoginFailed("08P01", "SSL req inside SSL")
+        ctxs = tls.current()
+        if ctxs.client is None or self.addr == "unix":
+            s.sendall(b"N")
+            return s
+        if s.rbuf:
+            # Bytes after the SSLRequest were sent before encryption: never take them as
+            # if they came over TLS (PostgreSQL's and PgBouncer's fix for CVE-2021-23214).
+            raise LoginFailed("08P01", "received unencrypted data after SSL request")
+        s.sendall(b"S")
+        try:
+            self.stream, self.tls = tls.wrap(s, ctxs.client, server_side=True)
+        except tls.HandshakeFailed as exc:
+            log.info("C-%d %s TLS handshake failed: %s", self.id, self._who(), exc)
+            raise ConnectionClosed(str(exc)) from None
+        if self.cfg.verbose:
+            log.info("C-%d %s TLS established: %s", self.id, self._who(), self.tls.info)
+        return self.stream
 
     def _negotiate_minor(self, params: dict[str, str]) -> None:
         """Protocol 3.x with x > 0: answer NegotiateProtocolVersion as PostgreSQL does."""

@@ -21,6 +21,7 @@ import yaml
 
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256")
+TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 ADMIN_DB = "pgbouncer"  # the admin console's virtual database; never a real one
 MAX_PEER_ID = 16383  # PgBouncer's: the peer id takes 14 bits of the cancel key
 
@@ -179,6 +180,16 @@ class Config:
     verbose: int = 0
     stats_period: int = 60
     tcp_keepalive: bool = True
+    # TLS, PgBouncer's names and defaults (pooler/tls.py). File paths are made absolute
+    # (relative to the config file) by parse_config.
+    client_tls_sslmode: str = "disable"
+    client_tls_key_file: str = ""
+    client_tls_cert_file: str = ""
+    client_tls_ca_file: str = ""
+    server_tls_sslmode: str = "disable"
+    server_tls_ca_file: str = ""
+    server_tls_key_file: str = ""
+    server_tls_cert_file: str = ""
     source_path: str | None = None  # where it was loaded from; not a YAML key
 
     def route(self, dbname: str, user: str | None = None) -> Route | None:
@@ -404,7 +415,18 @@ _GLOBAL: dict[str, Converter] = {
     "verbose": _COUNT,
     "stats_period": _int(1),
     "tcp_keepalive": _bool,
+    "client_tls_sslmode": _choice(TLS_MODES),
+    "client_tls_key_file": _TEXT,
+    "client_tls_cert_file": _TEXT,
+    "client_tls_ca_file": _TEXT,
+    "server_tls_sslmode": _choice(TLS_MODES),
+    "server_tls_ca_file": _TEXT,
+    "server_tls_key_file": _TEXT,
+    "server_tls_cert_file": _TEXT,
 }
+TLS_FILE_KEYS = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
+                 "server_tls_ca_file", "server_tls_key_file", "server_tls_cert_file")
+TLS_KEYS = ("client_tls_sslmode", "server_tls_sslmode") + TLS_FILE_KEYS
 # Top-level keys parsed by their own functions.
 _SECTIONS = ("auth", "databases", "pools", "users", "peers")
 
@@ -695,6 +717,41 @@ def _check_auth_dbnames(auth: AuthConfig, databases: dict[str, DatabaseEntry],
             errors.append(_bad(path, name, allowed))
 
 
+def _check_tls(values: dict[str, Any], base_dir: str, errors: list[str]) -> None:
+    """TLS files: made absolute (relative to the config file, as auth.file), required
+    by the modes that need them, readable, and loadable (pooler/tls.py builds the same
+    contexts here, so a key that does not match its certificate is an error now, not
+    at the first TLS login)."""
+    for key in TLS_FILE_KEYS:
+        if values.get(key):
+            values[key] = os.path.normpath(os.path.join(base_dir, values[key]))
+    client = values.get("client_tls_sslmode", "disable")
+    server = values.get("server_tls_sslmode", "disable")
+    need: list[tuple[str, str]] = []
+    if client != "disable":
+        need += [("client_tls_key_file", f"client_tls_sslmode is {client!r}"),
+                 ("client_tls_cert_file", f"client_tls_sslmode is {client!r}")]
+    if client in ("verify-ca", "verify-full"):
+        need.append(("client_tls_ca_file", "client certificates are verified against it "
+                                           f"(client_tls_sslmode is {client!r})"))
+    if bool(values.get("server_tls_key_file")) != bool(values.get("server_tls_cert_file")):
+        missing = "server_tls_key_file" if not values.get("server_tls_key_file") else \
+            "server_tls_cert_file"
+        need.append((missing, "the other half of the client certificate for servers is set"))
+    before = len(errors)
+    for key, why in need:
+        if not values.get(key):
+            errors.append(f"{key}: is required when {why}")
+    for key in TLS_FILE_KEYS:
+        path = values.get(key)
+        if path and not os.access(path, os.R_OK):
+            errors.append(f"{key}: {path!r} is not valid: a readable file")
+    if len(errors) == before and (client != "disable" or server != "disable"):
+        from . import tls           # stdlib ssl only; no gevent in the master
+        for key, problem in tls.check(values):
+            errors.append(f"{key}: {problem}")
+
+
 def parse_config(data: dict, source_path: str | None = None) -> Config:
     """Validate already-loaded YAML data; raises ConfigError listing every problem."""
     if not isinstance(data, dict):
@@ -714,6 +771,7 @@ def parse_config(data: dict, source_path: str | None = None) -> Config:
     users = _parse_users(data.get("users"), errors)
     peers = _parse_peers(data.get("peers"), errors)
     _check_auth_dbnames(auth, databases, errors)
+    _check_tls(values, base_dir, errors)
     if errors:
         raise ConfigError(errors)
     return Config(**values, auth=auth, databases=databases, pools=pools, users=users,

@@ -117,9 +117,15 @@ class TempPostgres:
 
     def __init__(self, port: int | None = None, bindir: str | None = None,
                  extra_conf: dict[str, str] | None = None,
-                 extra_hba: list[str] | None = None):
+                 extra_hba: list[str] | None = None, *, ssl_cert_file: str | None = None,
+                 ssl_key_file: str | None = None):
         """`extra_conf`: postgresql.conf settings added after ours (they win).
-        `extra_hba`: pg_hba.conf lines put before ours (first match wins)."""
+        `extra_hba`: pg_hba.conf lines put before ours (first match wins).
+        `ssl_cert_file` / `ssl_key_file`: turn on `ssl` with this certificate and key
+        (copied into the data directory, readable by the server only); default off."""
+        if bool(ssl_cert_file) != bool(ssl_key_file):
+            raise ValueError("ssl_cert_file and ssl_key_file go together")
+        self.ssl_files = (ssl_cert_file, ssl_key_file) if ssl_cert_file else None
         self._requested_port = port
         self.port: int = port or 0
         self.bindir = bindir or find_pg_bindir()
@@ -249,6 +255,11 @@ class TempPostgres:
             "dynamic_shared_memory_type": "mmap",
             "timezone": "UTC",
         }
+        if self.ssl_files:
+            for src, name in zip(self.ssl_files, ("server.crt", "server.key")):
+                with open(src) as f:
+                    self._write_server_file(os.path.join(self.datadir, name), f.read())
+            conf.update({"ssl": True, "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"})
         conf.update(self.extra_conf)
         lines = ["# written by pooler.devcluster.TempPostgres"]
         lines += [f"{k} = {_conf_value(v)}" for k, v in conf.items()]

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .config import AuthConfig, Config, ConfigError, parse_config, parse_connstr
+from .config import TLS_KEYS, AuthConfig, Config, ConfigError, parse_config, parse_connstr
 
 log = logging.getLogger("pooler.ini")
 
@@ -71,11 +71,11 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
         "tcp_defer_accept": "", "tcp_socket_buffer": "0", "tcp_keepcnt": "0",
         "tcp_keepidle": "0", "tcp_keepintvl": "0", "tcp_user_timeout": "0",
         "query_wait_notify": "", "auth_ldap_options": "",
-        "client_tls_sslmode": "disable", "client_tls_key_file": "", "client_tls_cert_file": "",
-        "client_tls_ca_file": "", "client_tls_protocols": "", "client_tls_ciphers": "",
-        "client_tls13_ciphers": "", "client_tls_ecdhcurve": "", "client_tls_dheparams": "",
-        "server_tls_sslmode": "disable", "server_tls_ca_file": "", "server_tls_key_file": "",
-        "server_tls_cert_file": "", "server_tls_protocols": "", "server_tls_ciphers": "",
+        # TLS tuning: PgBouncer's defaults are what the pooler does (TLS 1.2+, OpenSSL's
+        # default ciphers and curves); other values are warned.
+        "client_tls_protocols": "secure", "client_tls_ciphers": "fast default",
+        "client_tls13_ciphers": "", "client_tls_ecdhcurve": "auto", "client_tls_dheparams": "auto",
+        "server_tls_protocols": "secure", "server_tls_ciphers": "fast default",
         "server_tls13_ciphers": "",
     }.items()
 }
@@ -465,6 +465,13 @@ def runtime_setting(cfg: Config, key: str, text: str) -> Config:
             auth = dataclasses.asdict(cfg.auth)
             auth[path[len("auth."):]] = value
             return dataclasses.replace(cfg, auth=parse_config({"auth": auth}).auth)
+        if path in TLS_KEYS:
+            # The TLS keys are checked together (a mode needs its files): validate the
+            # current set with this one changed, and take them all.
+            tls = {k: getattr(cfg, k) for k in TLS_KEYS}
+            tls[path] = value
+            parsed = parse_config({**tls, "auth": {"type": "trust"}}, source_path=cfg.source_path)
+            return dataclasses.replace(cfg, **{k: getattr(parsed, k) for k in TLS_KEYS})
         parsed = parse_config({path: value, "auth": {"type": "trust"}})
     except ConfigError as e:
         raise ConfigError([_auth_names(err) for err in e.errors]) from None
@@ -523,6 +530,10 @@ def to_yaml_data(path: str) -> tuple[dict[str, Any], list[str]]:
         # Relative auth_file means "next to the ini"; keep meaning it wherever the YAML goes.
         base = os.path.dirname(os.path.abspath(path))
         data["auth"] = {**auth, "file": os.path.normpath(os.path.join(base, auth["file"]))}
+    for key in TLS_KEYS:
+        if key.endswith("_file") and data.get(key):      # the same for the TLS files
+            base = os.path.dirname(os.path.abspath(path))
+            data[key] = os.path.normpath(os.path.join(base, data[key]))
     return data, conv.warnings
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from . import auth, protocol
+from . import auth, protocol, tls
 from .netio import ConnectionClosed, Stream, connect_tcp
 from .prepared import ServerStatements
 
@@ -31,12 +31,42 @@ class ServerError(Exception):
         self.fields = fields or {}
 
 
+def _start_tls(stream: Stream, host: str, addr: str) -> tuple[Stream, "tls.TlsPump | None"]:
+    """server_tls_sslmode: SSLRequest first, then the handshake on 'S'; on 'N' plain text
+    for allow/prefer, an error for require/verify-*. Never over a Unix socket (as
+    PgBouncer). Returns the stream to log in on and the pump (None: plain text)."""
+    ctxs = tls.current()
+    if ctxs.server is None or host.startswith("/"):
+        return stream, None
+    mode = ctxs.server_mode
+    try:
+        stream.sendall(tls.SSL_REQUEST)
+        answer = stream.read_exact(1)
+        if answer == b"N":
+            if mode in ("allow", "prefer"):
+                return stream, None
+            raise ServerError(f"server {addr} does not accept TLS connections, but "
+                              f"server_tls_sslmode is {mode}")
+        if answer != b"S":
+            raise ServerError(f"server {addr} answered the SSLRequest with {answer!r}")
+        if stream.rbuf:
+            # PostgreSQL's CVE-2021-23222 fix: nothing may come before the handshake.
+            raise ServerError(f"server {addr} sent unencrypted data after its SSL response")
+        try:
+            return tls.wrap(stream, ctxs.server, server_side=False, server_hostname=host)
+        except tls.HandshakeFailed as exc:
+            raise ServerError(f"TLS handshake with server {addr} failed ({mode}): {exc}") from None
+    except BaseException:
+        stream.close()
+        raise
+
+
 class ServerConn:
     """A logged-in connection to PostgreSQL, owned by one pool."""
 
     __slots__ = ("id", "pool", "stream", "pid", "key", "params", "created", "last_used",
                  "client", "buf", "view", "stmts", "addr", "closed", "reset_needed", "tsig",
-                 "__weakref__")
+                 "tls", "__weakref__")
 
     def __init__(self, pool: "Pool", stream: Stream, addr: str) -> None:
         self.id = next(_ids)
@@ -56,6 +86,7 @@ class ServerConn:
         self.closed = False
         self.reset_needed = False       # session-mode servers get server_reset_query before reuse
         self.tsig: tuple | None = None  # the client parameter values last applied (None: unknown)
+        self.tls: tls.TlsPump | None = None   # server_tls_sslmode: the pump behind `stream`
 
     # -- login ------------------------------------------------------------------
 
@@ -68,7 +99,9 @@ class ServerConn:
         try:
             with gevent.Timeout(timeout or None, ServerError(f"server connect timeout ({addr})")):
                 sock = connect_tcp(route.host, route.port, timeout)
-                conn = cls(pool, Stream(sock, addr), addr)
+                stream, pump = _start_tls(Stream(sock, addr), route.host, addr)
+                conn = cls(pool, stream, addr)
+                conn.tls = pump
                 try:
                     conn._login(user, route.dbname, password, scram_keys, route.application_name)
                 except BaseException:
@@ -201,6 +234,8 @@ class ServerConn:
             except OSError:
                 pass
         self.stream.close()
+        if self.tls is not None:
+            self.tls.release()      # the Terminate is flushed, then the pump closes
 
     def __repr__(self) -> str:
         return f"S-{self.id}({self.addr} pid={self.pid})"

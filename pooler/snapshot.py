@@ -153,7 +153,8 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
     pool = client.pool
     srv = getattr(relay, "server", None)
     addr, port = _split_peer(client.addr)
-    laddr, lport = _local(client.stream)
+    pump = client.tls
+    laddr, lport = _local_sock(pump.tls) if pump is not None else _local(client.stream)
     since = waits.get(id(client))
     wait = clock.mono_now - since if since is not None else 0.0
     last = getattr(relay, "last_active", None)
@@ -176,6 +177,7 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
         "link": server_ptr(wid, srv.id) if srv is not None else None,
         "application_name": client.tparams.get("application_name") or "",
         "prepared_statements": len(stmts.names) if stmts is not None else 0,
+        "tls": pump.info if pump is not None else "",
     }
 
 
@@ -197,8 +199,14 @@ def _split_peer(peer: str) -> tuple[str, int]:
 
 
 def _local(stream) -> tuple[str, int]:
+    return _local_sock(stream.sock)
+
+
+def _local_sock(sock) -> tuple[str, int]:
+    """(address, port) a socket is bound to; ('unix', 0) for a Unix socket.
+    (A TLS connection's stream is a socketpair end: its TLS socket is asked.)"""
     try:
-        name = stream.sock.getsockname()
+        name = sock.getsockname()
     except OSError:
         return "", 0
     if isinstance(name, tuple) and len(name) >= 2:
@@ -222,7 +230,8 @@ def _servers(pool: "Pool", wid: int, clock: _Clock, state: "control.AdminState")
 def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock,
             state: "control.AdminState") -> dict[str, Any]:
     client = srv.client
-    laddr, lport = _local(srv.stream)
+    pump = srv.tls
+    laddr, lport = _local_sock(pump.tls) if pump is not None else _local(srv.stream)
     created = state.close_needed.get(srv, srv.created)
     host = pool.route.host
     return {
@@ -242,4 +251,5 @@ def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock,
         "remote_pid": srv.pid,
         "application_name": (client.tparams.get("application_name") or "") if client is not None else "",
         "prepared_statements": len(srv.stmts.cache),
+        "tls": pump.info if pump is not None else "",
     }

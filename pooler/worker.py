@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 from gevent.server import StreamServer
 
-from . import auth, netio, peering
+from . import auth, netio, peering, tls
 from .admin import AdminConsole
 from .authquery import AuthQuery
 from .cli import version_line
@@ -70,6 +70,7 @@ class Worker:
         """Take a (validated) config: new limits apply to pools from now on."""
         self.cfg = cfg
         self.userlist = auth.load_userlist(cfg.auth.file) if cfg.auth.file else {}
+        tls.configure(cfg)          # TLS contexts, the files re-read (new connections)
         self.auth_query.reset()
         self.tracked = TRACKED_BASE + tuple(p for p in cfg.track_extra_parameters if p not in TRACKED_BASE)
         self.tracked_canon = {p.lower(): p for p in self.tracked}

@@ -125,17 +125,17 @@ def test_unknown_connection_parameter_hides_password(tmp_path, userlist):
 
 
 def test_unsupported_settings_are_warnings_by_name(tmp_path, userlist, capsys, caplog):
-    path = write(tmp_path, base(userlist, "client_tls_sslmode = require", "server_tls_sslmode = disable",
+    path = write(tmp_path, base(userlist, "client_tls_ciphers = HIGH", "server_tls_protocols = secure",
                                 "so_reuseport = 0", "[users]",
                                 "app = pool_mode=session transaction_timeout=30",
                                 "[databases]", "b = host=x client_encoding=UTF8"))
     cfg = load_ini(path)
     err = warned(capsys, caplog)
-    assert "WARNING" in err and "client_tls_sslmode = 'require': not supported" in err
+    assert "WARNING" in err and "client_tls_ciphers = 'HIGH': not supported" in err
     assert "[users] app: transaction_timeout = '30': not supported by pooler" in err
     assert cfg.users["app"].pool_mode == "session"      # the rest of the entry is taken
     assert "[databases] b: client_encoding is not supported" in err
-    assert "server_tls_sslmode" not in err and "so_reuseport" not in err   # same behaviour here
+    assert "server_tls_protocols" not in err and "so_reuseport" not in err   # same behaviour here
 
 
 def test_check_config_dispatches_ini(tmp_path, userlist, capsys):
@@ -288,10 +288,10 @@ def test_misspelled_key_stops_the_pooler(pg, pooler_factory):
 
 
 def test_ini_drop_in_serves_and_warns(pg, pooler_factory):
-    text = side_ini(pg, "plain") + "client_tls_sslmode = require\n"
+    text = side_ini(pg, "plain") + "client_tls13_ciphers = TLS_AES_128_GCM_SHA256\n"
     p = pooler_factory(text, userlist={APP_USER: APP_PASSWORD}, filename="pgbouncer.ini")
     assert login_ok(p, APP_DB, APP_USER, APP_PASSWORD)
-    assert "client_tls_sslmode = 'require': not supported by pooler" in p.log()
+    assert "client_tls13_ciphers = 'TLS_AES_128_GCM_SHA256': not supported by pooler" in p.log()
 
 
 def _session_user_picture(pg, target) -> tuple:

@@ -1,0 +1,268 @@
+"""TLS for clients (client_tls_*) and for server connections (server_tls_*), PgBouncer-style.
+
+The relay works on raw non-blocking sockets and waits on their fds (netio.py). A TLS
+socket does not fit that model: it raises SSLWantReadError instead of
+BlockingIOError, and it can hold decrypted bytes while its fd is not readable, so
+waiting on the fd could hang. So TLS is terminated outside the relay: after the
+handshake, the connection's owner (Client, ServerConn) gets a netio.Stream on one end
+of a `socketpair()` (a plain socket: the relay and the handshake code are unchanged)
+and a TlsPump moves bytes between the other end and the gevent TLS socket, one
+greenlet per direction (a single greenlet doing blocking writes both ways could
+deadlock: blocked writing to the relay while the relay is blocked writing to it).
+
+Cost: a TLS connection pays two extra syscalls per direction per chunk (the pump's
+recv and send on the socketpair) and two greenlets; plaintext connections pay nothing.
+
+Contexts are built once per config (`configure`, from Worker.apply_config: so on
+start, RELOAD, SIGHUP and SET), and the files are re-read each time. `check` builds
+them with the plain `ssl` module for config validation (the master imports no gevent).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("pooler.tls")
+
+CHUNK = 65536               # most bytes moved per pump read
+RELEASE_GRACE = 5.0         # after its owner closed: time left to flush, then closed anyway
+VERIFYING = ("verify-ca", "verify-full")
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+
+
+# --------------------------------------------------------------------------- contexts
+
+@dataclass
+class Contexts:
+    client_mode: str = "disable"
+    server_mode: str = "disable"
+    client: ssl.SSLContext | None = None     # for accepting clients (server side of TLS)
+    server: ssl.SSLContext | None = None     # for connecting to PostgreSQL
+
+    @property
+    def client_required(self) -> bool:
+        return self.client_mode in ("require",) + VERIFYING
+
+
+def _secure(ctx: ssl.SSLContext) -> None:
+    # PgBouncer's default client_tls_protocols / server_tls_protocols "secure": TLS 1.2+.
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+
+
+def _client_context(v: dict[str, Any], cls: type) -> ssl.SSLContext:
+    ctx = cls(ssl.PROTOCOL_TLS_SERVER)
+    _secure(ctx)
+    ctx.load_cert_chain(v["client_tls_cert_file"], v["client_tls_key_file"])
+    if v.get("client_tls_ca_file"):
+        ctx.load_verify_locations(cafile=v["client_tls_ca_file"])
+        # verify-ca / verify-full: a client certificate is required (PgBouncer: the two
+        # are the same on the client side); otherwise one that is sent is verified.
+        ctx.verify_mode = ssl.CERT_REQUIRED if v["client_tls_sslmode"] in VERIFYING \
+            else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _server_context(v: dict[str, Any], cls: type) -> ssl.SSLContext:
+    mode = v["server_tls_sslmode"]
+    ctx = cls(ssl.PROTOCOL_TLS_CLIENT)
+    _secure(ctx)
+    if mode in VERIFYING:
+        ctx.check_hostname = mode == "verify-full"
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if v.get("server_tls_ca_file"):
+            ctx.load_verify_locations(cafile=v["server_tls_ca_file"])
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        # allow / prefer / require: encrypted, not verified (PgBouncer, libpq's require).
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if v.get("server_tls_cert_file"):
+        ctx.load_cert_chain(v["server_tls_cert_file"], v["server_tls_key_file"])
+    return ctx
+
+
+def build(v: dict[str, Any], cls: type = ssl.SSLContext) -> Contexts:
+    """Contexts for the TLS settings in `v` (a Config's attributes as a dict)."""
+    out = Contexts(v.get("client_tls_sslmode", "disable"), v.get("server_tls_sslmode", "disable"))
+    if out.client_mode != "disable":
+        out.client = _client_context(v, cls)
+    if out.server_mode != "disable":
+        out.server = _server_context(v, cls)
+    return out
+
+
+def check(v: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, problem) for each side whose files do not make a context (config validation)."""
+    problems = []
+    for side, make in (("client", _client_context), ("server", _server_context)):
+        if v.get(f"{side}_tls_sslmode", "disable") == "disable":
+            continue
+        try:
+            make(v, ssl.SSLContext)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            keys = [k for k in (f"{side}_tls_cert_file", f"{side}_tls_key_file",
+                                f"{side}_tls_ca_file") if v.get(k)]
+            problems.append((keys[0] if keys else f"{side}_tls_sslmode",
+                             f"cannot load the TLS files ({', '.join(keys)}): "
+                             f"{getattr(exc, 'reason', None) or exc}"))
+    return problems
+
+
+def _settings(cfg) -> dict[str, Any]:
+    from .config import TLS_KEYS
+    return {k: getattr(cfg, k) for k in TLS_KEYS}
+
+
+_current: Contexts | None = None
+
+
+def configure(cfg) -> None:
+    """Build this process's contexts from `cfg` (re-reading the files). On a failure
+    (a file changed since validation) the previous contexts stay, logged."""
+    global _current
+    from gevent import ssl as gssl
+    try:
+        _current = build(_settings(cfg), gssl.SSLContext)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        log.error("TLS settings not applied, keeping the previous ones: %s", exc)
+        if _current is None:
+            _current = Contexts()
+
+
+def current() -> Contexts:
+    if _current is None:
+        return Contexts()
+    return _current
+
+
+# --------------------------------------------------------------------------- handshakes
+
+class HandshakeFailed(Exception):
+    """The TLS handshake did not complete (bad certificate, garbage, peer gone)."""
+
+
+def describe(tls_sock) -> str:
+    """PgBouncer's SHOW CLIENTS/SERVERS `tls` column, as far as Python can tell:
+    'TLSv1.3/TLS_AES_256_GCM_SHA384'."""
+    try:
+        cipher = tls_sock.cipher()
+        return f"{tls_sock.version()}/{cipher[0]}" if cipher else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None):
+    """TLS handshake on `stream`'s socket (cooperatively, under the caller's timeout);
+    returns (a new plain netio.Stream for the owner, the TlsPump). `stream` is closed
+    either way (its socket now belongs to the TLS layer); HandshakeFailed on failure."""
+    from gevent import socket as gsocket
+
+    from . import netio
+    raw = stream.sock
+    family = raw.family
+    fd = raw.detach()
+    stream.close()
+    gsock = gsocket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    tls_sock = None
+    try:
+        tls_sock = ctx.wrap_socket(gsock, server_side=server_side,
+                                   server_hostname=None if server_side else server_hostname,
+                                   do_handshake_on_connect=False)
+        tls_sock.do_handshake()
+        mine, theirs = gsocket.socketpair()
+    except BaseException as exc:
+        (tls_sock or gsock).close()
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise HandshakeFailed(f"certificate verification failed: {exc.verify_message}") from None
+        if isinstance(exc, (ssl.SSLError, OSError, ValueError)):
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise HandshakeFailed(reason) from None
+        raise
+    owner_end = netio.raw_from_gevent(theirs)
+    return netio.Stream(owner_end, stream.peer), TlsPump(tls_sock, mine)
+
+
+class TlsPump:
+    """Moves bytes between a TLS socket and the pump's end of a socketpair, one greenlet
+    per direction. EOF or an error on either side closes both sockets and both
+    greenlets, so EOF propagates both ways; `release()` (the owner closed its end)
+    bounds how long the pump may still flush."""
+
+    __slots__ = ("tls", "plain", "info", "closed", "_glets", "_grace")
+
+    def __init__(self, tls_sock, plain) -> None:
+        import gevent
+        self.tls = tls_sock
+        self.plain = plain
+        self.info = describe(tls_sock)
+        self.closed = False
+        self._grace = None
+        self._glets = (gevent.spawn(self._tls_to_plain), gevent.spawn(self._plain_to_tls))
+
+    def _tls_to_plain(self) -> None:
+        tls, plain = self.tls, self.plain
+        try:
+            while True:
+                data = tls.recv(CHUNK)
+                if not data:
+                    break
+                # Records already decrypted inside the SSL object: one send for all.
+                pending = tls.pending()
+                if pending:
+                    parts = [data]
+                    size = len(data)
+                    while pending and size < CHUNK:
+                        more = tls.recv(min(pending, CHUNK - size))
+                        if not more:
+                            break
+                        parts.append(more)
+                        size += len(more)
+                        pending = tls.pending()
+                    data = b"".join(parts)
+                plain.sendall(data)
+        except Exception as exc:   # noqa: BLE001 - the peer went away: close both sides
+            log.debug("TLS pump (from peer) ends: %s", exc)
+        finally:
+            self.close()
+
+    def _plain_to_tls(self) -> None:
+        tls, plain = self.tls, self.plain
+        try:
+            while True:
+                data = plain.recv(CHUNK)
+                if not data:
+                    break
+                tls.sendall(data)
+        except Exception as exc:   # noqa: BLE001
+            log.debug("TLS pump (to peer) ends: %s", exc)
+        finally:
+            self.close()
+
+    def release(self) -> None:
+        """The owner closed its end: what it wrote is flushed (then EOF closes the pump),
+        but for at most RELEASE_GRACE seconds, so a peer that does not read cannot keep
+        the pump alive."""
+        if not self.closed and self._grace is None:
+            import gevent
+            self._grace = gevent.spawn_later(RELEASE_GRACE, self.close)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        import gevent
+        me = gevent.getcurrent()
+        for g in (*self._glets, self._grace):
+            if g is not None and g is not me:
+                g.kill(block=False)
+        for s in (self.tls, self.plain):
+            try:
+                s.close()
+            except Exception:   # noqa: BLE001
+                pass

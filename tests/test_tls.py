@@ -1,0 +1,563 @@
+"""TLS, PgBouncer-style: client_tls_* (clients to the pooler) and server_tls_* (the pooler
+to PostgreSQL), with real clients (psycopg2, psql, pgbench, a raw wire client over
+Python's ssl) and real PostgreSQL clusters: the session one (ssl off) and one started
+here with ssl on. Certificates (a throwaway CA, a server certificate for 127.0.0.1 and
+localhost, a client certificate, one for another host name) are made with the openssl
+CLI in a module-scoped temp dir.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from conftest import (APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD,
+                      wait_until)
+from pooler.config import ConfigError, parse_config
+from pooler.devcluster import TempPostgres
+from pooler.ini import runtime_setting
+from rawpg import SSL_REQUEST, PgError, RawConn
+
+OPENSSL = shutil.which("openssl")
+PGBENCH = shutil.which("pgbench")
+PSQL = shutil.which("psql")
+pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
+
+
+# --------------------------------------------------------------------------- certificates
+
+def _openssl(*args: str, cwd: Path) -> None:
+    cp = subprocess.run([OPENSSL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, f"openssl {' '.join(args)}:\n{cp.stderr}"
+
+
+def _issue(d: Path, name: str, cn: str, ext: str) -> None:
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    (d / f"{name}.ext").write_text(ext + "\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-sha256", "-out", f"{name}.crt",
+             "-extfile", f"{name}.ext", cwd=d)
+    os.chmod(d / f"{name}.key", 0o600)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-sha256",
+             "-subj", "/CN=pooler test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _issue(d, "server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+           "extendedKeyUsage=serverAuth")
+    _issue(d, "wrong", "wrong.example", "subjectAltName=DNS:wrong.example\n"
+           "extendedKeyUsage=serverAuth")
+    _issue(d, "client", APP_USER, "extendedKeyUsage=clientAuth")
+    return {k: str(d / k) for k in ("ca.crt", "ca.key", "server.crt", "server.key", "wrong.crt",
+                                    "wrong.key", "client.crt", "client.key")} | {"dir": str(d)}
+
+
+TRUST = {"auth": {"type": "trust"}}
+
+
+def client_tls(certs, mode: str = "require", **extra) -> dict:
+    return {"client_tls_sslmode": mode, "client_tls_cert_file": certs["server.crt"],
+            "client_tls_key_file": certs["server.key"], **extra}
+
+
+def tls_raw(p, timeout: float = 10.0, ctx: ssl.SSLContext | None = None) -> RawConn:
+    """A RawConn to the pooler switched to TLS (SSLRequest, 'S', handshake)."""
+    c = RawConn(p.host, p.port, timeout)
+    c.send(struct.pack("!ii", 8, SSL_REQUEST))
+    assert c.read_byte() == b"S"
+    if ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    c.sock = ctx.wrap_socket(c.sock)
+    return c
+
+
+def admin_rows(p, sql: str) -> list[dict]:
+    conn = p.connect(db="pgbouncer", user=SUPERUSER, password=SUPERUSER_PASSWORD,
+                     sslmode="prefer")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# --------------------------------------------------------------------------- config
+
+def test_config_validation_names_the_keys(certs, tmp_path):
+    with pytest.raises(ConfigError) as ei:
+        parse_config({"client_tls_sslmode": "require", **TRUST})
+    text = str(ei.value)
+    assert "client_tls_key_file: is required" in text and "client_tls_cert_file: is required" in text
+    with pytest.raises(ConfigError, match=r"client_tls_cert_file: '.*nope\.crt' is not valid: a readable file"):
+        parse_config(client_tls(certs, client_tls_cert_file=str(tmp_path / "nope.crt"), **TRUST))
+    with pytest.raises(ConfigError, match="client_tls_ca_file: is required"):
+        parse_config(client_tls(certs, "verify-full", **TRUST))
+    with pytest.raises(ConfigError, match="client_tls_cert_file: cannot load the TLS files"):
+        parse_config(client_tls(certs, client_tls_key_file=certs["client.key"], **TRUST))
+    with pytest.raises(ConfigError, match="client_tls_sslmode: 'on' is not valid: one of 'disable'"):
+        parse_config({"client_tls_sslmode": "on", **TRUST})
+    with pytest.raises(ConfigError, match="server_tls_key_file: is required"):
+        parse_config({"server_tls_sslmode": "require", "server_tls_cert_file": certs["client.crt"],
+                      **TRUST})
+    cfg = parse_config({**client_tls(certs, "verify-ca", client_tls_ca_file=certs["ca.crt"]),
+                        "server_tls_sslmode": "verify-full", "server_tls_ca_file": certs["ca.crt"],
+                        **TRUST})
+    assert cfg.client_tls_sslmode == "verify-ca" and cfg.server_tls_ca_file == certs["ca.crt"]
+    # The console's SET checks the TLS keys together.
+    plain = parse_config(TRUST)
+    with pytest.raises(ConfigError, match="client_tls_cert_file: is required"):
+        runtime_setting(plain, "client_tls_sslmode", "require")
+    with_files = runtime_setting(runtime_setting(plain, "client_tls_cert_file", certs["server.crt"]),
+                                 "client_tls_key_file", certs["server.key"])
+    assert runtime_setting(with_files, "client_tls_sslmode", "prefer").client_tls_sslmode == "prefer"
+
+
+# --------------------------------------------------------------------------- clients
+
+def test_client_require_psycopg2_psql_pgbench(pg, pooler_factory, pooler_config, app_userlist,
+                                              certs):
+    """client_tls_sslmode=require: TLS clients get in (transaction pooling, SCRAM),
+    plaintext ones are refused with PgBouncer's 08P01 "SSL required"."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=4,
+                                     admin_users=[SUPERUSER], verbose=1, **client_tls(certs)),
+                       app_userlist)
+    conn = p.connect(sslmode="require")
+    conn.autocommit = True
+    assert conn.info.ssl_in_use
+    assert conn.info.ssl_attribute("protocol") in ("TLSv1.2", "TLSv1.3")
+    with conn.cursor() as cur:
+        for i in range(20):
+            cur.execute("SELECT %s + 1, current_user", (i,))
+            assert cur.fetchone() == (i + 1, APP_USER)
+    rows = admin_rows(p, "SHOW CLIENTS")
+    mine = [r for r in rows if r["database"] == APP_DB]
+    assert mine and re.fullmatch(r"TLSv1\.[23]/\S+", mine[0]["tls"]), mine
+    assert mine[0]["local_addr"] == "127.0.0.1" and mine[0]["local_port"] == p.port
+    conn.close()
+    assert re.search(r"TLS established: TLSv1\.[23]/", p.log())     # verbose only
+
+    with pytest.raises(psycopg2.OperationalError, match="SSL required"):
+        p.connect(sslmode="disable")
+    with RawConn(p.host, p.port, timeout=5) as c, pytest.raises(PgError) as ei:
+        c.login(APP_USER, APP_PASSWORD, APP_DB)
+    assert ei.value.sqlstate == "08P01" and ei.value.message == "SSL required"
+
+    # A raw client over Python's ssl: the whole protocol goes through the pump.
+    with tls_raw(p) as c:
+        c.login(APP_USER, APP_PASSWORD, APP_DB)
+        rows, err = c.query("SELECT 'over tls'")
+        assert err is None and rows == [["over tls"]]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=APP_PASSWORD, PGSSLMODE="require", PGCONNECT_TIMEOUT="10")
+    if PSQL:
+        cp = subprocess.run([PSQL, "-X", "-w", "-A", "-t", "-h", p.host, "-p", str(p.port),
+                             "-U", APP_USER, "-d", APP_DB, "-c", "SELECT 40 + 2"],
+                            capture_output=True, text=True, timeout=30, env=env)
+        assert cp.returncode == 0 and cp.stdout.strip() == "42", cp.stderr
+    if PGBENCH:
+        init = subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port),
+                               "-U", APP_USER, APP_DB], env={**env, "PGSSLMODE": "disable"},
+                              capture_output=True, text=True, timeout=120)
+        assert init.returncode == 0, init.stderr
+        r = subprocess.run([PGBENCH, "-S", "-n", "-c", "8", "-j", "2", "-T", "3",
+                            "-h", p.host, "-p", str(p.port), "-U", APP_USER, APP_DB],
+                           env=env, capture_output=True, text=True, timeout=60)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, f"{out}\n{p.log()[-2000:]}"
+        m = re.search(r"number of failed transactions: (\d+)", out)
+        assert m and m.group(1) == "0", out
+        done = re.search(r"number of transactions actually processed: (\d+)", out)
+        assert done and int(done.group(1)) > 100, out
+    assert "Traceback" not in p.log(), p.log()
+
+
+def test_cancel_request_of_a_tls_client(pooler_factory, pooler_config, app_userlist, certs):
+    """libpq sends its CancelRequest in plain text on a new connection: taken even with
+    client_tls_sslmode=require (as PgBouncer), and it reaches the TLS client's query."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", **client_tls(certs)), app_userlist)
+    conn = p.connect(sslmode="require")
+    conn.autocommit = True
+    timer = threading.Timer(0.5, conn.cancel)
+    timer.start()
+    started = time.monotonic()
+    with conn.cursor() as cur, pytest.raises(psycopg2.errors.QueryCanceled):
+        cur.execute("SELECT pg_sleep(20)")
+    timer.join()
+    assert time.monotonic() - started < 10
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    conn.close()
+
+
+def test_client_prefer_keeps_plaintext_clients_and_unix_socket_gets_N(
+        pooler_factory, pooler_config, app_userlist, certs, tmp_path):
+    sockdir = tmp_path / "sock"
+    sockdir.mkdir()
+    p = pooler_factory(pooler_config(unix_socket_dir=str(sockdir), **client_tls(certs, "prefer")),
+                       app_userlist)
+    for mode, tls_on in (("disable", False), ("prefer", True), ("require", True)):
+        conn = p.connect(sslmode=mode)
+        assert conn.info.ssl_in_use is tls_on, mode
+        conn.close()
+    # No TLS over the Unix socket (PgBouncer's rule): 'N', then a plaintext login.
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(str(sockdir / f".s.PGSQL.{p.port}"))
+    s.sendall(struct.pack("!ii", 8, SSL_REQUEST))
+    assert s.recv(1) == b"N"
+    s.close()
+    conn = psycopg2.connect(host=str(sockdir), port=p.port, dbname=APP_DB, user=APP_USER,
+                            password=APP_PASSWORD, sslmode="prefer", connect_timeout=10)
+    assert not conn.info.ssl_in_use
+    conn.close()
+
+
+def test_client_verify_full_needs_a_certificate_signed_by_the_ca(
+        pooler_factory, pooler_config, app_userlist, certs):
+    p = pooler_factory(pooler_config(**client_tls(certs, "verify-full",
+                                                  client_tls_ca_file=certs["ca.crt"])),
+                       app_userlist)
+    conn = p.connect(sslmode="verify-full", sslrootcert=certs["ca.crt"],
+                     sslcert=certs["client.crt"], sslkey=certs["client.key"])
+    assert conn.info.ssl_in_use
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_user")
+        assert cur.fetchone() == (APP_USER,)
+    conn.close()
+    # localhost is in the certificate too
+    conn = psycopg2.connect(host="localhost", port=p.port, dbname=APP_DB, user=APP_USER,
+                            password=APP_PASSWORD, sslmode="verify-full",
+                            sslrootcert=certs["ca.crt"], sslcert=certs["client.crt"],
+                            sslkey=certs["client.key"], connect_timeout=10)
+    conn.close()
+    with pytest.raises(psycopg2.OperationalError):
+        p.connect(sslmode="require", sslcert=os.devnull, sslkey=os.devnull)
+    with pytest.raises(psycopg2.OperationalError, match="SSL required"):
+        p.connect(sslmode="disable")
+    # A certificate from another CA (its own self-signed one) is refused too.
+    with pytest.raises(psycopg2.OperationalError):
+        p.connect(sslmode="require", sslcert=certs["ca.crt"], sslkey=certs["ca.key"])
+    assert p.returncode is None
+
+
+def test_scram_over_client_tls_accepts_gs2_y(pooler_factory, pooler_config, app_userlist, certs):
+    """libpq over TLS supports channel binding; we offer only SCRAM-SHA-256, so it sends
+    gs2 flag 'y' (RFC 5802: fine when the server does not do channel binding)."""
+    p = pooler_factory(pooler_config(auth={"type": "scram-sha-256"}, **client_tls(certs)),
+                       app_userlist)
+    conn = p.connect(sslmode="require", channel_binding="prefer")
+    assert conn.info.ssl_in_use
+    conn.close()
+    # channel_binding=require cannot be met without SCRAM-SHA-256-PLUS: libpq refuses.
+    with pytest.raises(psycopg2.OperationalError, match="(?i)channel binding"):
+        p.connect(sslmode="require", channel_binding="require")
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        p.connect(sslmode="require", password="wrong")
+
+
+def test_garbage_instead_of_client_hello_does_not_disturb_others(
+        pooler_factory, pooler_config, app_userlist, certs):
+    p = pooler_factory(pooler_config(**client_tls(certs)), app_userlist)
+    bystander = p.connect(sslmode="require")
+    bystander.autocommit = True
+    baseline = open_fds(p.pid)
+    for garbage in (b"\x00" * 300, b"GET / HTTP/1.0\r\n\r\n", os.urandom(5000)):
+        with socket.create_connection((p.host, p.port), timeout=5) as s:
+            s.sendall(struct.pack("!ii", 8, SSL_REQUEST))
+            assert s.recv(1) == b"S"
+            s.sendall(garbage)
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+        with bystander.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    # Plaintext bytes right behind the SSLRequest are refused, never taken as TLS.
+    with RawConn(p.host, p.port, timeout=5) as c:
+        c.send(struct.pack("!ii", 8, SSL_REQUEST) + b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
+        err = c.read_error()
+        assert err.sqlstate == "08P01" and "unencrypted data after SSL request" in err.message
+    # A client that says 'S' and then never speaks: its handshake is bounded by the
+    # login timeout; one that vanishes mid-handshake is cleaned up.
+    socket.create_connection((p.host, p.port)).close()
+    wait_until(lambda: open_fds(p.pid) <= baseline, 5, message="sockets left behind")
+    bystander.close()
+    assert "Traceback" not in p.log(), p.log()
+    assert "TLS handshake failed" in p.log()
+
+
+# --------------------------------------------------------------------------- servers
+
+@pytest.fixture(scope="module")
+def ssl_pg(certs):
+    cluster = TempPostgres(ssl_cert_file=certs["server.crt"], ssl_key_file=certs["server.key"])
+    cluster.start()
+    try:
+        cluster.create_role(APP_USER, APP_PASSWORD)
+        cluster.create_database(APP_DB, owner=APP_USER)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def ssl_pg_config(ssl_pg, certs, mode: str, host: str = "127.0.0.1", **extra) -> dict:
+    return {"databases": {APP_DB: {"host": host, "port": ssl_pg.port, "dbname": APP_DB}},
+            "server_tls_sslmode": mode, "server_tls_ca_file": certs["ca.crt"], **extra}
+
+
+def backend_ssl(p, **extra) -> tuple[bool, str]:
+    conn = p.connect(**extra)
+    conn.autocommit = True      # so that the server goes back to the pool, not away
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            return cur.fetchone()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mode", ["prefer", "require", "verify-ca", "verify-full"])
+def test_server_tls_modes_against_ssl_postgres(mode, ssl_pg, pooler_factory, app_userlist, certs):
+    p = pooler_factory(ssl_pg_config(ssl_pg, certs, mode, admin_users=[SUPERUSER],
+                                     pool_mode="transaction"), app_userlist)
+    on, version = backend_ssl(p)
+    assert on is True and version in ("TLSv1.2", "TLSv1.3")
+    servers = [r for r in admin_rows(p, "SHOW SERVERS") if r["database"] == APP_DB]
+    assert servers and all(r["tls"].startswith("TLSv1.") for r in servers), servers
+    assert "Traceback" not in p.log()
+
+
+def test_server_tls_backend_terminated_reaches_the_client(ssl_pg, pooler_factory, app_userlist,
+                                                          certs):
+    """PostgreSQL ends a TLS backend: the pump's EOF reaches the relay, the client gets an
+    error, and the next client gets a fresh TLS server."""
+    p = pooler_factory(ssl_pg_config(ssl_pg, certs, "require", pool_mode="session"), app_userlist)
+    conn = p.connect()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+    ssl_pg.psql(f"SELECT pg_terminate_backend({pid})")
+    with pytest.raises(psycopg2.Error), conn.cursor() as cur:
+        for _ in range(50):
+            cur.execute("SELECT 1")
+            time.sleep(0.05)
+    conn.close()
+    assert backend_ssl(p)[0] is True
+    assert "Traceback" not in p.log()
+
+
+def test_server_verify_full_refuses_a_certificate_for_another_host(
+        ssl_pg, pooler_factory, app_userlist, certs):
+    # The same CA, but a certificate naming only wrong.example: verify-ca accepts it,
+    # verify-full does not (host 127.0.0.1).
+    datadir = Path(ssl_pg.datadir)
+    try:
+        for name in ("crt", "key"):
+            ssl_pg._write_server_file(str(datadir / f"server.{name}"),
+                                      Path(certs[f"wrong.{name}"]).read_text())
+        ssl_pg.reload()
+        time.sleep(0.5)
+        p = pooler_factory(ssl_pg_config(ssl_pg, certs, "verify-full"), app_userlist)
+        with RawConn(p.host, p.port, timeout=10) as c, pytest.raises(PgError) as ei:
+            c.login(APP_USER, APP_PASSWORD, APP_DB)
+        assert ei.value.sqlstate == "08006", ei.value.fields
+        assert "certificate verification failed" in ei.value.message, ei.value.message
+        assert "IP address mismatch" in ei.value.message, ei.value.message
+        # (within server_login_retry the next client gets the same cause, as 08P01)
+        with pytest.raises(psycopg2.OperationalError, match="certificate verification failed"):
+            p.connect()
+        q = pooler_factory(ssl_pg_config(ssl_pg, certs, "verify-ca"), app_userlist)
+        assert backend_ssl(q)[0] is True
+    finally:
+        for name in ("crt", "key"):
+            ssl_pg._write_server_file(str(datadir / f"server.{name}"),
+                                      Path(certs[f"server.{name}"]).read_text())
+        ssl_pg.reload()
+        time.sleep(0.5)
+
+
+def test_server_require_against_postgres_without_ssl_fails_clearly(
+        pg, pooler_factory, pooler_config, app_userlist):
+    p = pooler_factory(pooler_config(server_tls_sslmode="require"), app_userlist)
+    with RawConn(p.host, p.port, timeout=10) as c, pytest.raises(PgError) as ei:
+        c.login(APP_USER, APP_PASSWORD, APP_DB)
+    assert ei.value.sqlstate == "08006"
+    assert "does not accept TLS connections, but server_tls_sslmode is require" in ei.value.message
+    with pytest.raises(psycopg2.OperationalError, match="does not accept TLS connections"):
+        p.connect()
+    # prefer falls back to plain text
+    q = pooler_factory(pooler_config(server_tls_sslmode="prefer"), app_userlist)
+    assert backend_ssl(q)[0] is False
+
+
+def test_two_workers_client_and_server_tls(ssl_pg, pooler_factory, app_userlist, certs):
+    """Prefork: every worker builds its contexts; logins spread over both."""
+    p = pooler_factory({**ssl_pg_config(ssl_pg, certs, "verify-full"), **client_tls(certs),
+                        "workers": 2, "pool_mode": "transaction", "default_pool_size": 2},
+                       app_userlist)
+    results = []
+
+    def one(i: int) -> None:
+        conn = p.connect(sslmode="require")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for _ in range(5):
+                cur.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                results.append((conn.info.ssl_in_use, cur.fetchone()[0]))
+        conn.close()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [(True, True)] * 30, (results, p.log()[-3000:])
+    assert "Traceback" not in p.log()
+
+
+# --------------------------------------------------------------------------- data
+
+def test_large_result_and_copy_in_through_client_and_server_tls(
+        ssl_pg, pooler_factory, app_userlist, certs):
+    p = pooler_factory({**ssl_pg_config(ssl_pg, certs, "verify-full"), **client_tls(certs),
+                        "pool_mode": "transaction", "admin_users": [SUPERUSER],
+},
+                       app_userlist)
+    conn = p.connect(sslmode="require")
+    big = ("SELECT i, repeat(md5(i::text), 20) FROM generate_series(1, 32000) i ORDER BY i")
+    with conn.cursor() as cur:
+        cur.execute(big)
+        h = hashlib.md5()
+        size = 0
+        for i, text in cur:
+            line = f"{i}:{text}\n".encode()
+            h.update(line)
+            size += len(line)
+        assert size > 20_000_000
+        cur.execute("SELECT md5(string_agg(i || ':' || repeat(md5(i::text), 20) || E'\\n', '' "
+                    "ORDER BY i)) FROM generate_series(1, 32000) i")
+        assert cur.fetchone()[0] == h.hexdigest()
+        # COPY IN of ~5 MB, in one transaction (the temp table lives in it).
+        data = "".join(f"{i}\t{'x' * (i % 300)}{i}\n" for i in range(40000)).encode()
+        assert len(data) > 5_000_000
+        cur.execute("CREATE TEMP TABLE tls_copy (i int, t text) ON COMMIT DROP")
+        cur.copy_expert("COPY tls_copy FROM STDIN", io.BytesIO(data))
+        cur.execute("SELECT count(*), md5(string_agg(i || E'\\t' || t || E'\\n', '' ORDER BY i)) "
+                    "FROM tls_copy")
+        assert cur.fetchone() == (40000, hashlib.md5(data).hexdigest())
+    conn.commit()
+    conn.close()
+
+    # A client that vanishes (RST) in the middle of a large result: its pump and
+    # sockets go, the others are served.
+    bystander = p.connect(sslmode="require")
+    bystander.autocommit = True
+    wait_until(lambda: len([r for r in admin_rows(p, "SHOW CLIENTS")
+                            if r["database"] == APP_DB]) == 1, 10)
+    baseline = open_fds(p.pid)
+    for _ in range(3):
+        c = tls_raw(p)
+        c.login(APP_USER, APP_PASSWORD, APP_DB)
+        c.send_query(big)
+        got = 0
+        while got < 2_000_000:
+            got += len(c.sock.recv(65536))
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.sock.close()
+        with bystander.cursor() as cur:
+            cur.execute("SELECT 7")
+            assert cur.fetchone() == (7,)
+    wait_until(lambda: len([r for r in admin_rows(p, "SHOW CLIENTS")
+                            if r["database"] == APP_DB]) == 1, 15,
+               message="the vanished clients are still listed")
+    wait_until(lambda: open_fds(p.pid) <= baseline + 2, 15,
+               message=f"file descriptors left behind (baseline {baseline})")
+    with bystander.cursor() as cur:
+        cur.execute("SELECT count(*) FROM generate_series(1, 1000)")
+        assert cur.fetchone() == (1000,)
+    bystander.close()
+    assert "Traceback" not in p.log(), p.log()
+
+
+# --------------------------------------------------------------------------- pgbouncer.ini
+
+def _ini(pg, certs, extra: str = "") -> str:
+    return (f"[databases]\n{APP_DB} = host=127.0.0.1 port={pg.port} dbname={APP_DB}\n"
+            "[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+            "auth_type = scram-sha-256\nauth_file = {userlist}\n"
+            f"client_tls_sslmode = require\nclient_tls_key_file = {certs['server.key']}\n"
+            f"client_tls_cert_file = {certs['server.crt']}\nclient_tls_ca_file = {certs['ca.crt']}\n"
+            "client_tls_protocols = secure\nclient_tls_ciphers = default\n"
+            "client_tls_ecdhcurve = auto\nclient_tls_dheparams = auto\n"
+            f"server_tls_sslmode = prefer\nserver_tls_protocols = secure\n" + extra)
+
+
+def test_pgbouncer_ini_drop_in(pg, pooler_factory, certs):
+    p = pooler_factory(_ini(pg, certs), userlist={APP_USER: APP_PASSWORD},
+                       filename="pgbouncer.ini")
+    conn = p.connect(sslmode="verify-full", sslrootcert=certs["ca.crt"])
+    assert conn.info.ssl_in_use
+    conn.close()
+    log = p.log()
+    assert not re.search(r"tls\S* = .*not supported", log), log     # all taken or default
+    # A setting still not supported is warned by name; a missing file stops the pooler.
+    q = pooler_factory(_ini(pg, certs, "client_tls_ciphers = HIGH\n"),
+                       userlist={APP_USER: APP_PASSWORD}, filename="pgbouncer.ini")
+    assert "client_tls_ciphers = 'HIGH': not supported by pooler" in q.log()
+    bad = _ini(pg, certs).replace(certs["server.crt"], certs["dir"] + "/missing.crt")
+    r = pooler_factory(bad, userlist={APP_USER: APP_PASSWORD}, filename="pgbouncer.ini",
+                       expect_fail=True)
+    assert r.returncode != 0
+    assert re.search(r"client_tls_cert_file: .*missing\.crt.* is not valid: a readable file", r.log()), r.log()
+
+
+def test_reload_turns_client_tls_on(pooler_factory, pooler_config, app_userlist, certs):
+    p = pooler_factory(pooler_config(), app_userlist)
+    conn = p.connect(sslmode="prefer")
+    assert not conn.info.ssl_in_use
+    conn.close()
+    p.update_config(client_tls(certs))
+    wait_until(lambda: "reloaded" in p.log(), 10)
+
+    def tls_now() -> bool:
+        try:
+            c = p.connect(sslmode="prefer")
+        except psycopg2.OperationalError:
+            return False
+        on = c.info.ssl_in_use
+        c.close()
+        return on
+    wait_until(tls_now, 10, message="client TLS not on after RELOAD")
+    with pytest.raises(psycopg2.OperationalError, match="SSL required"):
+        p.connect(sslmode="disable")
