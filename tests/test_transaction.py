@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,6 +18,7 @@ import pytest
 
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, Poller, app_direct, backend_count,
                       raw_client, superuser_conn, wait_until)
+from pooler.devcluster import find_pg_bindir
 
 
 def tx_pooler(pooler_factory, pooler_config, app_userlist, **overrides):
@@ -374,10 +374,9 @@ def test_50mb_result_streams_without_growing_pooler_memory(pg, pooler_factory, p
 
 # ------------------------------------------------------------------ pgbench
 
-PGBENCH = shutil.which("pgbench")
+PGBENCH = os.path.join(find_pg_bindir(), "pgbench")     # required, like PostgreSQL itself
 
 
-@pytest.mark.skipif(PGBENCH is None, reason="pgbench not installed")
 def test_pgbench_through_transaction_pooling(pg, pooler_factory, pooler_config, app_userlist):
     env = dict(os.environ, PGPASSWORD=APP_PASSWORD)
     init = subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port),
