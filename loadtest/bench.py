@@ -23,10 +23,11 @@ from . import report
 from .pgbench import PgbenchSpec
 from .scenarios import Point, measure_idle, run_point, write_select1
 from .targets import (BENCH_USER, MD5_USER, PGBENCH_USERS, BenchDatabase, DirectTarget,
-                      PgBouncerTarget, PoolerTarget, PoolSettings, Target, make_workdir,
-                      pgbouncer_version, raise_fd_limit)
+                      PgBouncerTarget, PoolerTarget, PoolSettings, Target, make_tls_files,
+                      make_workdir, pgbouncer_version, raise_fd_limit)
 
-ALL_SCENARIOS = ("select", "extended", "prepared", "tpcb", "churn", "churn_scram", "latency", "idle", "cpu")
+ALL_SCENARIOS = ("select", "extended", "prepared", "tpcb", "churn", "churn_scram", "latency", "idle", "cpu",
+                 "tls")
 QUICK_SCENARIOS = ("select", "prepared", "churn", "idle")
 SELECT_CLIENTS = (16, 64, 512, 2000)
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
@@ -113,12 +114,14 @@ def build_points(args: argparse.Namespace, select1: str) -> list[Point]:
         points.append(Point("churn_scram", spec(16, connect_per_tx=True, user=BENCH_USER)))
     if "latency" in sc:
         points.append(Point("latency", spec(1, script=select1, log_latency=True, threads=1)))
+    if "tls" in sc:        # pgbench -S over TLS to every target (client side; servers plain)
+        points.append(Point("tls", spec(64, sslmode="require")))
     return points
 
 
 def make_targets(db: BenchDatabase, workdir: Path, args: argparse.Namespace, userlist: str) -> list[Target]:
     """direct, PgBouncer, then one pooler per worker count: the A/B/C order of every repetition."""
-    pool = PoolSettings(pool_size=args.pool_size)
+    pool = PoolSettings(pool_size=args.pool_size, tls=args.tls_files)
     targets: list[Target] = [DirectTarget(db), PgBouncerTarget(db, workdir, pool, userlist)]
     targets += [PoolerTarget(db, workdir, w, pool, userlist) for w in args.workers]
     return targets
@@ -126,7 +129,7 @@ def make_targets(db: BenchDatabase, workdir: Path, args: argparse.Namespace, use
 
 def fresh_copy(t: Target, db: BenchDatabase, workdir: Path, args: argparse.Namespace, userlist: str) -> Target:
     """A new, not yet started instance of the same target (idle memory is measured from a clean start)."""
-    pool = PoolSettings(pool_size=args.pool_size)
+    pool = PoolSettings(pool_size=args.pool_size, tls=args.tls_files)
     if isinstance(t, PoolerTarget):
         return PoolerTarget(db, workdir, t.workers, pool, userlist)
     return PgBouncerTarget(db, workdir, pool, userlist)
@@ -173,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     outdir = args.out or REPORTS_DIR / started.strftime("%Y%m%d-%H%M%S")
     if fd_limit < max([args.idle_clients, *args.clients]) + 100:   # per process: client side or pooler
         log(f"warning: open-file limit {fd_limit} is low for {max([args.idle_clients, *args.clients])} clients")
-    db = BenchDatabase(max_connections=args.max_connections)
     workdir = make_workdir()
+    args.tls_files = make_tls_files(workdir) if "tls" in args.scenarios else None
+    db = BenchDatabase(max_connections=args.max_connections, tls=args.tls_files)
     targets: list[Target] = []
     data: dict = {"date": started.isoformat(timespec="seconds"), "machine": report.machine_info(),
-                  "settings": {**{k: v for k, v in vars(args).items() if k != "out"},
+                  "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "tls_files")},
                                "max_client_conn": PoolSettings().max_client_conn, "fd_limit": fd_limit},
                   "targets": {}, "points": [], "idle": {}, "incidents": []}
     rc = 0

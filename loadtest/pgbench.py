@@ -31,6 +31,8 @@ class PgbenchSpec:
     threads: int | None = None        # -j; default min(2, clients): the machine is small
     user: str = BENCH_USER
     connect_allowance: float = 0.0    # extra -T seconds for logging in all clients (see duration)
+    sslmode: str = "disable"          # PGSSLMODE: libpq's default `prefer` would pick TLS
+                                      # wherever the target offers it
 
     def duration(self) -> int:
         """-T: pgbench's clock includes logging in every client first (one
@@ -144,6 +146,7 @@ def run(target: Target, spec: PgbenchSpec, timeout_slack: float = 120.0) -> Pgbe
     cmd = spec.args(target.port, prefix)
     env = child_env()
     env["PGPASSWORD"] = BENCH_PASSWORD
+    env["PGSSLMODE"] = spec.sslmode
     pid = target.pid
     cpu0 = procstats.cpu_seconds(pid) if pid else None
     t0 = time.monotonic()

@@ -136,8 +136,25 @@ def summarize(data: dict) -> dict:
     cpu_point = _cpu_point(data["points"])
     if cpu_point and "cpu" in data["settings"]["scenarios"]:
         summary["cpu"] = summarize_cpu(cpu_point, pooler_names)
+    tls_point = next((p for p in data["points"] if p["scenario"] == "tls"), None)
+    if tls_point:
+        summary["cpu_tls"] = summarize_cpu(tls_point, pooler_names)
     summary["goals"] = goals(data, summary, pooler_names)
     return summary
+
+
+def _cpu_table(L: list[str], cpu: dict, what: str) -> None:
+    L.append(f"## CPU per transaction ({what}, {cpu['clients']} clients)")
+    L.append("")
+    L.append("utime+stime of every process of the target (master and workers) during the run, "
+             "divided by transactions.")
+    L.append("")
+    L.append("| target | µs CPU per transaction | ratio to PgBouncer |")
+    L.append("| --- | --- | --- |")
+    for n, v in cpu["us_per_tx"].items():
+        r = cpu["ratio_to_pgbouncer"].get(n)
+        L.append(f"| {n} | {_fmt(v, 1)} | {'—' if n == 'pgbouncer' else _fmt(r, unit='×')} |")
+    L.append("")
 
 
 def _cpu_point(points: list[dict]) -> dict | None:
@@ -278,7 +295,9 @@ def markdown(data: dict, summary: dict) -> str:
         L.append("Scenarios: `select` = `pgbench -S` (simple protocol); `extended`/`prepared` = "
                  "`-S -M extended|prepared`; `tpcb` = built-in TPC-B-like; `churn` = `-S -C` "
                  "(a new connection per transaction) with md5 login; `churn_scram` = the same with SCRAM "
-                 "login (bounded by libpq's client-side PBKDF2 for every target). "
+                 "login (bounded by libpq's client-side PBKDF2 for every target); `tls` = `-S` with "
+                 "`sslmode=require` (TLS between pgbench and the target; a throwaway self-signed "
+                 "certificate; servers stay plain). "
                  f"pgbench logs in with {st.get('pgbench_auth', 'md5')} unless the scenario says otherwise. "
                  "n/a: more clients than PostgreSQL's max_connections.")
         L.append("")
@@ -293,19 +312,9 @@ def markdown(data: dict, summary: dict) -> str:
             L.append(f"| {n} | {_fmt(lat['p50_ms'].get(n), 3)} | {_fmt(lat['p99_ms'].get(n), 3)} | "
                      f"{_fmt(add.get('p50'), 3) if add else '—'} | {_fmt(add.get('p99'), 3) if add else '—'} |")
         L.append("")
-    if summary.get("cpu"):
-        cpu = summary["cpu"]
-        L.append(f"## CPU per transaction (select, {cpu['clients']} clients)")
-        L.append("")
-        L.append("utime+stime of every process of the target (master and workers) during the run, "
-                 "divided by transactions.")
-        L.append("")
-        L.append("| target | µs CPU per transaction | ratio to PgBouncer |")
-        L.append("| --- | --- | --- |")
-        for n, v in cpu["us_per_tx"].items():
-            r = cpu["ratio_to_pgbouncer"].get(n)
-            L.append(f"| {n} | {_fmt(v, 1)} | {'—' if n == 'pgbouncer' else _fmt(r, unit='×')} |")
-        L.append("")
+    for key, what in (("cpu", "select"), ("cpu_tls", "select over client TLS")):
+        if summary.get(key):
+            _cpu_table(L, summary[key], what)
     if data.get("idle"):
         L.append(f"## Idle connections ({st['idle_clients']} logged-in idle clients)")
         L.append("")

@@ -142,12 +142,27 @@ def wait_login(port: int, proc: subprocess.Popen | None, timeout: float = START_
 
 
 # ---------------------------------------------------------------- PostgreSQL
-class BenchDatabase:
-    """A TempPostgres with role and database `bench` (SCRAM-stored password)."""
+def make_tls_files(directory: Path) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 and its key (openssl CLI),
+    for the `tls` scenario: every target offers TLS with it. (cert, key) paths."""
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    cp = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                         "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                         "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True, timeout=60)
+    if cp.returncode != 0:
+        raise RuntimeError(f"openssl could not make a certificate:\n{cp.stderr}")
+    return str(cert), str(key)
 
-    def __init__(self, max_connections: int = 300):
+
+class BenchDatabase:
+    """A TempPostgres with role and database `bench` (SCRAM-stored password); with
+    `tls` (cert, key) it also offers TLS."""
+
+    def __init__(self, max_connections: int = 300, tls: tuple[str, str] | None = None):
         self.max_connections = max_connections
-        self.pg = TempPostgres(extra_conf={"max_connections": max_connections})
+        self.pg = TempPostgres(extra_conf={"max_connections": max_connections},
+                               ssl_cert_file=tls[0] if tls else None,
+                               ssl_key_file=tls[1] if tls else None)
 
     def start(self) -> "BenchDatabase":
         self.pg.start()
@@ -223,6 +238,7 @@ class DirectTarget(Target):
 class PoolSettings:
     pool_size: int = 20
     max_client_conn: int = 20000
+    tls: tuple[str, str] | None = None    # (cert, key): offer TLS to clients (sslmode prefer)
 
 
 class PoolerTarget(Target):
@@ -251,6 +267,9 @@ class PoolerTarget(Target):
             "log_connections": False,
             "log_disconnections": False,
         }
+        if self.pool.tls:
+            cfg.update(client_tls_sslmode="prefer", client_tls_cert_file=self.pool.tls[0],
+                       client_tls_key_file=self.pool.tls[1])
         self.settings = cfg
         path = self.workdir / f"{self.name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -297,6 +316,12 @@ class PgBouncerTarget(Target):
             "ignore_startup_parameters": "extra_float_digits",
             "logfile": str(self.log_path),
         }
+        if self.pool.tls:
+            # Copies: PgBouncer runs as `postgres` and must be able to read them.
+            for src, name in zip(self.pool.tls, ("tls.crt", "tls.key")):
+                shutil.copyfile(src, self.dir / name)
+            settings.update(client_tls_sslmode="prefer", client_tls_cert_file=str(self.dir / "tls.crt"),
+                            client_tls_key_file=str(self.dir / "tls.key"))
         self.settings = settings
         ini = [
             "[databases]",
