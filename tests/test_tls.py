@@ -376,17 +376,21 @@ def test_server_tls_backend_terminated_reaches_the_client(ssl_pg, pooler_factory
     assert "Traceback" not in p.log()
 
 
+def serve_certificate(ssl_pg, certs, name: str) -> None:
+    """Make PostgreSQL present certificate `name` (from the certs fixture) from now on."""
+    datadir = Path(ssl_pg.datadir)
+    for ext in ("crt", "key"):
+        ssl_pg._write_server_file(str(datadir / f"server.{ext}"), Path(certs[f"{name}.{ext}"]).read_text())
+    ssl_pg.reload()
+    time.sleep(0.5)             # the postmaster rereads them on SIGHUP, asynchronously
+
+
 def test_server_verify_full_refuses_a_certificate_for_another_host(
         ssl_pg, pooler_factory, app_userlist, certs):
     # The same CA, but a certificate naming only wrong.example: verify-ca accepts it,
     # verify-full does not (host 127.0.0.1).
-    datadir = Path(ssl_pg.datadir)
     try:
-        for name in ("crt", "key"):
-            ssl_pg._write_server_file(str(datadir / f"server.{name}"),
-                                      Path(certs[f"wrong.{name}"]).read_text())
-        ssl_pg.reload()
-        time.sleep(0.5)
+        serve_certificate(ssl_pg, certs, "wrong")
         p = pooler_factory(ssl_pg_config(ssl_pg, certs, "verify-full"), app_userlist)
         with RawConn(p.host, p.port, timeout=10) as c, pytest.raises(PgError) as ei:
             c.login(APP_USER, APP_PASSWORD, APP_DB)
@@ -399,11 +403,7 @@ def test_server_verify_full_refuses_a_certificate_for_another_host(
         q = pooler_factory(ssl_pg_config(ssl_pg, certs, "verify-ca"), app_userlist)
         assert backend_ssl(q)[0] is True
     finally:
-        for name in ("crt", "key"):
-            ssl_pg._write_server_file(str(datadir / f"server.{name}"),
-                                      Path(certs[f"server.{name}"]).read_text())
-        ssl_pg.reload()
-        time.sleep(0.5)
+        serve_certificate(ssl_pg, certs, "server")
 
 
 def test_server_require_against_postgres_without_ssl_fails_clearly(
