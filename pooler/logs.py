@@ -30,9 +30,24 @@ class JsonFormatter(logging.Formatter):
 
 TEXT_FORMAT = "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(message)s"
 
+# What setup() was last called with, and the command line's part of it (-v, -q), so
+# that a reload can re-apply the config's log settings without losing the flags.
+_applied: tuple | None = None
+_cli = {"verbose": 0, "quiet": False, "base": ""}
 
-def setup(log_format: str = "text", logfile: str = "", verbose: int = 0, quiet: bool = False) -> None:
-    """Configure the root logger (called again on reload; handlers are replaced)."""
+
+def setup(log_format: str = "text", logfile: str = "", verbose: int = 0, quiet: bool = False,
+          *, cli_verbose: int | None = None) -> None:
+    """Configure the root logger (called again on reload; handlers are replaced).
+
+    `cli_verbose`: the -v count from the command line (remembered for reapply);
+    a relative `logfile` is taken from the directory the pooler started in."""
+    global _applied
+    if cli_verbose is not None:
+        _cli.update(verbose=cli_verbose, quiet=quiet, base=os.getcwd())
+    if logfile and _cli["base"]:
+        logfile = os.path.join(_cli["base"], logfile)
+    _applied = (log_format, logfile, verbose, quiet)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -54,6 +69,20 @@ def setup(log_format: str = "text", logfile: str = "", verbose: int = 0, quiet: 
     if quiet and not logfile:
         root.setLevel(logging.WARNING)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def reapply(log_format: str, logfile: str, verbose: int) -> bool:
+    """A reloaded config's log settings (with the command line's -v / -q): replace the
+    handlers only if something changed. True when it did."""
+    if logfile and _cli["base"]:
+        logfile = os.path.join(_cli["base"], logfile)
+    wanted = (log_format, logfile, max(verbose, _cli["verbose"]), _cli["quiet"])
+    if _applied is None or wanted == _applied:
+        return False
+    setup(*wanted)
+    logging.getLogger("pooler").info("log settings reloaded (format %s, logfile %s, verbose %d)",
+                                     log_format, logfile or "-", wanted[2])
+    return True
 
 
 def flush_and_exit(code: int) -> None:

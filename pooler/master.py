@@ -43,6 +43,7 @@ LOOP_PERIOD = 0.5
 RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "workers", "so_reuseport",
                 "peer_id")   # peer_id: the cancel keys already issued carry the old one
 SET_MSG = b"S"            # worker -> master: an admin SET (key, text), pickled
+ROUTED_BY_MASTER = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
 
@@ -57,6 +58,10 @@ def load_or_exit(path: str) -> Config:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Until the handlers are in place (after binding, forking), a reload or pause signal
+    # is ignored rather than fatal (their default action ends the process).
+    for sig in ROUTED_BY_MASTER:
+        signal.signal(sig, signal.SIG_IGN)
     config_path = os.path.abspath(args.config)
     cfg = load_or_exit(config_path)
     if args.workers is not None:
@@ -67,7 +72,8 @@ def serve(args: argparse.Namespace) -> int:
     if cfg.logfile:
         cfg.logfile = os.path.abspath(cfg.logfile)
     pidfile = os.path.abspath(cfg.pidfile) if cfg.pidfile else ""
-    logs.setup(cfg.log_format, cfg.logfile, max(cfg.verbose, args.verbose), args.quiet)
+    logs.setup(cfg.log_format, cfg.logfile, max(cfg.verbose, args.verbose), args.quiet,
+               cli_verbose=args.verbose)
     try:
         listeners = bind_listeners(cfg)
     except OSError as exc:
@@ -362,7 +368,9 @@ class Arbiter:
         """In the forked worker: undo the master's signal set-up, patch, serve."""
         signal.set_wakeup_fd(-1)
         for sig in MASTER_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+            # The master owns reload and pause: a `pkill -HUP pooler` (or -USR1) reaches
+            # the workers too, whose default action would be to die.
+            signal.signal(sig, signal.SIG_IGN if sig in ROUTED_BY_MASTER else signal.SIG_DFL)
         os.close(self.wake_r)
         os.close(self.wake_w)
         from gevent import monkey
@@ -448,6 +456,7 @@ class Arbiter:
         if new is None:
             return
         self.cfg = new                   # workers spawned from now on start with it
+        logs.reapply(new.log_format, new.logfile, new.verbose)
         gen = self.seg.bump_config_gen()
         payload: object = new
         msg = b"H" + pickle.dumps((gen, payload))

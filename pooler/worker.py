@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 from gevent.server import StreamServer
 
-from . import auth, netio, peering, tls
+from . import auth, logs, netio, peering, tls
 from .admin import AdminConsole
 from .authquery import AuthQuery
 from .cli import version_line
@@ -69,6 +69,7 @@ class Worker:
     def apply_config(self, cfg: Config) -> None:
         """Take a (validated) config: new limits apply to pools from now on."""
         self.cfg = cfg
+        logs.reapply(cfg.log_format, cfg.logfile, cfg.verbose)    # no-op unless they changed
         self.userlist = auth.load_userlist(cfg.auth.file) if cfg.auth.file else {}
         tls.configure(cfg)          # TLS contexts, the files re-read (new connections)
         self.auth_query.reset()

@@ -716,3 +716,48 @@ def test_logfile_follows_logrotate(pg, pooler_factory, tmp_path):
     for cs in by_worker.values():
         for c in cs:
             c.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_applies_log_settings(pg, pooler_factory, tmp_path, workers):
+    """log_format (and logfile, verbose) changed by a reload take effect in every
+    process: the next login lines are JSON, in the new file."""
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    p = pooler_factory(prefork_config(pg, workers, 2, logfile=str(first)))
+    ready = r"worker \d+ \(pid \d+\) started" if workers > 1 else r"worker 0 listening"
+    wait_until(lambda: len(re.findall(ready, first.read_text())) >= workers, 15)
+    p.update_config({"log_format": "json", "logfile": str(second)})
+    wait_until(lambda: second.exists() and "log settings reloaded" in second.read_text(), 10,
+               message=f"no reload line in the new log file:\n{first.read_text()[-2000:]}")
+    if workers > 1:
+        wait_until(lambda: second.read_text().count("log settings reloaded") >= workers + 1, 10,
+                   message="not every worker re-applied the log settings")
+        by_worker = spread_connections(p, 2, workers)
+        pids = {w["pid"] for w in snapshot(p)["workers"]}
+    else:
+        by_worker = {0: [connect(p) for _ in range(2)]}
+        pids = {p.pid}
+    logins = [json.loads(line) for line in second.read_text().splitlines()
+              if line.startswith("{") and "login attempt" in line]
+    assert pids <= {rec["pid"] for rec in logins}, f"text lines still: {second.read_text()[-1500:]}"
+    assert "login attempt" not in first.read_text().split("log settings reloaded")[-1]
+    for cs in by_worker.values():
+        for c in cs:
+            c.close()
+
+
+def test_workers_survive_reload_and_pause_signals_sent_to_them(pg, pooler_factory):
+    """`pkill -HUP pooler` signals the workers too: the master handles reload and
+    pause, and a worker must not die of a signal it does not handle."""
+    p = start(pooler_factory, prefork_config(pg, 2, 2))
+    before = [w["pid"] for w in snapshot(p)["workers"]]
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        for pid in before:
+            os.kill(pid, sig)
+    time.sleep(1.0)
+    assert [w["pid"] for w in snapshot(p)["workers"]] == before
+    assert "was killed by" not in p.log()
+    conn = connect(p)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    conn.close()
