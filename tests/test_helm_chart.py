@@ -224,3 +224,13 @@ def test_sidecar_example_values_render_a_valid_config(tmp_path: Path):
     cfg["auth"]["file"] = str(userlist)
     parsed = parse_config(cfg, source_path=str(tmp_path / "pooler.yaml"))
     assert parsed.listen_addresses() == ["127.0.0.1"] and parsed.pool_mode == "transaction"
+
+
+def test_shutdown_fits_in_the_grace_period(values: dict):
+    """preStop sleep, then SIGTERM (serve connected clients, drain, bounded by
+    shutdown_timeout), all before the kubelet's SIGKILL."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert 'command: ["sleep", "{{ . }}"]' in helpers and "with .Values.preStopSleepSeconds" in helpers
+    budget = values["preStopSleepSeconds"] + values["config"]["shutdown_timeout"]
+    assert values["terminationGracePeriodSeconds"] >= budget + 5, \
+        f"grace {values['terminationGracePeriodSeconds']} s < preStop + shutdown_timeout {budget} s + 5"

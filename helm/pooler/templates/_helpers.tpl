@@ -117,6 +117,14 @@ its `volumes:`).
     - name: PYTHONDONTWRITEBYTECODE
       value: "1"
   {{- include "pooler.probes" . | trim | nindent 2 }}
+  {{- with .Values.preStopSleepSeconds }}
+  # Keep accepting while the Service drops this pod's endpoint; then SIGTERM stops
+  # listening and serves the connected clients until they leave (shutdown_timeout).
+  lifecycle:
+    preStop:
+      exec:
+        command: ["sleep", "{{ . }}"]
+  {{- end }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   securityContext:
