@@ -343,7 +343,7 @@ class Pool:
         cfg = self.cfg
         # min_pool_size holds for the whole pooler (fill_min claims globally), so the
         # idle timeout may shrink the pool down to it counting every worker's servers.
-        surplus = self._surplus_over_min()
+        surplus = self._surplus_over_min() if cfg.server_idle_timeout and self.idle else 0
         for srv in list(self.idle):
             age_idle = now - srv.last_used
             if cfg.server_idle_timeout and age_idle > cfg.server_idle_timeout and surplus > 0:
