@@ -17,7 +17,7 @@ import os
 import struct
 from functools import lru_cache
 
-from pooler import protocol
+from pooler.wire import protocol
 
 AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5 = 0, 3, 5
 AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 10, 11, 12

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psycopg2
 
-from pooler.devcluster import TempPostgres, free_port, stop_session
+from pooler.dev.devcluster import TempPostgres, free_port, stop_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_USER = BENCH_DB = BENCH_PASSWORD = "bench"

@@ -1,2 +1,2 @@
 """PostgreSQL connection pooler."""
-__version__ = "0.1.0"
+from pooler.version import __version__  # noqa: F401  (the package's version, for tools)

@@ -5,20 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
-from .config import ConfigError, check_config_file
+from pooler.config.model import ConfigError, check_config_file
+from pooler.version import version_line
 
 SUBCOMMANDS = ("check-config", "demo", "convert-ini", "run")
-
-
-# The PgBouncer release whose admin console and settings we follow. Tools parse
-# "PgBouncer X.Y.Z" out of SHOW VERSION, so the line starts with it.
-PGBOUNCER_COMPAT = "1.23.1"
-
-
-def version_line() -> str:
-    """`pooler -V`, SHOW VERSION and the worker's version string: one text."""
-    return f"PgBouncer {PGBOUNCER_COMPAT} compatible (pooler {__version__})"
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -41,17 +31,17 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "check-config":
             return cmd_check_config(rest)
         if cmd == "demo":
-            from .demo import main as demo_main
+            from pooler.dev.demo import main as demo_main
             return demo_main(rest)
         if cmd == "convert-ini":
-            from .ini import main as convert_main
+            from pooler.config.ini import main as convert_main
             return convert_main(rest)
         argv = rest
     if argv and argv[0] in ("-V", "--version"):
         print(version_line())
         return 0
     args = run_parser().parse_args(argv)
-    from .master import serve
+    from pooler.proc.master import serve
     return serve(args)
 
 

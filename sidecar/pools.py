@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from pooler.config import Config
+from pooler.config.model import Config
 
 from .console import Rows
 from .settings import plain_password

@@ -15,8 +15,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pooler.auth import load_userlist, secret_kind
-from pooler.config import Config, load_config
+from pooler.wire.auth import load_userlist, secret_kind
+from pooler.config.model import Config, load_config
 
 from .console import Target
 

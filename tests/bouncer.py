@@ -23,7 +23,7 @@ import psycopg2
 import pytest
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER, MD5_USER, write_userlist
-from pooler.devcluster import free_port
+from pooler.dev.devcluster import free_port
 
 PGBOUNCER = os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 START_TIMEOUT = 10.0

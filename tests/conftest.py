@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from pooler.devcluster import TempPostgres, free_port  # noqa: E402
+from pooler.dev.devcluster import TempPostgres, free_port  # noqa: E402
 from rawpg import RawConn  # noqa: E402
 
 APP_USER, APP_PASSWORD = "app", "apppass"

@@ -15,7 +15,7 @@ import yaml
 from bouncer import (ADMIN, ADMIN_PASSWORD, STATS, STATS_PASSWORD, hold_transactions, pool_counts,
                      side_by_side)  # noqa: F401  (side_by_side: fixture)
 from conftest import APP_DB, APP_PASSWORD, APP_USER, backend_count, wait_until
-from pooler import cli
+from pooler.version import version_line
 from rawpg import RawConn, message
 
 TEXT, INT4, NUMERIC = 25, 23, 1700
@@ -63,9 +63,9 @@ def is_subsequence(small: list, big: list) -> bool:
 
 def test_snapshot_is_plain_json_and_views_sum_workers():
     """The contract with the prefork model: one JSON-able dict per worker; SHOW sums them."""
-    from pooler.admin_views import SHOWS, StatsHistory, View
-    from pooler.config import parse_config
-    from pooler.worker import Worker
+    from pooler.admin.views import SHOWS, StatsHistory, View
+    from pooler.config.model import parse_config
+    from pooler.pooling.worker import Worker
     cfg = parse_config({"auth": {"type": "trust"}, "admin_users": [ADMIN],
                         "databases": {"app": {"port": 5432}}})
     [snap] = json.loads(json.dumps(Worker(cfg, []).collect_snapshots()))
@@ -111,7 +111,7 @@ def test_show_columns_match_pgbouncer(side_by_side):
     for admin in (theirs, ours):
         admin.query("SHOW HELP")
         assert "Console usage" in admin.conn.notices[-1]
-    assert ours.query("SHOW VERSION")[1][0][0] == cli.version_line()      # == `pooler -V`
+    assert ours.query("SHOW VERSION")[1][0][0] == version_line()      # == `pooler -V`
     assert ours.query("SHOW VERSION")[1][0][0].startswith("PgBouncer 1.23.1")
 
 

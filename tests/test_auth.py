@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from pooler.auth import (
+from pooler.wire.auth import (
     AuthFailed,
     ScramClient,
     ScramServer,

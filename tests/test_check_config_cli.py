@@ -14,7 +14,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from pooler import __version__  # noqa: E402
+from pooler.version import __version__  # noqa: E402
 
 
 def pooler(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from pooler.config import (
+from pooler.config.model import (
     AUTH_TYPES, POOL_MODES, AuthConfig, Config, ConfigError, DatabaseEntry, PoolEntry,
     check_config_file, load_config, parse_config, parse_connstr,
 )

@@ -6,7 +6,7 @@ import psycopg2
 import pytest
 
 from conftest import Poller, backend_count, wait_until
-from pooler.devcluster import TempPostgres, find_pg_bindir, free_port
+from pooler.dev.devcluster import TempPostgres, find_pg_bindir, free_port
 
 
 def test_find_pg_bindir():

@@ -25,10 +25,10 @@ import psycopg2.errors
 import pytest
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER, wait_until
-from pooler import peering
-from pooler.config import ConfigError, parse_config
-from pooler.devcluster import free_port
-from pooler.ini import load_ini
+from pooler.pooling import peering
+from pooler.config.model import ConfigError, parse_config
+from pooler.dev.devcluster import free_port
+from pooler.config.ini import load_ini
 from rawpg import RawConn
 
 CANCEL_CODE = 80877102

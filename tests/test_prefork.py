@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER, Poller, backend_count, run_threads, wait_until
-from pooler import shm
-from pooler.devcluster import free_port
+from pooler.proc import shm
+from pooler.dev.devcluster import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POOL_KEY = f"pool/{APP_DB}/{APP_USER}"
@@ -545,7 +545,7 @@ def test_daemon_writes_pidfile_and_detaches(pg, tmp_path):
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
         conn.close()
-        out = subprocess.run([sys.executable, "-m", "pooler.shm", "dump", str(pidfile)], env=env,
+        out = subprocess.run([sys.executable, "-m", "pooler.proc.shm", "dump", str(pidfile)], env=env,
                              capture_output=True, text=True, timeout=10)
         dump = json.loads(out.stdout)
         assert dump["master_pid"] == pid and len(dump["workers"]) == 2

@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER, REPO_ROOT, wait_until
-from pooler.devcluster import free_port
+from pooler.dev.devcluster import free_port
 from sidecar import pools
 from sidecar.app import create_app
 from sidecar.settings import from_args, parser

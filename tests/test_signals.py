@@ -22,7 +22,7 @@ import psycopg2
 import pytest
 
 from conftest import wait_until
-from pooler import shm
+from pooler.proc import shm
 from test_prefork import (connect, direct, prefork_config, query_one, real_threads,  # noqa: F401
                           refused, snapshot, spread_connections, start)
 

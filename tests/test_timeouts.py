@@ -218,7 +218,7 @@ def test_client_login_timeout(pg, pooler_factory, pooler_config, app_userlist):
 
 def test_server_unreachable_fails_cleanly_then_fast_within_login_retry(
         pg, pooler_factory, pooler_config, app_userlist):
-    from pooler.devcluster import free_port
+    from pooler.dev.devcluster import free_port
     closed_port = free_port()
     blackhole = socket.socket()
     blackhole.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, Poller, app_direct, backend_count,
                       raw_client, superuser_conn, wait_until)
-from pooler.devcluster import find_pg_bindir
+from pooler.dev.devcluster import find_pg_bindir
 
 
 def tx_pooler(pooler_factory, pooler_config, app_userlist, **overrides):
@@ -333,7 +333,7 @@ def _raw_trust_client(port: int) -> socket.socket:
 
 def test_50mb_result_streams_without_growing_pooler_memory(pg, pooler_factory, pooler_config,
                                                            app_userlist):
-    from pooler import protocol
+    from pooler.wire import protocol
     p = tx_pooler(pooler_factory, pooler_config, app_userlist, default_pool_size=1,
                   auth={"type": "trust"})
     row = 1000
@@ -406,7 +406,7 @@ def test_pgbench_through_transaction_pooling(pg, pooler_factory, pooler_config, 
 
 def test_client_vanishing_mid_query_or_mid_transaction_leaves_no_dirty_server(
         pg, pooler_factory, pooler_config, app_userlist):
-    from pooler import protocol
+    from pooler.wire import protocol
     p = tx_pooler(pooler_factory, pooler_config, app_userlist, default_pool_size=1,
                   auth={"type": "trust"})
 

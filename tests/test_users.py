@@ -13,8 +13,8 @@ import pytest
 
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, MD5_USER, SUPERUSER, Poller, backend_count,
                       raw_client, run_threads, wait_until)
-from pooler import shm
-from pooler.config import parse_config
+from pooler.proc import shm
+from pooler.config.model import parse_config
 from rawpg import PgError, RawConn, error_fields, query
 
 REFUSAL = "no more connections allowed (max_user_client_connections)"
@@ -201,7 +201,7 @@ def _running(pg) -> bool:
 # ----------------------------------------------------------------------------- reload
 
 def test_reload_re_resolves_pools_for_their_user():
-    from pooler.worker import Worker
+    from pooler.pooling.worker import Worker
     base = {"auth": {"type": "trust"}, "databases": {"app": {"port": 5432, "pool_size": 4}}}
     worker = Worker(parse_config({**base, "users": {"alice": {"pool_size": 2}}}), [])
     pool = worker.get_pool(worker.cfg.route("app", "alice"), "alice")

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Callable
 
 import gevent
 
-from .relay import ClientKill
+from pooler.pooling.relay import ClientKill
 
 if TYPE_CHECKING:
-    from .pool import Pool
-    from .worker import Worker
+    from pooler.pooling.pool import Pool
+    from pooler.pooling.worker import Worker
 
 log = logging.getLogger("pooler.admin")
 
@@ -153,7 +153,7 @@ def _kill(worker: "Worker", db: str | None) -> None:
 
 
 def _kill_one(worker: "Worker", arg: str | None) -> None:
-    from .snapshot import global_id
+    from pooler.admin.snapshot import global_id
     for client in list(worker.clients):
         if arg is not None and str(global_id(worker.worker_id, client.id)) == arg.strip():
             _kill_client(client, "57P01", "admin forced disconnect")
@@ -169,14 +169,14 @@ def _wait_close(worker: "Worker", _db: str | None) -> None:
 
 
 def _set(worker: "Worker", arg: str | None) -> None:
-    from .ini import runtime_setting
+    from pooler.config.ini import runtime_setting
     key, _, text = (arg or "").partition("=")
     worker.apply_config(runtime_setting(worker.cfg, key, text))
     log.info("SET %s=%s", key, text)
 
 
 def _reload(worker: "Worker", _arg: str | None) -> None:
-    from .config import ConfigError, load_config
+    from pooler.config.model import ConfigError, load_config
     try:
         cfg = load_config(worker.config_path)
     except ConfigError as exc:
@@ -192,7 +192,7 @@ def _shutdown(worker: "Worker", mode: str | None) -> None:
     """SHUTDOWN: now; or once servers are released; or once clients have gone.
     The same shutdown as the signals' (SIGINT, SIGTERM), bounded by shutdown_timeout;
     the process exits when it is done."""
-    from .worker import STOP_CLIENTS, STOP_NOW, STOP_SERVERS
+    from pooler.pooling.worker import STOP_CLIENTS, STOP_NOW, STOP_SERVERS
     mode = (mode or "").upper() or None
     state_of(worker).shutdown_mode = mode or "IMMEDIATE"
     announce = getattr(worker, "announce_shutdown", None)    # prefork: tell the master
@@ -210,7 +210,7 @@ def _pools(worker: "Worker", db: str | None) -> list["Pool"]:
 
 def _set_pause(worker: "Worker", paused: bool, paused_dbs: set[str]) -> None:
     """Record the pause flags and apply them to the pools (waking resumed waiters)."""
-    from .workerproc import apply_pause
+    from pooler.proc.workerproc import apply_pause
     apply_pause(worker, paused, paused_dbs)
     _ensure_closer(worker)
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Callable
 from gevent import getcurrent
 from gevent.hub import get_hub
 
-from .config import Route
-from .prepared import Counters
-from .server import ServerConn, ServerError
+from pooler.config.model import Route
+from pooler.pooling.prepared import Counters
+from pooler.pooling.server import ServerConn, ServerError
 
 if TYPE_CHECKING:
-    from .worker import Worker
+    from pooler.pooling.worker import Worker
 
 log = logging.getLogger("pooler.pool")
 

@@ -115,7 +115,7 @@ def check(v: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _settings(cfg) -> dict[str, Any]:
-    from .config import TLS_KEYS
+    from pooler.config.model import TLS_KEYS
     return {k: getattr(cfg, k) for k in TLS_KEYS}
 
 
@@ -163,7 +163,7 @@ def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str
     either way (its socket now belongs to the TLS layer); HandshakeFailed on failure."""
     from gevent import socket as gsocket
 
-    from . import netio
+    from pooler.wire import netio
     raw = stream.sock
     family = raw.family
     fd = raw.detach()

@@ -5,7 +5,7 @@ import errno
 import os
 import socket
 
-from .config import Config
+from pooler.config.model import Config
 
 BACKLOG = 1024
 

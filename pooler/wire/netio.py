@@ -15,7 +15,7 @@ from typing import Callable
 from gevent import getcurrent
 from gevent.hub import get_hub
 
-from . import protocol
+from pooler.wire import protocol
 
 READ, WRITE = 1, 2
 

@@ -2,7 +2,7 @@
 
 The master creates the segment before forking; every worker inherits the
 mapping. It is a file in /dev/shm (`pooler-<master pid>.shm`) rather than an
-anonymous mapping so that `python -m pooler.shm dump PID` (and tests) can read
+anonymous mapping so that `python -m pooler.proc.shm dump PID` (and tests) can read
 it from outside. No gevent here: the master imports this module too.
 
 Layout (all fields int64, native byte order; times in microseconds of
@@ -602,7 +602,7 @@ class ShmQuota:
         return free
 
 
-# -- command line: python -m pooler.shm dump PID|PIDFILE|PATH ------------------------------------------
+# -- command line: python -m pooler.proc.shm dump PID|PIDFILE|PATH ------------------------------------------
 
 def resolve(target: str) -> str:
     """A segment path from a master pid, a pidfile, or the path itself."""
@@ -615,7 +615,7 @@ def resolve(target: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pooler.shm",
+    p = argparse.ArgumentParser(prog="python -m pooler.proc.shm",
                                 description="Show the pooler's shared-memory counters.")
     p.add_argument("command", choices=["dump"])
     p.add_argument("target", help="master pid, pidfile, or segment path")

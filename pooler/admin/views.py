@@ -12,15 +12,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
-from . import ini, protocol
-from .cli import version_line
-from .config import ADMIN_DB
-from .relay import CLIENT_BUF
-from .server import SERVER_BUF
+from pooler.config import ini
+from pooler.wire import protocol
+from pooler.version import version_line
+from pooler.config.model import ADMIN_DB
+from pooler.pooling.relay import CLIENT_BUF
+from pooler.pooling.server import SERVER_BUF
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .worker import Worker
+    from pooler.config.model import Config
+    from pooler.pooling.worker import Worker
 
 TEXT, INT4, INT8, NUMERIC, BYTEA = 25, 23, 20, 1700, 17
 _OIDS = {"s": TEXT, "i": INT4, "q": INT8, "N": NUMERIC, "b": BYTEA}

@@ -33,13 +33,13 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.lock import BoundedSemaphore
 
-from . import auth, protocol
-from .netio import ConnectionClosed
-from .server import ServerConn, ServerError
+from pooler.wire import auth, protocol
+from pooler.wire.netio import ConnectionClosed
+from pooler.pooling.server import ServerConn, ServerError
 
 if TYPE_CHECKING:
-    from .config import Route
-    from .worker import Worker
+    from pooler.config.model import Route
+    from pooler.pooling.worker import Worker
 
 log = logging.getLogger("pooler.authquery")
 

@@ -26,8 +26,8 @@ import gevent
 import gevent.event
 from gevent.socket import wait_read, wait_write
 
-from . import shm
-from .shm import Segment, ShmQuota
+from pooler.proc import shm
+from pooler.proc.shm import Segment, ShmQuota
 
 log = logging.getLogger("pooler.worker")
 
@@ -325,7 +325,7 @@ class Peers:
     def _check_parent(self) -> None:
         if os.getppid() != self.master_pid and not self.worker.shutting_down:
             log.error("worker %d: master (pid %d) is gone; shutting down", self.me, self.master_pid)
-            from .worker import STOP_SERVERS     # as SIGINT: release servers, don't wait for clients
+            from pooler.pooling.worker import STOP_SERVERS     # as SIGINT: release servers, don't wait for clients
             self.worker.stop(STOP_SERVERS)
 
 

@@ -21,16 +21,18 @@ from typing import TYPE_CHECKING, Callable
 
 import gevent
 
-from . import control, ini, protocol
-from .admin_views import SHOWS, Result, StatsHistory, View, table
-from .cli import PGBOUNCER_COMPAT
-from .client import LoginFailed
-from .config import ADMIN_DB, ConfigError, load_config
-from .netio import ConnectionClosed
+from pooler.admin import control
+from pooler.config import ini
+from pooler.wire import protocol
+from pooler.admin.views import SHOWS, Result, StatsHistory, View, table
+from pooler.version import PGBOUNCER_COMPAT
+from pooler.pooling.client import LoginFailed
+from pooler.config.model import ADMIN_DB, ConfigError, load_config
+from pooler.wire.netio import ConnectionClosed
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .worker import Worker
+    from pooler.pooling.client import Client
+    from pooler.pooling.worker import Worker
 
 log = logging.getLogger("pooler.admin")
 

@@ -747,7 +747,7 @@ def _check_tls(values: dict[str, Any], base_dir: str, errors: list[str]) -> None
         if path and not os.access(path, os.R_OK):
             errors.append(f"{key}: {path!r} is not valid: a readable file")
     if len(errors) == before and (client != "disable" or server != "disable"):
-        from . import tls           # stdlib ssl only; no gevent in the master
+        from pooler.wire import tls           # stdlib ssl only; no gevent in the master
         for key, problem in tls.check(values):
             errors.append(f"{key}: {problem}")
 
@@ -782,7 +782,7 @@ def load_config(path: str) -> Config:
     """Read and validate a YAML config file (or a pgbouncer.ini, by its .ini suffix);
     every failure is a ConfigError naming it."""
     if path.lower().endswith(".ini"):
-        from .ini import load_ini       # same validator, PgBouncer's file format
+        from pooler.config.ini import load_ini       # same validator, PgBouncer's file format
         return load_ini(path)
     try:
         with open(path, encoding="utf-8") as f:

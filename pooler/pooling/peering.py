@@ -34,7 +34,7 @@ import logging
 import secrets
 import socket as _pysocket
 
-from . import protocol
+from pooler.wire import protocol
 
 log = logging.getLogger("pooler.peering")
 

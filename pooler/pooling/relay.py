@@ -31,14 +31,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from . import protocol
-from .netio import ConnectionClosed, DualWait
-from .pool import PoolError
-from .prepared import ClientStatements, is_forget_all
+from pooler.wire import protocol
+from pooler.wire.netio import ConnectionClosed, DualWait
+from pooler.pooling.pool import PoolError
+from pooler.pooling.prepared import ClientStatements, is_forget_all
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .server import ServerConn
+    from pooler.pooling.client import Client
+    from pooler.pooling.server import ServerConn
 
 log = logging.getLogger("pooler.relay")
 

@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from . import auth, peering, protocol, tls
-from .authquery import AuthQueryError
-from .config import ADMIN_DB
-from .control import is_disabled
-from .netio import ConnectionClosed, Stream
-from .pool import Pool, PoolError
-from .relay import ClientKill, Relay
+from pooler.wire import auth, protocol, tls
+from pooler.pooling import peering
+from pooler.pooling.authquery import AuthQueryError
+from pooler.config.model import ADMIN_DB
+from pooler.admin.control import is_disabled
+from pooler.wire.netio import ConnectionClosed, Stream
+from pooler.pooling.pool import Pool, PoolError
+from pooler.pooling.relay import ClientKill, Relay
 
 if TYPE_CHECKING:
-    from .config import Route
-    from .server import ServerConn
-    from .worker import Worker
+    from pooler.config.model import Route
+    from pooler.pooling.server import ServerConn
+    from pooler.pooling.worker import Worker
 
 log = logging.getLogger("pooler.client")
 _ids = itertools.count(1)

@@ -12,14 +12,16 @@ import gevent
 import gevent.event
 from gevent.server import StreamServer
 
-from . import auth, logs, netio, peering, tls
-from .admin import AdminConsole
-from .authquery import AuthQuery
-from .cli import version_line
-from .client import TRACKED_BASE, Client
-from .config import Config, Route
-from .pool import LocalQuota, Pool
-from .relay import STATUS_IDLE, ClientKill
+from pooler.wire import auth, netio, protocol, tls
+from pooler import logs
+from pooler.pooling import peering
+from pooler.admin.console import AdminConsole
+from pooler.pooling.authquery import AuthQuery
+from pooler.version import version_line
+from pooler.pooling.client import TRACKED_BASE, Client
+from pooler.config.model import Config, Route
+from pooler.pooling.pool import LocalQuota, Pool
+from pooler.pooling.relay import STATUS_IDLE, ClientKill
 
 log = logging.getLogger("pooler.worker")
 JANITOR_PERIOD = 0.5
@@ -107,12 +109,12 @@ class Worker:
 
     def collect_snapshots(self) -> list[dict]:
         """Snapshots of every worker for the admin console; here, just this one."""
-        from .snapshot import snapshot
+        from pooler.admin.snapshot import snapshot
         return [snapshot(self)]
 
     def control(self, cmd: str, arg: str | None) -> None:
         """Apply a validated admin command (PAUSE, KILL, ...) to every worker; here, this one."""
-        from .control import apply_control
+        from pooler.admin.control import apply_control
         apply_control(self, cmd, arg)
 
     # -- clients ------------------------------------------------------------------
@@ -182,7 +184,7 @@ class Worker:
         try:
             sock = netio.connect_tcp(srv.pool.route.host, srv.pool.route.port, self.cfg.server_connect_timeout)
             try:
-                sock.sendall(netio.protocol.cancel_request(srv.pid, srv.key))
+                sock.sendall(protocol.cancel_request(srv.pid, srv.key))
             finally:
                 sock.close()
         except OSError as exc:

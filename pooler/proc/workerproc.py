@@ -17,13 +17,14 @@ from typing import Callable
 import gevent
 import gevent.event
 
-from . import control, shm
-from .logs import flush_and_exit
-from .master import SET_MSG
-from .config import Config, ConfigError, load_config
-from .peers import Peers
-from .shm import Segment, ShmQuota
-from .worker import STOP_CLIENTS, STOP_SERVERS, Worker
+from pooler.admin import control
+from pooler.proc import shm
+from pooler.logs import flush_and_exit
+from pooler.proc.master import SET_MSG
+from pooler.config.model import Config, ConfigError, load_config
+from pooler.proc.peers import Peers
+from pooler.proc.shm import Segment, ShmQuota
+from pooler.pooling.worker import STOP_CLIENTS, STOP_SERVERS, Worker
 
 log = logging.getLogger("pooler.worker")
 
@@ -240,7 +241,7 @@ class Fanout:
     def collect_snapshots(self) -> list[dict]:
         """This worker's snapshot and every other live worker's (those that answer
         within SNAPSHOT_TIMEOUT), ordered by worker id."""
-        from .snapshot import snapshot
+        from pooler.admin.snapshot import snapshot
         mine = snapshot(self.worker)
         others = self.others()
         if not others:
@@ -263,7 +264,7 @@ class Fanout:
         return sorted([mine, *got.values()], key=lambda snap: snap["worker_id"])
 
     def _on_snap_request(self, body: bytes) -> None:
-        from .snapshot import snapshot
+        from pooler.admin.snapshot import snapshot
         requester, rid = pickle.loads(body)
         self.peers.send_large(requester, SNAP_REPLY, pickle.dumps((rid, self.peers.me,
                                                                     snapshot(self.worker))))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .devcluster import PostgresError, TempPostgres, find_pg_bindir, free_port, stop_session
+from pooler.dev.devcluster import PostgresError, TempPostgres, find_pg_bindir, free_port, stop_session
 
 DEMO_DB = DEMO_USER = DEMO_PASSWORD = "demo"
 PREFERRED_PORT = 6432

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from . import auth, protocol, tls
-from .netio import ConnectionClosed, Stream, connect_tcp
-from .prepared import ServerStatements
+from pooler.wire import auth, protocol, tls
+from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp
+from pooler.pooling.prepared import ServerStatements
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from pooler.pooling.pool import Pool
 
 log = logging.getLogger("pooler.server")
 

@@ -15,13 +15,13 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import control
+from pooler.admin import control
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .pool import Pool
-    from .server import ServerConn
-    from .worker import Worker
+    from pooler.pooling.client import Client
+    from pooler.pooling.pool import Pool
+    from pooler.pooling.server import ServerConn
+    from pooler.pooling.worker import Worker
 
 # Client/server ids are per process; a stride keeps them unique across workers
 # and small enough for PgBouncer's int4 `id` column (worker 0 keeps its own ids).

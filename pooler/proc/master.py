@@ -28,10 +28,11 @@ import sys
 import time
 from collections import deque
 
-from . import logs, shm
-from .logs import flush_and_exit
-from .config import Config, ConfigError, load_config
-from .listen import bind_listeners
+from pooler import logs
+from pooler.proc import shm
+from pooler.logs import flush_and_exit
+from pooler.config.model import Config, ConfigError, load_config
+from pooler.proc.listen import bind_listeners
 
 log = logging.getLogger("pooler.master")
 
@@ -187,8 +188,8 @@ def run_single(cfg: Config, listeners: list, config_path: str, workers_override:
     """One process serving clients itself; signals handled in the gevent loop."""
     from gevent import monkey
     monkey.patch_all()
-    from .worker import Worker
-    from .workerproc import serve_until_stopped
+    from pooler.pooling.worker import Worker
+    from pooler.proc.workerproc import serve_until_stopped
 
     worker = Worker(cfg, listeners)
     worker.config_path = config_path
@@ -375,7 +376,7 @@ class Arbiter:
         os.close(self.wake_w)
         from gevent import monkey
         monkey.patch_all()
-        from .workerproc import worker_main
+        from pooler.proc.workerproc import worker_main
         return worker_main(self.cfg, self.config_path, self.listeners, self.seg, index,
                            self.channels, self.pid, self.inbox[0])
 
@@ -434,7 +435,7 @@ class Arbiter:
     def _read_inbox(self) -> None:
         """Console SETs run by the workers: apply them to the config new workers get
         (a RELOAD replaces it with the file's, as it does in the workers)."""
-        from .ini import runtime_setting
+        from pooler.config.ini import runtime_setting
         while True:
             try:
                 msg = self.inbox[1].recv(65536)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 
-from . import protocol
+from pooler.wire import protocol
 
 _names = itertools.count(1)
 NOOP_CLOSE_NAME = b"_pooler_noop"   # never prepared: closing it is a no-op that still answers '3'

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .config import TLS_KEYS, AuthConfig, Config, ConfigError, parse_config, parse_connstr
+from pooler.config.model import TLS_KEYS, AuthConfig, Config, ConfigError, parse_config, parse_connstr
 
 log = logging.getLogger("pooler.ini")
 
