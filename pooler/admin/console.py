@@ -5,10 +5,12 @@ SHOW. Result sets have PgBouncer 1.23's column names, order and types (plus
 the `id` column of 1.24, which KILL_CLIENT takes), so its tools work
 unchanged: psql, pgbouncer_exporter, CloudNativePG's and Datadog's checks.
 
-Every SHOW is computed from `worker.collect_snapshots()` (one plain dict per
-worker process, see snapshot.py), summed across workers; every state change
-goes through `worker.control(cmd, arg)` (control.py). So this module reads
-no live pool and writes none: it parses, authorizes, renders and waits.
+Every SHOW is computed from `pooler.snapshots()` (one plain dict per worker
+process, see snapshot.py), summed across workers; every state change goes
+through `pooler.control(cmd, arg)` (control.py). `pooler` is given by the
+process layer (admin/local.py's LocalPooler for one process, a fan-out over
+the workers with several). So this module reads no live pool and writes
+none: it parses, authorizes, renders and waits.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from typing import TYPE_CHECKING, Callable
 
 import gevent
 
-from pooler.admin import control
 from pooler.config import ini
 from pooler.wire import protocol
 from pooler.admin.views import SHOWS, Result, StatsHistory, View, table
@@ -29,9 +30,11 @@ from pooler.version import PGBOUNCER_COMPAT
 from pooler.pooling.client import LoginFailed
 from pooler.config.model import ADMIN_DB, ConfigError, load_config
 from pooler.wire.netio import ConnectionClosed
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.pooling.client import Client
+    from pooler.admin.local import Pooler
     from pooler.pooling.worker import Worker
 
 log = logging.getLogger("pooler.admin")
@@ -42,13 +45,8 @@ PEERCRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
 EXTENDED = frozenset(b"PBDECHSdcf")
 
 
-class AdminError(Exception):
+class AdminError(PoolerError):
     """A command refused: becomes an ErrorResponse; the session goes on."""
-
-    def __init__(self, sqlstate: str, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.detail = detail
 
 
 # =========================================================================== console
@@ -57,8 +55,9 @@ class AdminError(Exception):
 class AdminConsole:
     """One per worker: login checks, the sessions, and the averages' history."""
 
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
+    def __init__(self, worker: "Worker", pooler: "Pooler") -> None:
+        self.worker = worker            # this process's worker: config and operator flags
+        self.pooler = pooler            # the whole pooler: snapshots and commands
         self.history = StatsHistory()
         self.queries = 0            # admin commands run here: PgBouncer counts them
 
@@ -100,6 +99,7 @@ class Session:
     def __init__(self, console: AdminConsole, client: "Client") -> None:
         self.console = console
         self.worker = console.worker
+        self.pooler = console.pooler
         self.client = client
         self.is_admin = client.user in self.worker.cfg.admin_users or client.local_superuser
 
@@ -172,7 +172,7 @@ class Session:
     # -- helpers shared by the commands ---------------------------------------
 
     def snapshots(self) -> list[dict]:
-        return self.worker.collect_snapshots()
+        return self.pooler.snapshots()
 
     def known_database(self, name: str, what: str) -> str:
         """Check a command's database argument as PgBouncer does."""
@@ -200,7 +200,7 @@ class Session:
             ini.runtime_setting(self.worker.cfg, key, value)
         except ConfigError as e:
             raise AdminError(_set_sqlstate(e.errors[0]), f"SET failed: {e.errors[0]}") from None
-        self.worker.control("SET", f"{key.strip().lower()}={value}")
+        self.pooler.control("SET", f"{key.strip().lower()}={value}")
         return Result(f"SET {key}={value}")
 
 
@@ -260,11 +260,11 @@ def cmd_pause(s: Session, db: str | None) -> Result:
         log.info("PAUSE '%s' command issued", db)
     else:
         log.info("PAUSE command issued")
-    s.worker.control("PAUSE", db)
+    s.pooler.control("PAUSE", db)
 
     def released(snaps: list[dict]) -> bool:
         return not any(p["database"] == db or db is None for p in _pools_with_servers(snaps))
-    if not s.wait_until(released, lambda: control.is_paused(s.worker, db)):
+    if not s.wait_until(released, lambda: s.worker.is_paused(db)):
         raise AdminError("55000", "PAUSE interrupted by RESUME")
     return Result("PAUSE")
 
@@ -289,7 +289,7 @@ def cmd_suspend(s: Session, arg: str | None) -> Result:
     if s.worker.paused_dbs:
         raise AdminError("55000", "cannot suspend with paused databases")
     log.info("SUSPEND command issued")
-    s.worker.control("SUSPEND", None)
+    s.pooler.control("SUSPEND", None)
     return Result("SUSPEND")
 
 
@@ -301,11 +301,11 @@ def cmd_resume(s: Session, db: str | None) -> Result:
             raise AdminError("55000", f"database {db} is not paused")
     else:
         log.info("RESUME command issued")
-        if s.worker.shutting_down or control.state_of(s.worker).shutdown_mode:
+        if s.worker.shutting_down or s.worker.shutdown_mode:
             raise AdminError("55000", "pooler is shutting down")
         if not s.worker.paused and not s.worker.paused_dbs:
             raise AdminError("55000", "pooler is not paused/suspended")
-    s.worker.control("RESUME", db)
+    s.pooler.control("RESUME", db)
     return Result("RESUME")
 
 
@@ -322,7 +322,7 @@ def _toggle(s: Session, verb: str, db: str | None) -> Result:
         raise AdminError("42601", "a database is required")
     log.info("%s '%s' command issued", verb, db)
     s.known_database(db, verb.lower())
-    s.worker.control(verb, db)
+    s.pooler.control(verb, db)
     return Result(verb)
 
 
@@ -331,7 +331,7 @@ def _on_databases(s: Session, verb: str, db: str | None) -> Result:
     if db:
         s.known_database(db, verb.lower())
     log.info("%s%s command issued", verb, f" '{db}'" if db else "")
-    s.worker.control(verb, db)
+    s.pooler.control(verb, db)
     return Result(verb)
 
 
@@ -350,7 +350,7 @@ def cmd_kill_client(s: Session, arg: str | None) -> Result:
     if not any(c["id"] == int(arg) for snap in s.snapshots() for c in snap["clients"]):
         raise AdminError("42704", "client not found")
     log.info("KILL_CLIENT %s command issued", arg)
-    s.worker.control("KILL_CLIENT", arg)
+    s.pooler.control("KILL_CLIENT", arg)
     return Result("KILL_CLIENT")
 
 
@@ -358,7 +358,7 @@ def cmd_wait_close(s: Session, db: str | None) -> Result:
     if db:
         s.known_database(db, "wait in")
     log.info("WAIT_CLOSE%s command issued", f" '{db}'" if db else "")
-    s.worker.control("WAIT_CLOSE", db)
+    s.pooler.control("WAIT_CLOSE", db)
 
     def closed(snaps: list[dict]) -> bool:
         return not any(v["close_needed"] and (db is None or v["database"] == db)
@@ -377,7 +377,7 @@ def cmd_reload(s: Session, arg: str | None) -> Result:
         log.error("RELOAD failed, keeping the old config: %s", "; ".join(e.errors))
         raise AdminError("F0000", "RELOAD failed, see logs for additional details",
                          detail="\n".join(e.errors)) from None
-    s.worker.control("RELOAD", None)
+    s.pooler.control("RELOAD", None)
     return Result("RELOAD")
 
 
@@ -386,7 +386,7 @@ def cmd_shutdown(s: Session, arg: str | None) -> Result:
     if mode not in (None, "WAIT_FOR_SERVERS", "WAIT_FOR_CLIENTS"):
         raise AdminError("42601", f"invalid command 'SHUTDOWN {arg}', use SHOW HELP;")
     log.info("SHUTDOWN%s command issued", f" {mode}" if mode else "")
-    s.worker.control("SHUTDOWN", mode)
+    s.pooler.control("SHUTDOWN", mode)
     if mode is None:
         gevent.sleep(30)        # as PgBouncer: no reply, the connection ends with the process
     return Result("SHUTDOWN")

@@ -1,7 +1,7 @@
 """A plain, JSON-able picture of one worker: pools, clients, servers, counters.
 
 The admin console never reads live objects: it asks the worker for
-`collect_snapshots()` (one dict per worker process) and computes every SHOW
+its pooler for `snapshots()` (one dict per worker process) and computes every SHOW
 from those, summing across workers. So the same code serves one process and
 many, and a snapshot can cross a pipe as JSON.
 
@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import time
 from typing import TYPE_CHECKING, Any
-
-from pooler.admin import control
 
 if TYPE_CHECKING:
     from pooler.pooling.client import Client
@@ -38,18 +36,17 @@ def snapshot(worker: "Worker") -> dict[str, Any]:
     wid = worker.worker_id
     pools = list(worker.pools.values())
     waits = _wait_starts(pools)
-    state = control.state_of(worker)
-    flags = control.state_dict(worker)
+    flags = worker.operator_state()
     admin = getattr(worker, "admin", None)
     return {
         "worker_id": wid,
         "pid": os.getpid(),
         "taken_at": clock.wall_now,
         "state": flags,
-        "shutting_down": bool(worker.shutting_down or state.shutdown_mode),
+        "shutting_down": bool(worker.shutting_down or worker.shutdown_mode),
         "pools": [_pool(p, clock) for p in pools],
         "clients": [_client(c, wid, clock, waits) for c in list(worker.clients)],
-        "servers": [s for p in pools for s in _servers(p, wid, clock, state)],
+        "servers": [s for p in pools for s in _servers(p, wid, clock)],
         "databases": _databases(pools, flags),
         "users": sorted(worker.userlist),
         "admin_stats": admin.stats_dict() if admin is not None else {},
@@ -216,23 +213,21 @@ def _local_sock(sock) -> tuple[str, int]:
 
 # --------------------------------------------------------------------------- servers
 
-def _servers(pool: "Pool", wid: int, clock: _Clock, state: "control.AdminState") -> list[dict]:
+def _servers(pool: "Pool", wid: int, clock: _Clock) -> list[dict]:
     delay = pool.cfg.server_check_delay if pool.cfg.server_check_query else 0
     out = []
     for srv in list(pool.active):
-        out.append(_server(pool, srv, "active", wid, clock, state))
+        out.append(_server(pool, srv, "active", wid, clock))
     for srv in list(pool.idle):
         used = delay and clock.mono_now - srv.last_used > delay
-        out.append(_server(pool, srv, "used" if used else "idle", wid, clock, state))
+        out.append(_server(pool, srv, "used" if used else "idle", wid, clock))
     return out
 
 
-def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock,
-            state: "control.AdminState") -> dict[str, Any]:
+def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock) -> dict[str, Any]:
     client = srv.client
     pump = srv.tls
     laddr, lport = _local_sock(pump.tls) if pump is not None else _local(srv.stream)
-    created = state.close_needed.get(srv, srv.created)
     host = pool.route.host
     return {
         "id": global_id(wid, srv.id),
@@ -244,9 +239,9 @@ def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock,
         "port": pool.route.port,
         "local_addr": laddr,
         "local_port": lport,
-        "connect_time": clock.wall(created),
+        "connect_time": clock.wall(srv.created),
         "request_time": clock.wall(srv.last_used),
-        "close_needed": srv in state.close_needed and not srv.closed,
+        "close_needed": srv.close_needed and not srv.closed,
         "link": client_ptr(wid, client.id) if client is not None else None,
         "remote_pid": srv.pid,
         "application_name": (client.tparams.get("application_name") or "") if client is not None else "",

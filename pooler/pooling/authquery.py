@@ -36,6 +36,7 @@ from gevent.lock import BoundedSemaphore
 from pooler.wire import auth, protocol
 from pooler.wire.netio import ConnectionClosed
 from pooler.pooling.server import ServerConn, ServerError
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.config.model import Route
@@ -54,15 +55,8 @@ APPLICATION_NAME = "pooler auth_query"
 _MISSING = object()
 
 
-class AuthQueryError(Exception):
+class AuthQueryError(PoolerError):
     """The lookup could not be done; the message is safe to show a client."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-
-    def copy(self) -> "AuthQueryError":
-        return AuthQueryError(self.sqlstate, str(self))
 
 
 @dataclasses.dataclass

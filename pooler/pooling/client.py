@@ -14,10 +14,10 @@ from pooler.wire import auth, protocol, tls
 from pooler.pooling import peering
 from pooler.pooling.authquery import AuthQueryError
 from pooler.config.model import ADMIN_DB
-from pooler.admin.control import is_disabled
 from pooler.wire.netio import ConnectionClosed, Stream
-from pooler.pooling.pool import Pool, PoolError
-from pooler.pooling.relay import ClientKill, Relay
+from pooler.pooling.pool import Pool
+from pooler.pooling.relay import Relay
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.config.model import Route
@@ -34,10 +34,8 @@ TRACKED_BASE = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming
 STARTUP_META = ("user", "database", "replication")
 
 
-class LoginFailed(Exception):
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
+class LoginFailed(PoolerError):
+    """The client may not log in; logged as a failed login, then sent to the client."""
 
 
 def quote_literal(value: str) -> str:
@@ -85,10 +83,8 @@ class Client:
         except LoginFailed as exc:
             log.info("C-%d %s login failed: %s", self.id, self._who(), exc)
             self.fatal(exc.sqlstate, str(exc))
-        except (PoolError, ClientKill) as exc:
-            self.fatal(exc.sqlstate, str(exc))
-        except protocol.ProtocolError as exc:
-            self.fatal("08P01", str(exc))
+        except PoolerError as exc:      # no server, killed, protocol violation, ...
+            self.fatal(exc.sqlstate, exc.message)
         except ConnectionClosed:
             pass
         except gevent.GreenletExit:
@@ -209,7 +205,7 @@ class Client:
         route = cfg.route(self.database, self.user)
         if route is None:
             raise LoginFailed("3D000", f"no such database: {self.database}")
-        if is_disabled(self.worker, route.name):
+        if route.name in self.worker.disabled_dbs:
             raise LoginFailed("55000", f"database does not allow connections: {route.name}")
         startup = self._startup_parameters(params)
         scram_keys = self._authenticate(route)

@@ -18,6 +18,7 @@ from gevent.hub import get_hub
 from pooler.config.model import Route
 from pooler.pooling.prepared import Counters
 from pooler.pooling.server import ServerConn, ServerError
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.pooling.worker import Worker
@@ -25,12 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pooler.pool")
 
 
-class PoolError(Exception):
-    """A client cannot get a server: carries the SQLSTATE and PgBouncer-style text."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
+class PoolError(PoolerError):
+    """A client cannot get a server (PgBouncer-style text)."""
 
 
 class LocalQuota:
@@ -299,6 +296,13 @@ class Pool:
             return True
         return False
 
+    def set_paused(self, paused: bool) -> None:
+        """PAUSE / RESUME of this pool: on resume every waiter retries."""
+        was_paused, self.paused = self.paused, paused
+        if was_paused and not paused:
+            for _ in range(len(self.waiters)):
+                self._wake_next_waiter()
+
     def _wake_next_waiter(self) -> None:
         self._hand_over(None)
 
@@ -309,8 +313,10 @@ class Pool:
         if not now:
             now = time.monotonic()
         srv.last_used = now
-        if srv.closed or (self.cfg.server_lifetime and now - srv.created > self.cfg.server_lifetime):
-            self.discard(srv, "server lifetime over" if not srv.closed else "server closed")
+        if srv.closed or srv.close_needed or (
+                self.cfg.server_lifetime and now - srv.created > self.cfg.server_lifetime):
+            self.discard(srv, "server closed" if srv.closed else
+                         "RECONNECT" if srv.close_needed else "server lifetime over")
             return
         if self.waiters and not self.paused:
             if self._hand_over(srv):

@@ -35,6 +35,7 @@ from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, DualWait
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.pooling.client import Client
@@ -78,12 +79,8 @@ STATUS_IDLE = ord("I")
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 
 
-class ClientKill(Exception):
+class ClientKill(PoolerError):
     """Raised into a client's greenlet to disconnect it with an error (timeouts, admin KILL)."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
 
 
 class Relay:

@@ -12,6 +12,7 @@ import gevent
 from pooler.wire import auth, protocol, tls
 from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp
 from pooler.pooling.prepared import ServerStatements
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.pooling.pool import Pool
@@ -22,12 +23,12 @@ _ids = itertools.count(1)
 SERVER_BUF = 65536
 
 
-class ServerError(Exception):
-    """The server answered with an ErrorResponse (fields kept) or broke the protocol."""
+class ServerError(PoolerError):
+    """The server answered with an ErrorResponse (its fields kept) or could not be reached
+    or logged in to (08006 unless the server said otherwise)."""
 
-    def __init__(self, message: str, sqlstate: str = "08006", fields: dict | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
+    def __init__(self, sqlstate: str, message: str, fields: dict | None = None) -> None:
+        super().__init__(sqlstate, message)
         self.fields = fields or {}
 
 
@@ -45,17 +46,17 @@ def _start_tls(stream: Stream, host: str, addr: str) -> tuple[Stream, "tls.TlsPu
         if answer == b"N":
             if mode in ("allow", "prefer"):
                 return stream, None
-            raise ServerError(f"server {addr} does not accept TLS connections, but "
+            raise ServerError("08006", f"server {addr} does not accept TLS connections, but "
                               f"server_tls_sslmode is {mode}")
         if answer != b"S":
-            raise ServerError(f"server {addr} answered the SSLRequest with {answer!r}")
+            raise ServerError("08006", f"server {addr} answered the SSLRequest with {answer!r}")
         if stream.rbuf:
             # PostgreSQL's CVE-2021-23222 fix: nothing may come before the handshake.
-            raise ServerError(f"server {addr} sent unencrypted data after its SSL response")
+            raise ServerError("08006", f"server {addr} sent unencrypted data after its SSL response")
         try:
             return tls.wrap(stream, ctxs.server, server_side=False, server_hostname=host)
         except tls.HandshakeFailed as exc:
-            raise ServerError(f"TLS handshake with server {addr} failed ({mode}): {exc}") from None
+            raise ServerError("08006", f"TLS handshake with server {addr} failed ({mode}): {exc}") from None
     except BaseException:
         stream.close()
         raise
@@ -66,7 +67,7 @@ class ServerConn:
 
     __slots__ = ("id", "pool", "stream", "pid", "key", "params", "created", "last_used",
                  "client", "buf", "view", "stmts", "addr", "closed", "reset_needed", "tsig",
-                 "tls", "__weakref__")
+                 "tls", "close_needed", "__weakref__")
 
     def __init__(self, pool: "Pool", stream: Stream, addr: str) -> None:
         self.id = next(_ids)
@@ -85,6 +86,7 @@ class ServerConn:
         self.stmts = ServerStatements()
         self.closed = False
         self.reset_needed = False       # session-mode servers get server_reset_query before reuse
+        self.close_needed = False       # RECONNECT: closed when next released (SHOW SERVERS says so)
         self.tsig: tuple | None = None  # the client parameter values last applied (None: unknown)
         self.tls: tls.TlsPump | None = None   # server_tls_sslmode: the pump behind `stream`
 
@@ -97,7 +99,7 @@ class ServerConn:
         route = pool.route
         addr = f"{route.host}:{route.port}"
         try:
-            with gevent.Timeout(timeout or None, ServerError(f"server connect timeout ({addr})")):
+            with gevent.Timeout(timeout or None, ServerError("08006", f"server connect timeout ({addr})")):
                 sock = connect_tcp(route.host, route.port, timeout)
                 stream, pump = _start_tls(Stream(sock, addr), route.host, addr)
                 conn = cls(pool, stream, addr)
@@ -108,9 +110,9 @@ class ServerConn:
                     conn.close(send_terminate=False)
                     raise
         except OSError as exc:
-            raise ServerError(f"could not connect to server {addr}: {exc.strerror or exc}") from exc
+            raise ServerError("08006", f"could not connect to server {addr}: {exc.strerror or exc}") from exc
         except ConnectionClosed as exc:
-            raise ServerError(f"server {addr} closed the connection during login") from exc
+            raise ServerError("08006", f"server {addr} closed the connection during login") from exc
         return conn
 
     def _login(self, user: str, dbname: str, password: str | None, scram_keys: tuple | None,
@@ -135,11 +137,11 @@ class ServerConn:
                 return
             elif mtype == ord("E"):
                 fields = protocol.parse_error_fields(body)
-                raise ServerError(fields.get("M", "login failed"), fields.get("C", "08006"), fields)
+                raise ServerError(fields.get("C", "08006"), fields.get("M", "login failed"), fields)
             elif mtype in (ord("N"), ord("v")):
                 continue
             else:
-                raise ServerError(f"unexpected message {chr(mtype)!r} during server login")
+                raise ServerError("08006", f"unexpected message {chr(mtype)!r} during server login")
 
     def _auth_step(self, code: int, data: bytes, user: str, password: str | None,
                    scram_keys: tuple | None, scram: "auth.ScramClient | None"):
@@ -154,13 +156,13 @@ class ServerConn:
         elif code == protocol.AUTH_SASL:
             mechs = data.split(b"\0")
             if b"SCRAM-SHA-256" not in mechs:
-                raise ServerError("server offers no SASL mechanism the pooler supports")
+                raise ServerError("08006", "server offers no SASL mechanism the pooler supports")
             if password and auth.secret_kind(password) == "plain":
                 scram = auth.ScramClient(password)
             elif scram_keys:
                 scram = auth.ScramClient(client_key=scram_keys[0], server_key=scram_keys[1])
             else:
-                raise ServerError("no password available to log in to the server with SCRAM", "28P01")
+                raise ServerError("28P01", "no password available to log in to the server with SCRAM")
             s.sendall(protocol.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
         elif code == protocol.AUTH_SASL_CONTINUE:
             assert scram is not None
@@ -170,15 +172,15 @@ class ServerConn:
             try:
                 scram.verify_server_final(data)
             except auth.AuthFailed as exc:
-                raise ServerError(f"server SCRAM verification failed: {exc}", "28P01") from exc
+                raise ServerError("28P01", f"server SCRAM verification failed: {exc}") from exc
         else:
-            raise ServerError(f"server asked for unsupported authentication method {code}", "28000")
+            raise ServerError("28000", f"server asked for unsupported authentication method {code}")
         return scram
 
     @staticmethod
     def _need(password: str | None) -> str:
         if not password:
-            raise ServerError("no password available to log in to the server", "28P01")
+            raise ServerError("28P01", "no password available to log in to the server")
         return password
 
     # -- pooler-issued queries -------------------------------------------------
@@ -205,7 +207,7 @@ class ServerConn:
                 self.tsig = None
             elif mtype == ord("E"):
                 fields = protocol.parse_error_fields(body)
-                error = ServerError(fields.get("M", "query failed"), fields.get("C", "XX000"), fields)
+                error = ServerError(fields.get("C", "XX000"), fields.get("M", "query failed"), fields)
 
     def cancel(self) -> None:
         """Send PostgreSQL a CancelRequest for whatever this backend is running, from a

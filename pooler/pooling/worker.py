@@ -15,7 +15,6 @@ from gevent.server import StreamServer
 from pooler.wire import auth, netio, protocol, tls
 from pooler import logs
 from pooler.pooling import peering
-from pooler.admin.console import AdminConsole
 from pooler.pooling.authquery import AuthQuery
 from pooler.version import version_line
 from pooler.pooling.client import TRACKED_BASE, Client
@@ -47,7 +46,9 @@ class Worker:
         self.clients: set[Client] = set()
         self.cancel_keys: dict[tuple[int, int], Client] = {}
         self.servers: list[StreamServer] = []
-        self.admin = AdminConsole(self)  # the virtual database `pgbouncer`
+        # The admin console (the virtual database `pgbouncer`), given by the process
+        # layer that assembles the pooler (proc/); None: no console (a bare worker).
+        self.admin = None
         self.auth_query = AuthQuery(self)  # auth_user / auth_query lookups and their cache
         self.userlist: dict[str, str] = {}
         self._scram_cache: dict[str, str] = {}
@@ -62,8 +63,13 @@ class Worker:
         # None when this process is the whole pooler.
         self.peers = None
         self.max_accept = 100        # lowered when several workers share the socket
-        self.paused = False          # PAUSE / SIGUSR1: new pools start paused too
-        self.paused_dbs: set[str] = set()
+        # What an operator set, by the admin console, SIGUSR1/SIGUSR2 or (prefork) another
+        # worker through shared memory. Owned here: new pools, logins and snapshots read it.
+        self.paused = False          # PAUSE / SUSPEND / SIGUSR1: new pools start paused too
+        self.suspended = False       # SUSPEND: a pause that keeps its servers
+        self.paused_dbs: set[str] = set()        # PAUSE db, KILL db
+        self.disabled_dbs: set[str] = set()      # DISABLE db: new logins refused
+        self.shutdown_mode: str | None = None    # the admin SHUTDOWN's mode, for SHOW STATE
         self.apply_config(cfg)
 
     # -- config -----------------------------------------------------------------
@@ -105,17 +111,30 @@ class Worker:
     def version_string(self) -> str:
         return version_line()           # the same string as `pooler -V` and SHOW VERSION
 
-    # -- admin console hooks (the prefork model overrides both) ----------------------
+    # -- operator state --------------------------------------------------------------
 
-    def collect_snapshots(self) -> list[dict]:
-        """Snapshots of every worker for the admin console; here, just this one."""
-        from pooler.admin.snapshot import snapshot
-        return [snapshot(self)]
+    def set_pause(self, paused: bool, paused_dbs: set[str]) -> None:
+        """Pause means: no server handed out (not even an idle one), clients wait,
+        in-flight transactions finish. On resume every waiter retries."""
+        self.paused = paused
+        self.paused_dbs = set(paused_dbs)
+        for pool in list(self.pools.values()):
+            pool.set_paused(paused or pool.name in paused_dbs or self.shutting_down)
 
-    def control(self, cmd: str, arg: str | None) -> None:
-        """Apply a validated admin command (PAUSE, KILL, ...) to every worker; here, this one."""
-        from pooler.admin.control import apply_control
-        apply_control(self, cmd, arg)
+    def is_paused(self, db: str | None = None) -> bool:
+        """Is the whole pooler (db None) or database `db` under PAUSE/SUSPEND/KILL?"""
+        return self.paused if db is None else (self.paused or db in self.paused_dbs)
+
+    def pause_mode(self) -> str:
+        """'none', 'pause' or 'suspend' (SHOW STATE); per-database pauses are not a mode."""
+        if not self.paused:
+            return "none"
+        return "suspend" if self.suspended else "pause"
+
+    def operator_state(self) -> dict:
+        """The operator's flags as plain data, for snapshots."""
+        return {"pause_mode": self.pause_mode(), "paused_dbs": sorted(self.paused_dbs),
+                "disabled_dbs": sorted(self.disabled_dbs), "shutdown_mode": self.shutdown_mode}
 
     # -- clients ------------------------------------------------------------------
 

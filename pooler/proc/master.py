@@ -188,11 +188,15 @@ def run_single(cfg: Config, listeners: list, config_path: str, workers_override:
     """One process serving clients itself; signals handled in the gevent loop."""
     from gevent import monkey
     monkey.patch_all()
+    from pooler.admin.console import AdminConsole
+    from pooler.admin.local import LocalPooler
     from pooler.pooling.worker import Worker
-    from pooler.proc.workerproc import serve_until_stopped
+    from pooler.proc.signals import serve_until_stopped
 
     worker = Worker(cfg, listeners)
     worker.config_path = config_path
+    pooler = LocalPooler(worker)
+    worker.admin = AdminConsole(worker, pooler)
     worker.start()
 
     def reload() -> None:
@@ -204,7 +208,7 @@ def run_single(cfg: Config, listeners: list, config_path: str, workers_override:
     def pause(on: bool) -> None:
         """SIGUSR1 / SIGUSR2: the console's PAUSE / RESUME."""
         log.info("%s all pools (%s)", "pausing" if on else "resuming", "SIGUSR1" if on else "SIGUSR2")
-        worker.control("PAUSE" if on else "RESUME", None)
+        pooler.control("PAUSE" if on else "RESUME", None)
 
     code = serve_until_stopped(worker, reload, pause, second_exits=True)
     log.info("shutdown complete")

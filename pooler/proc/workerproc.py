@@ -1,6 +1,5 @@
-"""The worker side of the process model: signal handling (one process or many),
-the pause helper shared with the admin console, and the prefork worker:
-bootstrap, plus admin commands and snapshots that span every worker.
+"""The prefork worker: its bootstrap, and the admin commands and snapshots that span
+every worker process (the console's `Pooler` when there are several).
 
 Imported only after gevent's monkey patching (master.py patches first).
 """
@@ -12,19 +11,20 @@ import pickle
 import signal
 import socket
 import time
-from typing import Callable
 
 import gevent
 import gevent.event
 
-from pooler.admin import control
+from pooler.admin.console import AdminConsole
+from pooler.admin.control import Control
+from pooler.admin.snapshot import snapshot
 from pooler.proc import shm
-from pooler.logs import flush_and_exit
 from pooler.proc.master import SET_MSG
 from pooler.config.model import Config, ConfigError, load_config
 from pooler.proc.peers import Peers
 from pooler.proc.shm import Segment, ShmQuota
-from pooler.pooling.worker import STOP_CLIENTS, STOP_SERVERS, Worker
+from pooler.pooling.worker import Worker
+from pooler.proc.signals import serve_until_stopped
 
 log = logging.getLogger("pooler.worker")
 
@@ -32,61 +32,6 @@ MULTI_MAX_ACCEPT = 4      # accept few at a time so that the other workers get t
 SNAPSHOT_TIMEOUT = 1.0    # a worker that does not answer by then is left out of SHOW
 RELOAD_TIMEOUT = 3.0
 ADMIN_MSG, SNAP_REQUEST, SNAP_REPLY, RELOAD_MSG = b"A", b"Q", b"R", b"H"
-
-
-# -- signals ----------------------------------------------------------------------------------
-
-
-# SIGQUIT, or a second SIGTERM/SIGINT: leave at once, logs flushed, no cleanup.
-exit_now = flush_and_exit
-
-SIGNAL_LEVELS = {signal.SIGTERM: STOP_CLIENTS, signal.SIGINT: STOP_SERVERS}
-
-
-def serve_until_stopped(worker: Worker, on_reload: Callable[[], None] | None,
-                        on_pause: Callable[[bool], None] | None, second_exits: bool) -> int:
-    """Install the worker's signal handlers and block until it has shut down.
-
-    As PgBouncer: SIGTERM waits for clients to leave, SIGINT for servers to be
-    released, SIGQUIT exits at once; both waits are bounded by shutdown_timeout.
-    With `second_exits` (single process) a shutdown signal during a shutdown
-    (also one begun by the admin console) exits at once; under a master the
-    master does that, and a worker may see a signal twice (a terminal's Ctrl-C
-    reaches the whole process group, then the master fans it out again), so
-    there a repeat can only make the shutdown faster."""
-
-    def terminate(sig: signal.Signals) -> None:
-        if worker.stop_level and second_exits:
-            log.warning("second shutdown signal (%s): exiting now", sig.name)
-            exit_now(1)
-        if not worker.stop_level:
-            log.info("got %s, shutting down", sig.name)
-        worker.stop(SIGNAL_LEVELS[sig])
-
-    for sig in SIGNAL_LEVELS:
-        gevent.signal_handler(sig, terminate, sig)
-    gevent.signal_handler(signal.SIGQUIT, exit_now, 0)
-    if on_reload is not None:
-        gevent.signal_handler(signal.SIGHUP, on_reload)
-    if on_pause is not None:
-        gevent.signal_handler(signal.SIGUSR1, on_pause, True)
-        gevent.signal_handler(signal.SIGUSR2, on_pause, False)
-    worker.stopped.wait()
-    return 0
-
-
-def apply_pause(worker: Worker, paused: bool, paused_dbs: set[str]) -> None:
-    """Pause means: no server handed out (not even an idle one), clients wait,
-    in-flight transactions finish. On resume every waiter retries."""
-    worker.paused = paused
-    worker.paused_dbs = set(paused_dbs)
-    for pool in list(worker.pools.values()):
-        now_paused = paused or pool.name in paused_dbs or worker.shutting_down
-        was_paused = pool.paused
-        pool.paused = now_paused
-        if was_paused and not now_paused:
-            for _ in range(len(pool.waiters)):
-                pool._wake_next_waiter()
 
 
 # -- prefork worker ------------------------------------------------------------------------------
@@ -97,34 +42,21 @@ def worker_main(cfg: Config, config_path: str, listeners: list[socket.socket], s
                 master_pid: int, master_inbox: socket.socket) -> int:
     """Body of a forked worker (gevent already patched in). Returns the exit code."""
     quota = ShmQuota(seg, worker_id)
-    worker = PreforkWorker(cfg, listeners, worker_id, quota=quota)
+    worker = Worker(cfg, listeners, worker_id, quota=quota)
     worker.config_path = config_path
     worker.max_accept = MULTI_MAX_ACCEPT
     peers = Peers(worker, seg, quota, worker_id, channels, master_pid)
     worker.peers = peers
-    worker.fanout = Fanout(worker, peers, master_pid, master_inbox)
+    fanout = Fanout(worker, peers, master_pid, master_inbox)
+    worker.admin = AdminConsole(worker, fanout)
     seg.worker_set(worker_id, shm.W_CONFIG_GEN, seg.config_gen())   # the master's latest
-    worker.fanout.apply_flags()          # a worker spawned during PAUSE starts paused
+    fanout.apply_flags()                 # a worker spawned during PAUSE starts paused
     worker.start()
     peers.start()
     log.info("worker %d (pid %d) started", worker_id, os.getpid())
     code = serve_until_stopped(worker, None, None, second_exits=False)
     log.info("worker %d (pid %d) stopped", worker_id, os.getpid())
     return code
-
-
-class PreforkWorker(Worker):
-    """A Worker whose admin commands and snapshots span every worker process."""
-    fanout: "Fanout"
-
-    def collect_snapshots(self) -> list[dict]:
-        return self.fanout.collect_snapshots()
-
-    def control(self, cmd: str, arg: str | None) -> None:
-        self.fanout.control(cmd, arg)
-
-    def announce_shutdown(self) -> None:
-        self.fanout.announce_shutdown()
 
 
 class Fanout:
@@ -137,6 +69,8 @@ class Fanout:
     def __init__(self, worker: Worker, peers: Peers, master_pid: int,
                  master_inbox: socket.socket) -> None:
         self.worker = worker
+        # This worker's commands; an admin SHUTDOWN is announced to the whole pooler.
+        self.local = Control(worker, on_shutdown=self.announce_shutdown)
         self.master_inbox = master_inbox
         self.peers = peers
         self.seg = peers.seg
@@ -156,7 +90,7 @@ class Fanout:
         if cmd.upper() == "RELOAD":
             self._reload_via_master()
             return
-        control.apply_control(self.worker, cmd, arg)
+        self.local.apply(cmd, arg)
         self._publish_flags()
         msg = ADMIN_MSG + pickle.dumps((cmd, arg))
         for w in self.others():
@@ -176,12 +110,11 @@ class Fanout:
 
     def _on_admin(self, body: bytes) -> None:
         cmd, arg = pickle.loads(body)
-        control.apply_control(self.worker, cmd, arg)
+        self.local.apply(cmd, arg)
 
     def _publish_flags(self) -> None:
-        st = control.state_of(self.worker)
-        self.seg.set_admin_flags(self.worker.paused, st.suspended, self.worker.paused_dbs,
-                                 st.disabled_dbs)
+        w = self.worker
+        self.seg.set_admin_flags(w.paused, w.suspended, w.paused_dbs, w.disabled_dbs)
         self.peers.flags_gen = self.seg.flags_gen()      # this worker is in that state already
 
     def apply_flags(self) -> None:
@@ -189,15 +122,14 @@ class Fanout:
         worker's admin command, or the state a new worker is born into)."""
         seg, worker = self.seg, self.worker
         state = seg.state()
-        st = control.state_of(worker)
-        st.suspended = bool(state & shm.STATE_SUSPENDED)
-        st.disabled_dbs = seg.dbs_with(shm.FLAG_DISABLED)
+        worker.suspended = bool(state & shm.STATE_SUSPENDED)
+        worker.disabled_dbs = seg.dbs_with(shm.FLAG_DISABLED)
         paused, dbs = bool(state & shm.STATE_PAUSED), seg.paused_dbs()
         if (worker.paused, worker.paused_dbs) != (paused, dbs):
-            apply_pause(worker, paused, dbs)
+            worker.set_pause(paused, dbs)
             if paused or dbs:
                 # As the admin PAUSE: paused pools drop their servers as they are released.
-                control.apply_control(worker, "WAIT_CLOSE", None)
+                self.local.apply("WAIT_CLOSE", None)
 
     def announce_shutdown(self) -> None:
         """Admin SHUTDOWN: the whole pooler ends; the master respawns nobody, closes
@@ -238,10 +170,9 @@ class Fanout:
 
     # -- snapshots -----------------------------------------------------------------------------------
 
-    def collect_snapshots(self) -> list[dict]:
+    def snapshots(self) -> list[dict]:
         """This worker's snapshot and every other live worker's (those that answer
         within SNAPSHOT_TIMEOUT), ordered by worker id."""
-        from pooler.admin.snapshot import snapshot
         mine = snapshot(self.worker)
         others = self.others()
         if not others:
@@ -264,7 +195,6 @@ class Fanout:
         return sorted([mine, *got.values()], key=lambda snap: snap["worker_id"])
 
     def _on_snap_request(self, body: bytes) -> None:
-        from pooler.admin.snapshot import snapshot
         requester, rid = pickle.loads(body)
         self.peers.send_large(requester, SNAP_REPLY, pickle.dumps((rid, self.peers.me,
                                                                     snapshot(self.worker))))

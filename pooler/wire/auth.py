@@ -24,6 +24,7 @@ import logging
 import secrets
 import stringprep
 import unicodedata
+from pooler.errors import PoolerError
 
 __all__ = [
     "AuthFailed",
@@ -55,8 +56,11 @@ SCRAM_MAX_ITERATIONS = 2**31 - 1
 _FAILED = "password authentication failed"
 
 
-class AuthFailed(Exception):
-    """Authentication failed; the message is safe to show to a client."""
+class AuthFailed(PoolerError):
+    """Authentication failed (28P01); the message is safe to show to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("28P01", message)
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ encoding of every message.
 from __future__ import annotations
 
 import struct
+from pooler.errors import PoolerError
 
 PROTOCOL_V3 = 196608          # 3 << 16
 SSL_REQUEST = 80877103
@@ -34,8 +35,11 @@ Z = ord("Z")
 COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 
 
-class ProtocolError(Exception):
+class ProtocolError(PoolerError):
     """Input that violates the protocol: answered with SQLSTATE 08P01."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("08P01", message)
 
 
 def message(mtype: bytes, body: bytes = b"") -> bytes:
