@@ -163,7 +163,7 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
         "user": client.user,
         "database": pool.name if pool is not None else client.database,
         "pool_user": pool.user if pool is not None else None,
-        "state": client.state,              # login / idle / waiting / active / admin
+        "state": str(client.state),         # login / idle / waiting / active / admin
         "addr": addr,
         "port": port,
         "local_addr": laddr,

@@ -18,6 +18,7 @@ from pooler.wire.netio import ConnectionClosed, Stream
 from pooler.pooling.pool import Pool
 from pooler.pooling.relay import Relay
 from pooler.errors import PoolerError
+from pooler.pooling.clientstate import ClientState
 
 if TYPE_CHECKING:
     from pooler.config.model import Route
@@ -57,7 +58,7 @@ class Client:
         self.relay: Relay | None = None
         self.tparams: dict[str, str | None] = {}   # tracked parameters as the client sees them
         self.tsig: tuple = ()                      # their values, compared against ServerConn.tsig
-        self.state = "login"
+        self.state = ClientState.LOGIN
         self.local_superuser = False               # `pgbouncer` over the Unix socket (admin.py)
         self.connect_time = time.time()
         self.cancel_key = (0, 0)
@@ -74,11 +75,11 @@ class Client:
                                 LoginFailed("08P01", "client_login_timeout")):
                 if not self._startup():
                     return
-            if self.state == "admin":
+            if self.state == ClientState.ADMIN:
                 self.worker.admin.serve(self)   # outside client_login_timeout
                 return
             self.relay = Relay(self)
-            self.state = "idle"
+            self.state = ClientState.IDLE
             self.relay.run()
         except LoginFailed as exc:
             log.info("C-%d %s login failed: %s", self.id, self._who(), exc)
@@ -105,7 +106,7 @@ class Client:
         self.worker.forget_client(self)
         if self.pool is not None:
             self.pool.clients.discard(self)
-        if self.cfg.log_disconnections and self.state != "login":
+        if self.cfg.log_disconnections and self.state != ClientState.LOGIN:
             log.info("C-%d %s closing because: %s (age=%.0fs)", self.id, self._who(),
                      self.close_reason, time.time() - self.connect_time)
         self.stream.close()
@@ -198,7 +199,7 @@ class Client:
             if not self.local_superuser:
                 self._authenticate()
                 self.worker.admin.check_login(self)     # admin_users / stats_users only
-            self.state = "admin"                    # serve() runs the console
+            self.state = ClientState.ADMIN                    # serve() runs the console
             self._welcome(self.worker.admin.welcome_params())
             return
         # The pool's settings depend on its user too ([users]): resolve with the login user.

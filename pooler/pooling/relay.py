@@ -36,6 +36,7 @@ from pooler.wire.netio import ConnectionClosed, DualWait
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
 from pooler.errors import PoolerError
+from pooler.pooling.clientstate import ClientState
 
 if TYPE_CHECKING:
     from pooler.pooling.client import Client
@@ -395,10 +396,10 @@ class Relay:
     def link(self) -> "ServerConn":
         """Get a server from the pool and bring its parameters in line with the client's."""
         client = self.client
-        client.state = "waiting"
+        client.state = ClientState.WAITING
         srv = self.pool.acquire(client)
         self.stats.server_assignment_count += 1
-        client.state = "active"
+        client.state = ClientState.ACTIVE
         srv.client = client
         try:
             client.sync_parameters(srv)
@@ -418,7 +419,7 @@ class Relay:
         """Return a clean server to the pool (transaction / statement mode)."""
         srv = self.server
         self.server = None
-        self.client.state = "idle"
+        self.client.state = ClientState.IDLE
         now = time.monotonic()
         self.stats.xact_time += now - self.xact_start
         self.pool.release(srv, now)

@@ -21,6 +21,7 @@ from pooler.pooling.client import TRACKED_BASE, Client
 from pooler.config.model import Config, Route
 from pooler.pooling.pool import LocalQuota, Pool
 from pooler.pooling.relay import STATUS_IDLE, ClientKill
+from pooler.pooling.clientstate import ClientState
 
 log = logging.getLogger("pooler.worker")
 JANITOR_PERIOD = 0.5
@@ -305,7 +306,7 @@ class Worker:
                     now - relay.last_active > route.idle_transaction_timeout:
                 # (a session-mode client between transactions holds its server at 'I')
                 return ("25P03", "idle transaction timeout")
-        elif route.client_idle_timeout and client.state == "idle" and \
+        elif route.client_idle_timeout and client.state == ClientState.IDLE and \
                 now - relay.last_active > route.client_idle_timeout:
             return ("57P05", "client_idle_timeout")
         return None
@@ -347,7 +348,7 @@ class Worker:
                 self._close_unlinked_clients()
                 if not self.clients:
                     break
-            elif not any(c.state != "admin" for c in list(self.clients)):
+            elif not any(c.state != ClientState.ADMIN for c in list(self.clients)):
                 break
             gevent.sleep(0.05)
         self.close_clients("57P01", "pooler is shutting down")
@@ -370,8 +371,8 @@ class Worker:
         Admin console sessions hold no transaction either."""
         for client in list(self.clients):
             relay = client.relay
-            if client.state in ("login", "admin") or (relay is not None and relay.server is None and
-                                           (client.state != "waiting" or self._parked(client))):
+            if client.state in (ClientState.LOGIN, ClientState.ADMIN) or (relay is not None and relay.server is None and
+                                           (client.state != ClientState.WAITING or self._parked(client))):
                 client.glet.kill(ClientKill("57P01", "pooler is shutting down"), block=False)
 
     @staticmethod
