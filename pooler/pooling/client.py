@@ -15,6 +15,7 @@ from pooler.pooling import peering
 from pooler.pooling.authquery import AuthQueryError
 from pooler.config.model import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed, Stream
+from pooler.pooling.params import startup_parameters, sync_sql
 from pooler.pooling.pool import Pool
 from pooler.pooling.relay import Relay
 from pooler.errors import PoolerError
@@ -28,19 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pooler.client")
 _ids = itertools.count(1)
 
-# Parameters that follow the client across servers (PgBouncer's list, plus search_path).
-TRACKED_BASE = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming_strings",
-                "application_name", "search_path")
-# Startup keys that are not parameters to track.
-STARTUP_META = ("user", "database", "replication")
 
 
 class LoginFailed(PoolerError):
     """The client may not log in; logged as a failed login, then sent to the client."""
-
-
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class Client:
@@ -230,17 +222,10 @@ class Client:
 
     def _startup_parameters(self, params: dict[str, str]) -> dict[str, str]:
         """Tracked parameters from the startup packet; unknown ones refused as PgBouncer does."""
-        canon = self.worker.tracked_canon
-        ignore = {p.lower() for p in self.cfg.ignore_startup_parameters}
-        out: dict[str, str] = {}
-        for key, value in params.items():
-            if key in STARTUP_META:
-                continue
-            name = canon.get(key.lower())
-            if name is not None:
-                out[name] = value
-            elif key.lower() not in ignore:
-                raise LoginFailed("08P01", f"unsupported startup parameter: {key}")
+        out, unknown = startup_parameters(params, self.worker.tracked_canon,
+                                          self.cfg.ignore_startup_parameters)
+        if unknown is not None:
+            raise LoginFailed("08P01", f"unsupported startup parameter: {unknown}")
         return out
 
     def _initial_tracked(self, startup: dict[str, str]) -> dict[str, str | None]:
@@ -382,8 +367,7 @@ class Client:
         changes = [(k, v) for k, v in self.tparams.items() if sparams.get(k) != v]
         if not changes:
             return
-        sql = ";".join(f"RESET {k}" if v is None else f"SET {k} = {quote_literal(v)}" for k, v in changes)
-        srv.run(sql)
+        srv.run(sync_sql(changes))
         for k, v in changes:
             if v is None:
                 sparams.pop(k, None)

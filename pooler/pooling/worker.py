@@ -17,7 +17,8 @@ from pooler import logs
 from pooler.pooling import peering
 from pooler.pooling.authquery import AuthQuery
 from pooler.version import version_line
-from pooler.pooling.client import TRACKED_BASE, Client
+from pooler.pooling.client import Client
+from pooler.pooling.params import tracked_names
 from pooler.config.model import Config, Route
 from pooler.pooling.pool import LocalQuota, Pool
 from pooler.pooling.relay import STATUS_IDLE, ClientKill
@@ -82,7 +83,7 @@ class Worker:
         self.userlist = auth.load_userlist(cfg.auth.file) if cfg.auth.file else {}
         tls.configure(cfg)          # TLS contexts, the files re-read (new connections)
         self.auth_query.reset()
-        self.tracked = TRACKED_BASE + tuple(p for p in cfg.track_extra_parameters if p not in TRACKED_BASE)
+        self.tracked = tracked_names(cfg.track_extra_parameters)
         self.tracked_canon = {p.lower(): p for p in self.tracked}
         self.client_timeouts_on = cfg.any_client_timeout()
         for key, pool in list(self.pools.items()):
