@@ -64,7 +64,7 @@ def is_subsequence(small: list, big: list) -> bool:
 def test_snapshot_is_plain_json_and_views_sum_workers():
     """The contract with the prefork model: one JSON-able dict per worker; SHOW sums them."""
     from pooler.admin.views import SHOWS, StatsHistory, View
-    from pooler.config.model import parse_config
+    from pooler.config.validate import parse_config
     from pooler.pooling.worker import Worker
     cfg = parse_config({"auth": {"type": "trust"}, "admin_users": [ADMIN],
                         "databases": {"app": {"port": 5432}}})

@@ -5,10 +5,11 @@ import textwrap
 
 import pytest
 
-from pooler.config.model import (
-    AUTH_TYPES, POOL_MODES, AuthConfig, Config, ConfigError, DatabaseEntry, PoolEntry,
-    check_config_file, load_config, parse_config, parse_connstr,
-)
+from pooler.config.converters import ConfigError, parse_connstr
+from pooler.config.load import check_config_file, load_config
+from pooler.config.model import AuthConfig, Config, DatabaseEntry, PoolEntry
+from pooler.config.settings import AUTH_TYPES, POOL_MODES
+from pooler.config.validate import parse_config
 
 
 @pytest.fixture

@@ -169,14 +169,15 @@ def _wait_close(worker: "Worker", _db: str | None) -> None:
 
 
 def _set(worker: "Worker", arg: str | None) -> None:
-    from pooler.config.ini import runtime_setting
+    from pooler.config.runtime import runtime_setting
     key, _, text = (arg or "").partition("=")
     worker.apply_config(runtime_setting(worker.cfg, key, text))
     log.info("SET %s=%s", key, text)
 
 
 def _reload(worker: "Worker", _arg: str | None) -> None:
-    from pooler.config.model import ConfigError, load_config
+    from pooler.config.converters import ConfigError
+    from pooler.config.load import load_config
     try:
         cfg = load_config(worker.config_path)
     except ConfigError as exc:
