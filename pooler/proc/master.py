@@ -450,6 +450,9 @@ class Arbiter:
                 self.cfg = runtime_setting(self.cfg, key, text)
             except ConfigError as exc:    # validated by the worker already; be safe
                 log.error("SET %s from a worker not kept for new workers: %s", key, exc)
+                continue
+            # The workers re-apply log settings on SET; so does the master, as on RELOAD.
+            logs.reapply(self.cfg.log_format, self.cfg.logfile, self.cfg.verbose)
 
     # -- reload / stop ------------------------------------------------------------------------
 
