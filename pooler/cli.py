@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pooler.config.model import ConfigError, check_config_file
+from pooler.config.converters import ConfigError
+from pooler.config.load import check_config_file
 from pooler.version import version_line
 
 SUBCOMMANDS = ("check-config", "demo", "convert-ini", "run")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             from pooler.dev.demo import main as demo_main
             return demo_main(rest)
         if cmd == "convert-ini":
-            from pooler.config.ini import main as convert_main
+            from pooler.config.convert_ini import main as convert_main
             return convert_main(rest)
         argv = rest
     if argv and argv[0] in ("-V", "--version"):

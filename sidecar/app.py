@@ -24,7 +24,8 @@ from typing import Any, Callable
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from pooler.config.model import ConfigError, check_config_file, load_config
+from pooler.config.converters import ConfigError
+from pooler.config.load import check_config_file, load_config
 
 from . import pools
 from .console import Console, ConsoleError

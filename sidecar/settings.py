@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 
 from pooler.wire.auth import load_userlist, secret_kind
-from pooler.config.model import Config, load_config
+from pooler.config.load import load_config
+from pooler.config.model import Config
 
 from .console import Target
 

@@ -65,7 +65,7 @@ def test_snapshot_is_plain_json_and_views_sum_workers():
     """The contract with the prefork model: one JSON-able dict per worker; SHOW sums them."""
     from pooler.admin.local import LocalPooler
     from pooler.admin.views import SHOWS, StatsHistory, View
-    from pooler.config.model import parse_config
+    from pooler.config.validate import parse_config
     from pooler.pooling.worker import Worker
     cfg = parse_config({"auth": {"type": "trust"}, "admin_users": [ADMIN],
                         "databases": {"app": {"port": 5432}}})

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, SUPERUSER,
                       SUPERUSER_PASSWORD)
-from pooler.config.model import load_config
+from pooler.config.load import load_config
 
 AQ_USER, AQ_PASSWORD = "aq_auth", "aqpass"
 LOOKUP = "SELECT * FROM aq.user_lookup($1)"

@@ -5,10 +5,11 @@ import textwrap
 
 import pytest
 
-from pooler.config.model import (
-    AUTH_TYPES, POOL_MODES, AuthConfig, Config, ConfigError, DatabaseEntry, PoolEntry,
-    check_config_file, load_config, parse_config, parse_connstr,
-)
+from pooler.config.converters import ConfigError, parse_connstr
+from pooler.config.load import check_config_file, load_config
+from pooler.config.model import AuthConfig, Config, DatabaseEntry, PoolEntry
+from pooler.config.settings import AUTH_TYPES, POOL_MODES
+from pooler.config.validate import parse_config
 
 
 @pytest.fixture
@@ -430,3 +431,31 @@ def test_pool_user_is_the_forced_user(with_users):
 def test_bad_user_setting_is_named(users, expected):
     err = one_error({"users": users})
     assert err.startswith(expected), err
+
+
+# ----------------------------------------------------------------------------- restart-only settings
+
+def test_restart_only_settings_refused_by_set_kept_by_reload(tmp_path, caplog):
+    """One list (settings.RESTART_ONLY): SET refuses those keys and RELOAD keeps their
+    running value with a warning; the log settings may change at run time."""
+    from pooler.config.runtime import config_rows, runtime_setting
+    from pooler.proc.master import reload_config
+    cfg = parse_config({"auth": {"type": "trust"}})
+    for key in ("listen_port", "workers", "pidfile", "peer_id"):
+        with pytest.raises(ConfigError, match=f"{key} cannot be changed while running"):
+            runtime_setting(cfg, key, "1")
+    assert runtime_setting(cfg, "log_format", "json").log_format == "json"
+    assert runtime_setting(cfg, "logfile", "x.log").logfile == "x.log"
+    changeable = {row[0]: row[3] for row in config_rows(cfg, None)}
+    assert (changeable["pidfile"], changeable["log_format"], changeable["logfile"]) == \
+        ("no", "yes", "yes")
+    path = write(tmp_path, """
+        auth: {type: trust}
+        pidfile: other.pid
+        log_format: json
+    """)
+    with caplog.at_level("WARNING", logger="pooler.master"):
+        new = reload_config(path, None, cfg)
+    assert (new.pidfile, new.log_format) == ("", "json")
+    assert "RELOAD: pidfile changed; it takes effect after a restart" in caplog.text
+    assert "log_format" not in caplog.text

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from pooler.config.model import parse_config
+from pooler.config.validate import parse_config
 
 CHART = REPO_ROOT / "helm" / "pooler"
 TEMPLATES = sorted((CHART / "templates").iterdir())

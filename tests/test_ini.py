@@ -14,8 +14,11 @@ from bouncer import (connect, hold_transactions, login_ok, pool_counts, reconfig
                      admin_query, side_by_side, side_ini)  # noqa: F401  (side_by_side: fixture)
 from conftest import APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, backend_count, wait_until
 from pooler import cli
-from pooler.config.model import ConfigError, load_config
-from pooler.config.ini import load_ini, main as convert_main, runtime_setting
+from pooler.config.convert_ini import main as convert_main
+from pooler.config.converters import ConfigError
+from pooler.config.ini import load_ini
+from pooler.config.load import load_config
+from pooler.config.runtime import runtime_setting
 
 def write(tmp_path, lines: list[str], name: str = "pgbouncer.ini") -> str:
     path = tmp_path / name

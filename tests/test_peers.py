@@ -26,7 +26,8 @@ import pytest
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER, wait_until
 from pooler.pooling import peering
-from pooler.config.model import ConfigError, parse_config
+from pooler.config.converters import ConfigError
+from pooler.config.validate import parse_config
 from pooler.dev.devcluster import free_port
 from pooler.config.ini import load_ini
 from rawpg import RawConn

@@ -699,6 +699,24 @@ def test_console_set_holds_in_a_respawned_worker(pg, pooler_factory):
     assert snapshot(p)["pools"][f"{APP_DB}/{APP_USER}"]["pool_size"] == 2
 
 
+def test_console_set_of_log_settings_applies_in_every_process(pg, pooler_factory, tmp_path):
+    """logfile and log_format may be SET (as RELOAD may change them): the workers and
+    the master all re-apply them, so every process writes to the new file."""
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    p = start(pooler_factory, prefork_config(pg, 2, 2, admin_users=["pgadmin"], logfile=str(first)))
+    admin = psycopg2.connect(host=p.host, port=p.port, dbname="pgbouncer", user="pgadmin",
+                             connect_timeout=10)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"SET logfile = '{second}'")
+    admin.close()
+    pids = [str(w["pid"]) for w in snapshot(p)["workers"]] + [str(p.pid)]
+    wait_until(lambda: second.exists() and all(
+        re.search(rf" {pid} INFO log settings reloaded", second.read_text()) for pid in pids), 10,
+        message=f"not every process re-applied the log settings:\n{second.read_text()}"
+        if second.exists() else "no new log file")
+
+
 def test_logfile_follows_logrotate(pg, pooler_factory, tmp_path):
     """logrotate moves the file away (then sends SIGHUP, out of PgBouncer habit):
     every worker goes on writing to a new file at the configured path."""

@@ -26,9 +26,10 @@ import pytest
 
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD,
                       wait_until)
-from pooler.config.model import ConfigError, parse_config
+from pooler.config.converters import ConfigError
+from pooler.config.validate import parse_config
 from pooler.dev.devcluster import TempPostgres, find_pg_bindir
-from pooler.config.ini import runtime_setting
+from pooler.config.runtime import runtime_setting
 from rawpg import SSL_REQUEST, PgError, RawConn
 
 OPENSSL = shutil.which("openssl")

@@ -14,7 +14,7 @@ import pytest
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, MD5_USER, SUPERUSER, Poller, backend_count,
                       raw_client, run_threads, wait_until)
 from pooler.proc import shm
-from pooler.config.model import parse_config
+from pooler.config.validate import parse_config
 from rawpg import PgError, RawConn, error_fields, query
 
 REFUSAL = "no more connections allowed (max_user_client_connections)"

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Callable
 
 import gevent
 
-from pooler.config import ini
+from pooler.config import runtime
 from pooler.wire import protocol
 from pooler.admin.views import SHOWS, Result, StatsHistory, View, table
 from pooler.version import PGBOUNCER_COMPAT
 from pooler.pooling.client import LoginFailed
-from pooler.config.model import ADMIN_DB, ConfigError, load_config
+from pooler.config.converters import ConfigError
+from pooler.config.load import load_config
+from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed
 from pooler.errors import PoolerError
 
@@ -197,7 +199,7 @@ class Session:
             return Result("SET", notices=[protocol.notice_response("SET ignored")])
         self.need_admin()
         try:
-            ini.runtime_setting(self.worker.cfg, key, value)
+            runtime.runtime_setting(self.worker.cfg, key, value)
         except ConfigError as e:
             raise AdminError(_set_sqlstate(e.errors[0]), f"SET failed: {e.errors[0]}") from None
         self.pooler.control("SET", f"{key.strip().lower()}={value}")

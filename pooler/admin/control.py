@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Callable
 import gevent
 
 from pooler.admin.snapshot import global_id
-from pooler.config import ini
-from pooler.config.model import ConfigError, load_config
+from pooler.config.runtime import runtime_setting
+from pooler.config.converters import ConfigError
+from pooler.config.load import load_config
 from pooler.pooling.relay import ClientKill
 from pooler.pooling.worker import STOP_CLIENTS, STOP_NOW, STOP_SERVERS
 
@@ -139,7 +140,7 @@ class Control:
 
     def _set(self, arg: str | None) -> None:
         key, _, text = (arg or "").partition("=")
-        self.worker.apply_config(ini.runtime_setting(self.worker.cfg, key, text))
+        self.worker.apply_config(runtime_setting(self.worker.cfg, key, text))
         log.info("SET %s=%s", key, text)
 
     def _reload(self, _arg: str | None) -> None:

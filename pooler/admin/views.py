@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
-from pooler.config import ini
+from pooler.config import runtime
 from pooler.wire import protocol
 from pooler.version import version_line
-from pooler.config.model import ADMIN_DB
+from pooler.config.settings import ADMIN_DB
 from pooler.pooling.relay import CLIENT_BUF
 from pooler.pooling.server import SERVER_BUF
 
@@ -387,7 +387,7 @@ def show_fds(_v: View) -> Result:
 
 
 def show_config(v: View) -> Result:
-    rows = [list(r) for r in ini.config_rows(v.cfg, v.worker.config_path or None)]
+    rows = [list(r) for r in runtime.config_rows(v.cfg, v.worker.config_path or None)]
     return table("key:s value:s default:s changeable:s", rows)
 
 

@@ -15,17 +15,15 @@ PgBouncer's file rules, as PgBouncer 1.18-1.2x applies them:
 The [pgbouncer] keys are mapped onto the YAML keys (same names, except
 auth_type/auth_file/auth_query/auth_user/auth_dbname -> auth.*), strings are given their
 YAML types, [databases]/[users]/[peers] become the YAML sections of those
-names, and the result goes through config.parse_config. PgBouncer
+names, and the result goes through validate.parse_config. PgBouncer
 settings the pooler does not implement are WARNINGs naming the setting;
 unknown keys are errors naming the key and the value.
 
-This module also owns the PgBouncer view of a Config at run time: the names,
-formats and `changeable` flags of SHOW CONFIG, and SET's validation.
+The keys the pooler implements come from settings.py; this module declares only
+what is PgBouncer's alone (settings it does not implement, its [users] zeros).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import difflib
 import logging
 import os
@@ -34,25 +32,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from pooler.config.model import TLS_KEYS, AuthConfig, Config, ConfigError, parse_config, parse_connstr
+from pooler.config import settings
+from pooler.config.converters import INT_RE, ConfigError, guess, parse_connstr
+from pooler.config.model import Config
+from pooler.config.settings import INI_NAMES, SECRET_NAMES, coerce, ini_spelling
+from pooler.config.validate import parse_config
 
 log = logging.getLogger("pooler.ini")
 
 # --------------------------------------------------------------------------- key tables
-
-_NOT_SETTINGS = ("auth", "databases", "pools", "users", "peers", "source_path")
-AUTH_KEYS = {"auth_type": "auth.type", "auth_file": "auth.file",
-             "auth_query": "auth.query", "auth_user": "auth.user", "auth_dbname": "auth.dbname"}
-# ini key -> Config attribute path ("auth.type" for the auth section).
-SETTINGS: dict[str, str] = {
-    **{f.name: f.name for f in dataclasses.fields(Config) if f.name not in _NOT_SETTINGS},
-    **AUTH_KEYS,
-}
-# Bound at start (sockets, processes, log handlers): SET refuses them, SHOW CONFIG says "no".
-RESTART_ONLY = frozenset({"listen_addr", "listen_port", "unix_socket_dir", "workers",
-                          "so_reuseport", "peer_id", "pidfile", "logfile", "log_format"})
 
 # PgBouncer settings the pooler does not implement -> values that behave the same here
 # (no warning for those). Every other value is reported as a WARNING by name.
@@ -79,22 +67,18 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
         "server_tls13_ciphers": "",
     }.items()
 }
-# [databases] connection-string keys: ours, and PgBouncer's that we do not implement.
-DB_KEYS = {"host", "port", "dbname", "user", "password", "pool_mode", "pool_size",
-           "min_pool_size", "reserve_pool_size", "max_db_connections", "connect_query",
-           "application_name", "auth_user", "auth_query", "auth_dbname"}
-DB_ALIASES = {"reserve_pool": "reserve_pool_size"}
-DB_INTS = {"port", "pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections"}
+# [databases] connection-string keys: ours (settings.DATABASE), and PgBouncer's that we
+# do not implement.
+DB_KEYS = frozenset(k.name for k in settings.DATABASE)
+DB_ALIASES = settings.aliases(settings.DATABASE)
+DB_INTS = settings.int_names(settings.DATABASE)
 DB_UNSUPPORTED = {"client_encoding", "datestyle",
                   "timezone", "max_db_client_connections", "server_lifetime",
                   "load_balance_hosts", "target_session_attrs", "query_wait_timeout"}
-# [users] settings (PgBouncer 1.24's names), and PgBouncer's that we do not implement
-# -> their values that behave the same here (no warning for those).
-USER_KEYS = {"pool_mode", "pool_size", "reserve_pool_size", "max_user_connections",
-             "max_user_client_connections", "query_timeout", "query_wait_timeout",
-             "idle_transaction_timeout", "client_idle_timeout"}
-USER_INTS = {"pool_size", "reserve_pool_size", "max_user_connections",
-             "max_user_client_connections"}
+# [users] settings (settings.USER), and PgBouncer's that we do not implement -> their
+# values that behave the same here (no warning for those).
+USER_KEYS = frozenset(k.name for k in settings.USER)
+USER_INTS = settings.int_names(settings.USER)
 # PgBouncer treats 0 (its default) in [users] as "not set": the global setting applies.
 # In the YAML an explicit 0 turns the limit off for the user, so these 0s are dropped.
 USER_ZERO_IS_UNSET = {"max_user_connections", "max_user_client_connections", "query_timeout",
@@ -103,33 +87,6 @@ USER_UNSUPPORTED = {"transaction_timeout": frozenset({"0"})}
 PGBOUNCER_UNIX_DIR = "/tmp"     # PgBouncer's default unix_socket_dir (ours is "")
 PGBOUNCER_PEER_PORT = 6432      # PgBouncer's port for a [peers] entry without one
 MAX_INCLUDE_DEPTH = 10
-
-_TYPES: dict[str, str] = {
-    **{f.name: str(f.type) for f in dataclasses.fields(Config)},
-    **{f"auth.{f.name}": str(f.type) for f in dataclasses.fields(AuthConfig)},
-}
-_INT_RE = re.compile(r"[+-]?\d+")
-_BOOLS = {"1": True, "0": False, "on": True, "off": False, "true": True, "false": False,
-          "yes": True, "no": False}
-
-
-def coerce(path: str, text: str) -> Any:
-    """An ini/SET string as the YAML type of the setting at `path`.
-
-    A string that does not fit stays a string, so the validator reports it
-    with the value as written ("default_pool_size: 'abc' is not valid: ...").
-    """
-    text = text.strip()
-    kind = _TYPES.get(path, "str")
-    if kind == "int":
-        return int(text) if _INT_RE.fullmatch(text) else text
-    if kind == "bool":
-        return _BOOLS.get(text.lower(), text)
-    if kind == "list[str]":
-        return [p.strip() for p in text.split(",") if p.strip()]
-    if "None" in kind:
-        return text or None
-    return text        # str, and durations ("1.5", "30s") parse from text
 
 
 # --------------------------------------------------------------------------- reading
@@ -229,9 +186,12 @@ def _split_key(line: str) -> tuple[str, str, str]:
     return key.strip(), sep, value
 
 
+_SECRET_IN_LINE = re.compile("((?:" + "|".join(sorted(SECRET_NAMES)) + r")\s*=\s*)(\S+)")
+
+
 def _show(text: str) -> str:
     # Never echo a whole line that may carry a password.
-    text = re.sub(r"(password\s*=\s*)(\S+)", r"\1***", text)
+    text = _SECRET_IN_LINE.sub(r"\1***", text)
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
@@ -262,7 +222,7 @@ def convert(path: str) -> Converted:
 def _map_globals(entries: dict[str, Entry], out: Converted) -> None:
     for key, entry in entries.items():
         label = f"{entry.where}: [pgbouncer] {key}"
-        path = SETTINGS.get(key)
+        path = INI_NAMES.get(key)
         if path is not None:
             _put(out.data, path, coerce(path, entry.value))
             out.origins[path] = label
@@ -271,7 +231,7 @@ def _map_globals(entries: dict[str, Entry], out: Converted) -> None:
                 out.warnings.append(f"{label} = {entry.value!r}: not supported by pooler; ignored")
         else:
             out.errors.append(f"{label} = {_show(entry.value)}: unknown setting"
-                              f"{_guess(key, [*SETTINGS, *UNSUPPORTED])}")
+                              f"{guess(key, [*INI_NAMES, *UNSUPPORTED])}")
     if "unix_socket_dir" not in entries:
         out.data["unix_socket_dir"] = PGBOUNCER_UNIX_DIR    # PgBouncer's default
     if "listen_addr" not in entries:
@@ -285,11 +245,6 @@ def _put(data: dict, path: str, value: Any) -> None:
         data.setdefault(head, {})[tail] = value
     else:
         data[head] = value
-
-
-def _guess(key: str, names: list[str]) -> str:
-    found = difflib.get_close_matches(key, names, n=2, cutoff=0.75)
-    return f" (did you mean {' or '.join(found)}?)" if found else ""
 
 
 def _map_databases(entries: dict[str, Entry], unix_dir: str, out: Converted) -> None:
@@ -322,13 +277,13 @@ def _database(spec: dict[str, str], label: str, out: Converted) -> dict[str, Any
     for key, value in spec.items():
         key = DB_ALIASES.get(key.lower(), key.lower())
         if key in DB_KEYS:
-            db[key] = int(value) if key in DB_INTS and _INT_RE.fullmatch(value) else value
+            db[key] = int(value) if key in DB_INTS and INT_RE.fullmatch(value) else value
         elif key in DB_UNSUPPORTED:
             out.warnings.append(f"{label}: {key} is not supported by pooler; ignored")
         else:
             shown = "***" if _secret_like(key) else _show(value)
             out.errors.append(f"{label}: unknown connection parameter {key} = {shown}"
-                              f"{_guess(key, [*DB_KEYS, *DB_ALIASES, *DB_UNSUPPORTED])}")
+                              f"{guess(key, [*DB_KEYS, *DB_ALIASES, *DB_UNSUPPORTED])}")
     return db
 
 
@@ -349,7 +304,7 @@ def _map_peers(entries: dict[str, Entry], out: Converted) -> None:
             if k == "host":
                 peer["host"] = value
             elif k == "port":
-                peer["port"] = int(value) if _INT_RE.fullmatch(value) else value
+                peer["port"] = int(value) if INT_RE.fullmatch(value) else value
             elif k == "pool_size":
                 out.warnings.append(f"{label}: pool_size is not supported by pooler; ignored")
             else:
@@ -363,7 +318,7 @@ def _map_peers(entries: dict[str, Entry], out: Converted) -> None:
 def _secret_like(key: str) -> bool:
     """A misspelled `password` still holds a password: never echo its value."""
     return any(w in key for w in ("pass", "pw", "secret")) or \
-        bool(difflib.get_close_matches(key, ["password"], n=1, cutoff=0.6))
+        bool(difflib.get_close_matches(key, sorted(SECRET_NAMES), n=1, cutoff=0.6))
 
 
 def _map_users(entries: dict[str, Entry], out: Converted) -> None:
@@ -386,13 +341,13 @@ def _user(spec: dict[str, str], label: str, out: Converted) -> dict[str, Any]:
         if key in USER_KEYS:
             if key in USER_ZERO_IS_UNSET and _is_zero(value):
                 continue
-            user[key] = int(value) if key in USER_INTS and _INT_RE.fullmatch(value) else value
+            user[key] = int(value) if key in USER_INTS and INT_RE.fullmatch(value) else value
         elif key in USER_UNSUPPORTED:
             if value not in USER_UNSUPPORTED[key]:
                 out.warnings.append(f"{label}: {key} = {value!r}: not supported by pooler; ignored")
         else:
             out.errors.append(f"{label}: unknown setting {key} = {_show(value)}"
-                              f"{_guess(key, [*USER_KEYS, *USER_UNSUPPORTED])}")
+                              f"{guess(key, [*USER_KEYS, *USER_UNSUPPORTED])}")
     return user
 
 
@@ -411,7 +366,7 @@ def load_ini(path: str) -> Config:
     try:
         cfg = parse_config(conv.data, source_path=os.path.abspath(path))
     except ConfigError as e:
-        errors += [_translate(err, conv.origins) for err in e.errors]
+        errors += [translate(err, conv.origins) for err in e.errors]
         cfg = None
     if errors:
         raise ConfigError(errors)
@@ -420,7 +375,7 @@ def load_ini(path: str) -> Config:
     return cfg
 
 
-def _translate(error: str, origins: dict[str, str]) -> str:
+def translate(error: str, origins: dict[str, str]) -> str:
     """'databases.app.pool_size: ...' -> 'f.ini:3: [databases] app: pool_size: ...'."""
     for path in sorted(origins, key=len, reverse=True):
         if error.startswith(path + ":"):
@@ -429,11 +384,7 @@ def _translate(error: str, origins: dict[str, str]) -> str:
         if error.startswith(path + "."):
             error = origins[path] + ": " + error[len(path) + 1:]
             break
-    return _auth_names(error)
-
-
-def _auth_names(text: str) -> str:
-    return re.sub(r"\bauth\.(type|file|query|user|dbname)\b", r"auth_\1", text)
+    return ini_spelling(error)
 
 
 def _warn(message: str) -> None:
@@ -442,123 +393,3 @@ def _warn(message: str) -> None:
         log.warning("%s", message)
     else:
         print(f"WARNING {message}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- run time
-
-
-def runtime_setting(cfg: Config, key: str, text: str) -> Config:
-    """`cfg` with one setting changed by its PgBouncer name (admin SET); validated.
-
-    Raises ConfigError naming the setting when the key is unknown, fixed until
-    restart, or the value is invalid.
-    """
-    key = key.strip().lower()
-    path = SETTINGS.get(key)
-    if path is None:
-        raise ConfigError([f"unknown parameter: {key}{_guess(key, list(SETTINGS))}"])
-    if key in RESTART_ONLY:
-        raise ConfigError([f"{key} cannot be changed while running (changeable = no)"])
-    value = coerce(path, text)
-    try:
-        if path.startswith("auth."):
-            auth = dataclasses.asdict(cfg.auth)
-            auth[path[len("auth."):]] = value
-            return dataclasses.replace(cfg, auth=parse_config({"auth": auth}).auth)
-        if path in TLS_KEYS:
-            # The TLS keys are checked together (a mode needs its files): validate the
-            # current set with this one changed, and take them all.
-            tls = {k: getattr(cfg, k) for k in TLS_KEYS}
-            tls[path] = value
-            parsed = parse_config({**tls, "auth": {"type": "trust"}}, source_path=cfg.source_path)
-            return dataclasses.replace(cfg, **{k: getattr(parsed, k) for k in TLS_KEYS})
-        parsed = parse_config({path: value, "auth": {"type": "trust"}})
-    except ConfigError as e:
-        raise ConfigError([_auth_names(err) for err in e.errors]) from None
-    return dataclasses.replace(cfg, **{path: getattr(parsed, path)})
-
-
-def config_rows(cfg: Config, conffile: str | None) -> list[tuple[str, str | None, str | None, str]]:
-    """SHOW CONFIG rows (key, value, default, changeable), PgBouncer names, sorted by key.
-
-    Values come from Config.redacted(), so a secret can never show here.
-    """
-    current = _flat(cfg.redacted())
-    default = _flat(Config().redacted())
-    rows = [(key, format_value(current.get(path)), format_value(default.get(path)),
-             "no" if key in RESTART_ONLY else "yes")
-            for key, path in SETTINGS.items()]
-    rows.append(("conffile", conffile, None, "yes"))
-    return sorted(rows)
-
-
-def _flat(data: dict) -> dict[str, Any]:
-    out = {k: v for k, v in data.items() if k not in _NOT_SETTINGS}
-    out.update({f"auth.{k}": v for k, v in (data.get("auth") or {}).items()})
-    return out
-
-
-def format_value(value: Any) -> str | None:
-    """A setting as PgBouncer prints it: booleans 1/0, whole seconds without '.0'."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-# --------------------------------------------------------------------------- convert-ini
-
-
-def to_yaml_data(path: str) -> tuple[dict[str, Any], list[str]]:
-    """The YAML equivalent of a pgbouncer.ini (validated), and its warnings."""
-    conv = convert(path)
-    load_errors: list[str] = list(conv.errors)
-    try:
-        parse_config(conv.data, source_path=os.path.abspath(path))
-    except ConfigError as e:
-        load_errors += [_translate(err, conv.origins) for err in e.errors]
-    if load_errors:
-        raise ConfigError(load_errors)
-    data = dict(conv.data)
-    auth = data.get("auth")
-    if auth and auth.get("file"):
-        # Relative auth_file means "next to the ini"; keep meaning it wherever the YAML goes.
-        base = os.path.dirname(os.path.abspath(path))
-        data["auth"] = {**auth, "file": os.path.normpath(os.path.join(base, auth["file"]))}
-    for key in TLS_KEYS:
-        if key.endswith("_file") and data.get(key):      # the same for the TLS files
-            base = os.path.dirname(os.path.abspath(path))
-            data[key] = os.path.normpath(os.path.join(base, data[key]))
-    return data, conv.warnings
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`pooler convert-ini FILE.ini [-o OUT.yaml]`: write the equivalent YAML config."""
-    p = argparse.ArgumentParser(prog="pooler convert-ini",
-                                description="Convert a pgbouncer.ini into the pooler's YAML config.")
-    p.add_argument("ini", help="pgbouncer.ini to convert")
-    p.add_argument("-o", "--output", help="YAML file to write (default: standard output)")
-    args = p.parse_args(argv)
-    try:
-        data, warnings = to_yaml_data(args.ini)
-    except ConfigError as e:
-        for err in e.errors:
-            print(err, file=sys.stderr)
-        print(f"{args.ini}: {len(e.errors)} error(s)", file=sys.stderr)
-        return 1
-    for w in warnings:
-        print(f"WARNING {w}", file=sys.stderr)
-    text = f"# converted from {os.path.abspath(args.ini)} by pooler convert-ini\n" + \
-        yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
-        print(f"{args.output}: written", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0

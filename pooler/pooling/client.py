@@ -13,7 +13,7 @@ import gevent
 from pooler.wire import auth, protocol, tls
 from pooler.pooling import peering
 from pooler.pooling.authquery import AuthQueryError
-from pooler.config.model import ADMIN_DB
+from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed, Stream
 from pooler.pooling.params import startup_parameters, sync_sql
 from pooler.pooling.pool import Pool

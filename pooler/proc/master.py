@@ -31,7 +31,10 @@ from collections import deque
 from pooler import logs
 from pooler.proc import shm
 from pooler.logs import flush_and_exit
-from pooler.config.model import Config, ConfigError, load_config
+from pooler.config.converters import ConfigError
+from pooler.config.load import load_config
+from pooler.config.model import Config
+from pooler.config.settings import RESTART_ONLY
 from pooler.proc.listen import bind_listeners
 
 log = logging.getLogger("pooler.master")
@@ -41,8 +44,6 @@ BOOT_WINDOW = 5.0         # dying sooner than this after a spawn counts as a cra
 MAX_BACKOFF = 30.0
 KILL_GRACE = 5.0          # after shutdown_timeout, before SIGKILL
 LOOP_PERIOD = 0.5
-RESTART_ONLY = ("listen_addr", "listen_port", "unix_socket_dir", "workers", "so_reuseport",
-                "peer_id")   # peer_id: the cancel keys already issued carry the old one
 SET_MSG = b"S"            # worker -> master: an admin SET (key, text), pickled
 ROUTED_BY_MASTER = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
@@ -166,7 +167,7 @@ def remove_pidfile(path: str) -> None:
 
 def reload_config(path: str, workers_override: int | None, old: Config) -> Config | None:
     """Load and validate; None (logged) if invalid. Settings that need a restart
-    keep their old value, with a warning."""
+    (settings.RESTART_ONLY) keep their old value, with a warning."""
     try:
         new = load_config(path)
     except ConfigError as exc:
@@ -439,7 +440,7 @@ class Arbiter:
     def _read_inbox(self) -> None:
         """Console SETs run by the workers: apply them to the config new workers get
         (a RELOAD replaces it with the file's, as it does in the workers)."""
-        from pooler.config.ini import runtime_setting
+        from pooler.config.runtime import runtime_setting
         while True:
             try:
                 msg = self.inbox[1].recv(65536)
@@ -453,6 +454,9 @@ class Arbiter:
                 self.cfg = runtime_setting(self.cfg, key, text)
             except ConfigError as exc:    # validated by the worker already; be safe
                 log.error("SET %s from a worker not kept for new workers: %s", key, exc)
+                continue
+            # The workers re-apply log settings on SET; so does the master, as on RELOAD.
+            logs.reapply(self.cfg.log_format, self.cfg.logfile, self.cfg.verbose)
 
     # -- reload / stop ------------------------------------------------------------------------
 

@@ -20,7 +20,9 @@ from pooler.admin.control import Control
 from pooler.admin.snapshot import snapshot
 from pooler.proc import shm
 from pooler.proc.master import SET_MSG
-from pooler.config.model import Config, ConfigError, load_config
+from pooler.config.converters import ConfigError
+from pooler.config.load import load_config
+from pooler.config.model import Config
 from pooler.proc.peers import Peers
 from pooler.proc.shm import Segment, ShmQuota
 from pooler.pooling.worker import Worker

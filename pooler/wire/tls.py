@@ -31,6 +31,12 @@ log = logging.getLogger("pooler.tls")
 CHUNK = 65536               # most bytes moved per pump read
 RELEASE_GRACE = 5.0         # after its owner closed: time left to flush, then closed anyway
 VERIFYING = ("verify-ca", "verify-full")
+# The settings this module reads (PgBouncer's names). Declared here, not in the config
+# layer, because wire imports nothing above it; pooler/config/settings.py uses these.
+TLS_MODES = ("disable", "allow", "prefer", "require") + VERIFYING
+TLS_FILE_KEYS = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
+                 "server_tls_ca_file", "server_tls_key_file", "server_tls_cert_file")
+TLS_KEYS = ("client_tls_sslmode", "server_tls_sslmode") + TLS_FILE_KEYS
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 
@@ -114,8 +120,7 @@ def check(v: dict[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
-def _settings(cfg) -> dict[str, Any]:
-    from pooler.config.model import TLS_KEYS
+def _settings(cfg: Any) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in TLS_KEYS}
 
 
