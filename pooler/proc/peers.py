@@ -26,7 +26,8 @@ import gevent.event
 from gevent.socket import wait_read, wait_write
 
 from pooler.proc import channel, shm
-from pooler.proc.shm import Segment, ShmQuota
+from pooler.proc.shm import Segment
+from pooler.proc.shmquota import ShmQuota
 
 log = logging.getLogger("pooler.worker")
 

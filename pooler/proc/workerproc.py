@@ -23,7 +23,8 @@ from pooler.proc import channel, shm
 from pooler.logs import flush_and_exit
 from pooler.config.model import Config
 from pooler.proc.peers import Peers
-from pooler.proc.shm import Segment, ShmQuota
+from pooler.proc.shm import Segment
+from pooler.proc.shmquota import ShmQuota
 from pooler.pooling.worker import STOP_CLIENTS, STOP_SERVERS, Worker
 
 log = logging.getLogger("pooler.worker")
