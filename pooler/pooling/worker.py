@@ -83,9 +83,7 @@ class Worker:
             if route is None:
                 pool.close_all("database removed from config")
                 continue
-            pool.cfg = cfg
-            pool.route = route
-            pool._quota_keys = pool._make_quota_keys()
+            pool.reconfigure(cfg, route)
 
     def scram_secret_for(self, secret: str) -> str:
         """A SCRAM secret for a userlist entry, derived once per plaintext password.

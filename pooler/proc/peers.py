@@ -194,11 +194,11 @@ class Peers:
         counts: dict[int, int] = {}
         total = 0
         for pool in list(self.worker.pools.values()):
-            n = len(pool.waiters)
-            if not n or pool.paused or pool.total >= pool.route.pool_size:
+            n = pool.remote_waiters()
+            if not n:
                 continue
             total += n
-            for key, _ in pool._quota_keys:
+            for key, _ in pool.ordinary_keys():
                 slot = self.quota.slot(key)
                 if slot is not None:
                     counts[slot] = counts.get(slot, 0) + n
@@ -230,7 +230,7 @@ class Peers:
         both close one for the same waiter."""
         seg = self.seg
         for pool in list(self.worker.pools.values()):
-            if not pool.idle or pool.waiters or pool.paused:
+            if not pool.has_spare_idle():
                 continue
             wanted = self._wanted_slots(pool)
             if not wanted:
@@ -238,9 +238,10 @@ class Peers:
             victims = []
             with seg.locked():
                 need = max(seg.waiting(s) - max(cap - seg.claimed(s), 0) for s, cap in wanted)
-                while need > 0 and pool.idle and now - pool.idle[0].last_used >= HANDOFF_MIN_IDLE:
-                    srv = pool.idle[0]               # the coldest
-                    pool._forget(srv)                # gives the claim back (own row)
+                while need > 0:
+                    srv = pool.give_back_coldest(now, HANDOFF_MIN_IDLE)   # its claim: own row
+                    if srv is None:
+                        break
                     victims.append(srv)
                     need -= 1
             for srv in victims:
@@ -253,9 +254,7 @@ class Peers:
     def _wanted_slots(self, pool) -> list[tuple[int, int]]:
         """(slot, cap) of this pool's capped keys on which someone waits."""
         out = []
-        keys = pool._quota_keys
-        caps = [pool.route.pool_size] + [cap for _, cap in keys[1:]]   # ordinary pool cap
-        for (key, _), cap in zip(keys, caps):
+        for key, cap in pool.ordinary_keys():
             if not cap:
                 continue
             slot = self.quota.slot(key)
@@ -267,12 +266,9 @@ class Peers:
         """Wake as many of our waiters as there is room for globally (someone gave a
         server back, or a worker died and the master returned its claims)."""
         for pool in list(self.worker.pools.values()):
-            if not pool.waiters or pool.paused or pool.total >= pool.route.pool_size:
+            if not pool.remote_waiters():
                 continue
-            room = min(self.quota.free(pool._claim_keys()), pool.route.pool_size - pool.total,
-                       len(pool.waiters))
-            for _ in range(max(room, 0)):
-                pool._wake_next_waiter()
+            room = pool.wake_for_room(self.quota.free(pool.ordinary_keys()))
             if room > 0:
                 self.seg.worker_add(self.me, shm.W_HANDOFF_TAKEN, room)
 
@@ -280,7 +276,7 @@ class Peers:
         """Copy each pool's local counters into this worker's slots (readers sum)."""
         check_delay = self.worker.cfg.server_check_delay
         for pool in list(self.worker.pools.values()):
-            slot = self.quota.slot(pool._quota_keys[0][0])
+            slot = self.quota.slot(pool.pool_key)
             if slot is None:
                 continue
             self.seg.write_stats(self.me, slot, pool_stat_values(pool, now, check_delay))
