@@ -15,7 +15,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pooler.wire.auth import load_userlist, secret_kind
+from pooler.wire.authsecret import secret_kind
+from pooler.wire.userlist import load_userlist
 from pooler.config.load import load_config
 from pooler.config.model import Config
 

@@ -22,21 +22,10 @@ import time
 
 import pytest
 
-from pooler.wire.auth import (
-    AuthFailed,
-    ScramClient,
-    ScramServer,
-    load_userlist,
-    md5_challenge_response,
-    md5_secret,
-    parse_scram_secret,
-    parse_userlist,
-    saslprep,
-    scram_secret,
-    secret_kind,
-    verify_md5,
-    verify_plain,
-)
+from pooler.wire.authsecret import AuthFailed, parse_scram_secret, secret_kind
+from pooler.wire.passwords import md5_challenge_response, md5_secret, verify_md5, verify_plain
+from pooler.wire.scram import ScramClient, ScramServer, saslprep, scram_secret
+from pooler.wire.userlist import load_userlist, parse_userlist
 
 # RFC 7677 section 3 example exchange (user "user", password "pencil").
 RFC_CLIENT_NONCE = b"rOprNGfwEbeRWgbNEkqO"

@@ -33,7 +33,7 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.lock import BoundedSemaphore
 
-from pooler.wire import auth, protocol
+from pooler.wire import authsecret, protocol
 from pooler.wire.netio import ConnectionClosed
 from pooler.pooling.server import ServerConn, ServerError
 from pooler.errors import PoolerError
@@ -170,7 +170,7 @@ class AuthQuery:
         with tgt.sem:
             secret = self._run_on(tgt, target, auth_user, query, user, where, db)
         log.debug("auth_query for user %r on %s: %s", user, where,
-                  "no such user" if secret is None else f"found ({auth.secret_kind(secret)} secret)")
+                  "no such user" if secret is None else f"found ({authsecret.secret_kind(secret)} secret)")
         return secret
 
     def _run_on(self, tgt: _Target, target: "Route", auth_user: str, query: str, user: str,
@@ -220,7 +220,7 @@ class AuthQuery:
             sqlstate = "28000" if exc.fields or exc.sqlstate.startswith("28") else "08006"
             raise AuthQueryError(sqlstate, f'auth_query failed: auth_user "{auth_user}" could not '
                                            f"log in to {db}: {exc}") from None
-        except auth.AuthFailed as exc:
+        except authsecret.AuthFailed as exc:
             # e.g. the auth_file holds a SCRAM secret for auth_user and the server asks for md5
             log.warning('auth_query: auth_user "%s" cannot log in to %s: %s', auth_user, where, exc)
             raise AuthQueryError("28000", f'auth_query failed: auth_user "{auth_user}" could not '
@@ -282,7 +282,7 @@ class AuthQuery:
     def remember(self, route: "Route", user: str, secret: str) -> None:
         """A client authenticated with a looked-up secret: the pool logs in to the server
         with it too (md5 / plain; with SCRAM the client's keys are passed through)."""
-        if auth.secret_kind(secret) == "scram":
+        if authsecret.secret_kind(secret) == "scram":
             return
         if len(self._login_secrets) >= MAX_ENTRIES:
             self._login_secrets.clear()

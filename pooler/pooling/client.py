@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from pooler.wire import auth, protocol, tls
+from pooler.wire import authsecret, passwords, protocol, scram, tls
 from pooler.pooling import peering
 from pooler.pooling.authquery import AuthQueryError
 from pooler.config.settings import ADMIN_DB
@@ -263,7 +263,7 @@ class Client:
             # Go through the motions so that unknown and known users look alike.
             # (md5 asks for md5 with a plain fake secret, as it does for a known user.)
             fake = secrets.token_hex(16)
-            self._do_auth(atype, fake if atype == "md5" else auth.scram_secret(fake))
+            self._do_auth(atype, fake if atype == "md5" else scram.scram_secret(fake))
             raise LoginFailed("28P01", f'password authentication failed for user "{self.user}"')
         keys = self._do_auth(atype, secret)
         if looked_up:
@@ -286,7 +286,7 @@ class Client:
             raise LoginFailed(exc.sqlstate, str(exc)) from None
 
     def _do_auth(self, atype: str, secret: str) -> tuple | None:
-        kind = auth.secret_kind(secret)
+        kind = authsecret.secret_kind(secret)
         if atype == "scram-sha-256" or (atype == "md5" and kind == "scram"):
             return self._auth_scram(secret)
         if atype == "md5":
@@ -306,26 +306,26 @@ class Client:
     def _auth_plain(self, secret: str) -> tuple | None:
         self.stream.sendall(protocol.auth_request(protocol.AUTH_CLEARTEXT))
         password = self._read_password().rstrip(b"\0").decode("utf-8", "replace")
-        if not auth.verify_plain(secret, self.user, password):
+        if not passwords.verify_plain(secret, self.user, password):
             raise self._auth_failed()
-        if auth.secret_kind(secret) == "scram":
+        if authsecret.secret_kind(secret) == "scram":
             # Only a SCRAM secret is stored: the password gives the keys to log in to the server.
-            iterations, salt, _, _ = auth.parse_scram_secret(secret)
-            return auth._keys_from_password(password, salt, iterations)
+            iterations, salt, _, _ = authsecret.parse_scram_secret(secret)
+            return scram.scram_keys(password, salt, iterations)
         return None
 
     def _auth_md5(self, secret: str) -> None:
         salt = secrets.token_bytes(4)
         self.stream.sendall(protocol.auth_request(protocol.AUTH_MD5, salt))
         response = self._read_password().rstrip(b"\0").decode("ascii", "replace")
-        if not auth.verify_md5(secret, self.user, salt, response):
+        if not passwords.verify_md5(secret, self.user, salt, response):
             raise self._auth_failed()
 
     def _auth_scram(self, secret: str) -> tuple:
-        if auth.secret_kind(secret) == "md5":
+        if authsecret.secret_kind(secret) == "md5":
             log.warning("C-%d %s: SCRAM requested but auth_file holds an md5 secret", self.id, self._who())
             raise self._auth_failed()
-        server = auth.ScramServer(self.worker.scram_secret_for(secret))
+        server = scram.ScramServer(self.worker.scram_secret_for(secret))
         self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
         body = self._read_password()
         try:
@@ -340,7 +340,7 @@ class Client:
             reply = server.server_first(first)
             self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL_CONTINUE, reply))
             final = server.server_final(self._read_password())
-        except auth.AuthFailed:
+        except authsecret.AuthFailed:
             raise self._auth_failed() from None
         self.stream.sendall(protocol.auth_request(protocol.AUTH_SASL_FINAL, final))
         if server.client_key is not None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from gevent import getcurrent
 from gevent.hub import get_hub
 
-from pooler.config.model import Route
+from pooler.config.model import Config, Route
 from pooler.pooling.prepared import Counters
 from pooler.pooling.server import ServerConn, ServerError
 from pooler.errors import PoolerError
@@ -211,11 +211,9 @@ class Pool:
         return True
 
     def _claim_keys(self) -> list[tuple[object, int]]:
-        keys = self._quota_keys
         if self.total < self.route.pool_size:
-            # Ordinary claim: the pool key's cap is pool_size, not pool_size + reserve.
-            return [(keys[0][0], self.route.pool_size)] + keys[1:]
-        return keys
+            return self.ordinary_keys()
+        return self._quota_keys
 
     def _reserve_allowed(self, since: float = 0.0) -> bool:
         """`since`: when the asking client started waiting (it is not in `waiters`)."""
@@ -397,3 +395,58 @@ class Pool:
     def close_all(self, reason: str) -> None:
         for srv in list(self.idle):
             self.discard(srv, reason)
+
+    def reconfigure(self, cfg: Config, route: Route) -> None:
+        """A reload: new limits (and quota caps) for the servers opened from now on."""
+        self.cfg = cfg
+        self.route = route
+        self._quota_keys = self._make_quota_keys()
+
+    # -- cross-worker hand-off (proc/peers.py; one process never calls these) -----
+
+    @property
+    def pool_key(self) -> object:
+        """The quota key of this pool itself (its slot also holds its stats)."""
+        return self._quota_keys[0][0]
+
+    def ordinary_keys(self) -> list[tuple[object, int]]:
+        """(key, cap) of every quota key, the pool key capped at pool_size: the caps an
+        ordinary claim (no reserve) must fit under."""
+        keys = self._quota_keys
+        return [(keys[0][0], self.route.pool_size)] + keys[1:]
+
+    def remote_waiters(self) -> int:
+        """Clients waiting here that a server closed by another worker could serve: none
+        while paused, or while this pool is at its own pool_size (then only one of its
+        own servers coming back helps)."""
+        if self.paused or self.total >= self.route.pool_size:
+            return 0
+        return len(self.waiters)
+
+    def has_spare_idle(self) -> bool:
+        """Idle servers that no client of this pool waits for (they may be given back)."""
+        return bool(self.idle) and not self.waiters and not self.paused
+
+    def give_back_coldest(self, now: float, min_idle: float) -> ServerConn | None:
+        """Take the least recently used idle server out of the pool and return its quota
+        claim, if it has been idle for `min_idle` (a younger one is likely reused here);
+        the caller closes it. None when there is none to give."""
+        if not self.idle or now - self.idle[0].last_used < min_idle:
+            return None
+        srv = self.idle[0]
+        self._forget(srv)
+        return srv
+
+    def wake_for_room(self, free: int) -> int:
+        """Room for `free` more servers opened globally: let that many waiters retry
+        (no more than this pool's own pool_size allows). Returns how many."""
+        if not self.remote_waiters():
+            return 0
+        room = min(free, self.route.pool_size - self.total, len(self.waiters))
+        self.wake_waiters(room)
+        return max(room, 0)
+
+    def wake_waiters(self, n: int) -> None:
+        """Let the `n` oldest waiters retry (a resume, or room freed up elsewhere)."""
+        for _ in range(n):
+            self._wake_next_waiter()

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from pooler.wire import auth, protocol, tls
+from pooler.wire import authsecret, passwords, protocol, tls
+from pooler.wire.scram import ScramClient
 from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp
 from pooler.pooling.prepared import ServerStatements
 from pooler.errors import PoolerError
@@ -122,7 +123,7 @@ class ServerConn:
             params["application_name"] = application_name
         s = self.stream
         s.sendall(protocol.startup_message(params))
-        scram: auth.ScramClient | None = None
+        scram: ScramClient | None = None
         while True:
             mtype, body = s.read_message()
             if mtype == ord("R"):
@@ -144,23 +145,23 @@ class ServerConn:
                 raise ServerError("08006", f"unexpected message {chr(mtype)!r} during server login")
 
     def _auth_step(self, code: int, data: bytes, user: str, password: str | None,
-                   scram_keys: tuple | None, scram: "auth.ScramClient | None"):
+                   scram_keys: tuple | None, scram: "ScramClient | None"):
         s = self.stream
         if code == protocol.AUTH_OK:
             return scram
         if code == protocol.AUTH_CLEARTEXT:
             s.sendall(protocol.password_message(self._need(password).encode() + b"\0"))
         elif code == protocol.AUTH_MD5:
-            resp = auth.md5_challenge_response(self._need(password), user, data[:4])
+            resp = passwords.md5_challenge_response(self._need(password), user, data[:4])
             s.sendall(protocol.password_message(resp.encode() + b"\0"))
         elif code == protocol.AUTH_SASL:
             mechs = data.split(b"\0")
             if b"SCRAM-SHA-256" not in mechs:
                 raise ServerError("08006", "server offers no SASL mechanism the pooler supports")
-            if password and auth.secret_kind(password) == "plain":
-                scram = auth.ScramClient(password)
+            if password and authsecret.secret_kind(password) == "plain":
+                scram = ScramClient(password)
             elif scram_keys:
-                scram = auth.ScramClient(client_key=scram_keys[0], server_key=scram_keys[1])
+                scram = ScramClient(client_key=scram_keys[0], server_key=scram_keys[1])
             else:
                 raise ServerError("28P01", "no password available to log in to the server with SCRAM")
             s.sendall(protocol.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
@@ -171,7 +172,7 @@ class ServerConn:
             assert scram is not None
             try:
                 scram.verify_server_final(data)
-            except auth.AuthFailed as exc:
+            except authsecret.AuthFailed as exc:
                 raise ServerError("28P01", f"server SCRAM verification failed: {exc}") from exc
         else:
             raise ServerError("28000", f"server asked for unsupported authentication method {code}")

@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 from gevent.server import StreamServer
 
-from pooler.wire import auth, netio, protocol, tls
+from pooler.wire import authsecret, netio, protocol, scram, tls, userlist
 from pooler import logs
 from pooler.pooling import peering
 from pooler.pooling.authquery import AuthQuery
@@ -80,7 +80,7 @@ class Worker:
         """Take a (validated) config: new limits apply to pools from now on."""
         self.cfg = cfg
         logs.reapply(cfg.log_format, cfg.logfile, cfg.verbose)    # no-op unless they changed
-        self.userlist = auth.load_userlist(cfg.auth.file) if cfg.auth.file else {}
+        self.userlist = userlist.load_userlist(cfg.auth.file) if cfg.auth.file else {}
         tls.configure(cfg)          # TLS contexts, the files re-read (new connections)
         self.auth_query.reset()
         self.tracked = tracked_names(cfg.track_extra_parameters)
@@ -91,9 +91,7 @@ class Worker:
             if route is None:
                 pool.close_all("database removed from config")
                 continue
-            pool.cfg = cfg
-            pool.route = route
-            pool._quota_keys = pool._make_quota_keys()
+            pool.reconfigure(cfg, route)
 
     def scram_secret_for(self, secret: str) -> str:
         """A SCRAM secret for a userlist entry, derived once per plaintext password.
@@ -101,13 +99,13 @@ class Worker:
         Deriving costs 4096 PBKDF2 rounds; doing it on every login would make
         connection churn CPU-bound in the pooler. The cache lives in memory only.
         """
-        if auth.secret_kind(secret) != "plain":
+        if authsecret.secret_kind(secret) != "plain":
             return secret
         derived = self._scram_cache.get(secret)
         if derived is None:
             if len(self._scram_cache) > 10000:
                 self._scram_cache.clear()
-            derived = self._scram_cache[secret] = auth.scram_secret(secret)
+            derived = self._scram_cache[secret] = scram.scram_secret(secret)
         return derived
 
     def version_string(self) -> str:

@@ -29,7 +29,7 @@ import time
 from collections import deque
 
 from pooler import logs
-from pooler.proc import shm
+from pooler.proc import channel, shm
 from pooler.logs import flush_and_exit
 from pooler.config.converters import ConfigError
 from pooler.config.load import load_config
@@ -44,7 +44,7 @@ BOOT_WINDOW = 5.0         # dying sooner than this after a spawn counts as a cra
 MAX_BACKOFF = 30.0
 KILL_GRACE = 5.0          # after shutdown_timeout, before SIGKILL
 LOOP_PERIOD = 0.5
-SET_MSG = b"S"            # worker -> master: an admin SET (key, text), pickled
+MASTER_SEND_TIMEOUT = 0.5  # per datagram: the master's loop must not stall on a stuck worker
 ROUTED_BY_MASTER = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
@@ -252,6 +252,7 @@ class Arbiter:
         self.inbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         for end in self.inbox:
             end.setblocking(False)
+        self.inbox_reader = channel.Assembler()
         self.signals: deque[int] = deque()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -342,9 +343,9 @@ class Arbiter:
             seg.set_admin_flags(False, False, set(), disabled)
         for slot in self._live():        # look now, not at the next idle tick
             try:
-                self.channels[slot.index][0].send(b"K")
+                channel.send(self.channels[slot.index][0], channel.KICK, timeout=0)
             except OSError:
-                pass
+                pass                     # a full queue: that worker is awake anyway
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -441,15 +442,11 @@ class Arbiter:
         """Console SETs run by the workers: apply them to the config new workers get
         (a RELOAD replaces it with the file's, as it does in the workers)."""
         from pooler.config.runtime import runtime_setting
-        while True:
-            try:
-                msg = self.inbox[1].recv(65536)
-            except BlockingIOError:
-                return
-            if not msg.startswith(SET_MSG):
-                log.warning("unknown message from a worker: %r", msg[:20])
+        for kind, body in self.inbox_reader.drain(self.inbox[1]):
+            if kind != channel.SET:
+                log.warning("unknown message from a worker: %r", kind)
                 continue
-            key, text = pickle.loads(msg[len(SET_MSG):])
+            key, text = pickle.loads(body)
             try:
                 self.cfg = runtime_setting(self.cfg, key, text)
             except ConfigError as exc:    # validated by the worker already; be safe
@@ -467,28 +464,21 @@ class Arbiter:
         self.cfg = new                   # workers spawned from now on start with it
         logs.reapply(new.log_format, new.logfile, new.verbose)
         gen = self.seg.bump_config_gen()
-        payload: object = new
-        msg = b"H" + pickle.dumps((gen, payload))
-        if len(msg) > 60000:             # too big for one datagram: workers read the file
-            msg = b"H" + pickle.dumps((gen, self.config_path))
+        body = pickle.dumps((gen, new))
         for slot in self._live():
-            self._send(slot, msg, "RELOAD")
+            self._send(slot, channel.RELOAD, body, "RELOAD")
         log.info("RELOAD: config from %s validated and sent to %d workers (generation %d)",
                  self.config_path, len(self._live()), gen)
 
-    def _send(self, slot: Slot, msg: bytes, what: str) -> None:
+    def _send(self, slot: Slot, kind: bytes, body: bytes, what: str) -> None:
         """A control message to a worker; its queue holds only a few datagrams
-        (net.unix.max_dgram_qlen), so retry briefly while it drains."""
-        for _ in range(50):
-            try:
-                self.channels[slot.index][0].send(msg)
-                return
-            except BlockingIOError:
-                time.sleep(0.01)
-            except OSError as exc:
-                log.error("%s: could not reach worker %d: %s", what, slot.index, exc)
-                return
-        log.error("%s: worker %d does not read its control channel", what, slot.index)
+        (net.unix.max_dgram_qlen), so wait briefly while it drains."""
+        try:
+            channel.send(self.channels[slot.index][0], kind, body, timeout=MASTER_SEND_TIMEOUT)
+        except channel.ChannelFull:
+            log.error("%s: worker %d does not read its control channel", what, slot.index)
+        except OSError as exc:
+            log.error("%s: could not reach worker %d: %s", what, slot.index, exc)
 
     def stop(self, sig: signal.Signals) -> None:
         """SIGTERM / SIGINT: the workers shut down (each bounded by shutdown_timeout);

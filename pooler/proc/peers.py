@@ -10,15 +10,14 @@ counters into this worker's stats slots. Nothing here runs on the relay's hot
 path; the Worker calls in only at client login/logout and for cancels.
 
 Control channel: one datagram socketpair per worker position, made by the
-master before any fork, so every worker holds every sending end. A message is
-one kind byte + body; bodies bigger than one datagram go in chunks.
+master before any fork, so every worker holds every sending end; the message
+kinds and their framing are in channel.py.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import struct
 import time
 from typing import Callable
 
@@ -26,8 +25,9 @@ import gevent
 import gevent.event
 from gevent.socket import wait_read, wait_write
 
-from pooler.proc import shm
-from pooler.proc.shm import Segment, ShmQuota
+from pooler.proc import channel, shm
+from pooler.proc.shm import Segment
+from pooler.proc.shmquota import ShmQuota
 
 log = logging.getLogger("pooler.worker")
 
@@ -36,12 +36,6 @@ IDLE_TICK = 0.1           # otherwise (a worker that starts waiting kicks the ot
 STATS_PERIOD = 0.2        # copy pool counters into shared memory
 PARENT_CHECK = 1.0        # notice an orphaned worker (master gone)
 HANDOFF_MIN_IDLE = 0.005  # an idle server younger than this is likely reused by its own worker
-CHUNK = 60000             # payload bytes per datagram (well under the socket buffer)
-SEND_TIMEOUT = 2.0        # a receiver that does not drain its queue for this long is skipped
-CANCEL_MSG = b"C"
-KICK_MSG = b"K"           # "look at shared memory now" (from a worker or the master)
-PAIR = struct.Struct("=ii")
-PART = struct.Struct("=IHHH")  # message id, sender position, chunk index, chunk count
 
 Handler = Callable[[bytes], None]
 
@@ -61,11 +55,10 @@ class Peers:
         self.published: dict[int, int] = {}      # slot -> waiting count written last
         self.flags_gen = -1
         self.on_flags: Callable[[], None] | None = None   # set by workerproc: apply shm flags
-        self.handlers: dict[bytes, Handler] = {CANCEL_MSG: self._on_cancel,
-                                               KICK_MSG: lambda _body: self.kick()}
+        self.handlers: dict[bytes, Handler] = {channel.CANCEL: self._on_cancel,
+                                               channel.KICK: lambda _body: self.kick()}
         self.was_waiting = False
-        self.partial: dict[tuple[int, int], list] = {}    # (msg id, sender pos) -> chunks
-        self._msg_ids = 0
+        self.inbox = channel.Assembler()
         self._warned_cancel_full = False
         quota.on_refused = self._on_refused
 
@@ -120,75 +113,45 @@ class Peers:
         if owner is None:
             log.info("cancel request for an unknown key ignored")
             return
-        if self.send(owner, CANCEL_MSG + PAIR.pack(pid, key)):
+        if self.send(owner, channel.CANCEL, channel.CANCEL_BODY.pack(pid, key)):
             self.seg.worker_add(self.me, shm.W_CANCEL_FWD)
 
     def _on_cancel(self, body: bytes) -> None:
-        pid, key = PAIR.unpack(body)
+        pid, key = channel.CANCEL_BODY.unpack(body)
         self.seg.worker_add(self.me, shm.W_CANCEL_RECV)
         self.worker.cancel_local(pid, key)
 
     # -- control channel --------------------------------------------------------------------
 
-    def send(self, worker_id: int, msg: bytes) -> bool:
-        """One datagram to a worker's channel; waits (cooperatively, bounded) while the
-        receiver's queue is full."""
-        sock = self.channels[worker_id][0]
-        deadline = time.monotonic() + SEND_TIMEOUT
-        while True:
-            try:
-                sock.send(msg)
-                return True
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("control message to worker %d dropped: its queue is full", worker_id)
-                    return False
-                try:
-                    wait_write(sock.fileno(), timeout=left)
-                except socket.timeout:
-                    pass
-            except OSError as exc:
-                log.warning("control message to worker %d dropped: %s", worker_id, exc)
-                return False
-
-    def send_large(self, worker_id: int, kind: bytes, payload: bytes) -> bool:
-        """`payload` in chunks; the receiver hands the whole to handlers[kind]."""
-        self._msg_ids = (self._msg_ids + 1) & 0xFFFFFFFF
-        parts = [payload[i:i + CHUNK] for i in range(0, len(payload), CHUNK)] or [b""]
-        return all(self.send(worker_id, b"*" + kind + PART.pack(self._msg_ids, self.me, i, len(parts))
-                             + part) for i, part in enumerate(parts))
-
-    def _on_part(self, body: bytes) -> None:
-        kind = body[:1]
-        msg_id, sender, index, count = PART.unpack_from(body, 1)
-        chunks = self.partial.setdefault((msg_id, sender), [None] * count)
-        chunks[index] = body[1 + PART.size:]
-        if all(c is not None for c in chunks):
-            del self.partial[(msg_id, sender)]
-            self._dispatch(kind + b"".join(chunks))
+    def send(self, worker_id: int, kind: bytes, body: bytes = b"") -> bool:
+        """A message of any size to a worker's channel; waits (cooperatively, bounded)
+        while the receiver's queue is full."""
+        try:
+            channel.send(self.channels[worker_id][0], kind, body, wait_write=wait_write)
+            return True
+        except channel.ChannelFull:
+            log.warning("control message to worker %d dropped: its queue is full", worker_id)
+        except OSError as exc:
+            log.warning("control message to worker %d dropped: %s", worker_id, exc)
+        return False
 
     def _control_loop(self) -> None:
         sock = self.channels[self.me][1]
         sock.setblocking(False)
-        self.handlers[b"*"] = self._on_part
         while True:
-            try:
-                msg = sock.recv(CHUNK + 64)
-            except BlockingIOError:
-                wait_read(sock.fileno())
-                continue
-            self._dispatch(msg)
+            wait_read(sock.fileno())
+            for kind, body in self.inbox.drain(sock):
+                self._dispatch(kind, body)
 
-    def _dispatch(self, msg: bytes) -> None:
-        handler = self.handlers.get(msg[:1])
+    def _dispatch(self, kind: bytes, body: bytes) -> None:
+        handler = self.handlers.get(kind)
         if handler is None:
-            log.warning("unknown control message %r", msg[:1])
+            log.warning("unknown control message %r", kind)
             return
         try:
-            handler(msg[1:])
+            handler(body)
         except Exception:
-            log.exception("control message %r failed", msg[:1])
+            log.exception("control message %r failed", kind)
 
     # -- ticker: heartbeat, waiting clients, hand-off, stats, flags ---------------------------
 
@@ -231,11 +194,11 @@ class Peers:
         counts: dict[int, int] = {}
         total = 0
         for pool in list(self.worker.pools.values()):
-            n = len(pool.waiters)
-            if not n or pool.paused or pool.total >= pool.route.pool_size:
+            n = pool.remote_waiters()
+            if not n:
                 continue
             total += n
-            for key, _ in pool._quota_keys:
+            for key, _ in pool.ordinary_keys():
                 slot = self.quota.slot(key)
                 if slot is not None:
                     counts[slot] = counts.get(slot, 0) + n
@@ -256,7 +219,7 @@ class Peers:
         for w in self.live_workers():
             if w != self.me:
                 try:
-                    self.channels[w][0].send(KICK_MSG)
+                    channel.send(self.channels[w][0], channel.KICK, timeout=0)
                 except OSError:
                     pass                 # a full queue: that worker is awake anyway
 
@@ -267,7 +230,7 @@ class Peers:
         both close one for the same waiter."""
         seg = self.seg
         for pool in list(self.worker.pools.values()):
-            if not pool.idle or pool.waiters or pool.paused:
+            if not pool.has_spare_idle():
                 continue
             wanted = self._wanted_slots(pool)
             if not wanted:
@@ -275,9 +238,10 @@ class Peers:
             victims = []
             with seg.locked():
                 need = max(seg.waiting(s) - max(cap - seg.claimed(s), 0) for s, cap in wanted)
-                while need > 0 and pool.idle and now - pool.idle[0].last_used >= HANDOFF_MIN_IDLE:
-                    srv = pool.idle[0]               # the coldest
-                    pool._forget(srv)                # gives the claim back (own row)
+                while need > 0:
+                    srv = pool.give_back_coldest(now, HANDOFF_MIN_IDLE)   # its claim: own row
+                    if srv is None:
+                        break
                     victims.append(srv)
                     need -= 1
             for srv in victims:
@@ -290,9 +254,7 @@ class Peers:
     def _wanted_slots(self, pool) -> list[tuple[int, int]]:
         """(slot, cap) of this pool's capped keys on which someone waits."""
         out = []
-        keys = pool._quota_keys
-        caps = [pool.route.pool_size] + [cap for _, cap in keys[1:]]   # ordinary pool cap
-        for (key, _), cap in zip(keys, caps):
+        for key, cap in pool.ordinary_keys():
             if not cap:
                 continue
             slot = self.quota.slot(key)
@@ -304,12 +266,9 @@ class Peers:
         """Wake as many of our waiters as there is room for globally (someone gave a
         server back, or a worker died and the master returned its claims)."""
         for pool in list(self.worker.pools.values()):
-            if not pool.waiters or pool.paused or pool.total >= pool.route.pool_size:
+            if not pool.remote_waiters():
                 continue
-            room = min(self.quota.free(pool._claim_keys()), pool.route.pool_size - pool.total,
-                       len(pool.waiters))
-            for _ in range(max(room, 0)):
-                pool._wake_next_waiter()
+            room = pool.wake_for_room(self.quota.free(pool.ordinary_keys()))
             if room > 0:
                 self.seg.worker_add(self.me, shm.W_HANDOFF_TAKEN, room)
 
@@ -317,7 +276,7 @@ class Peers:
         """Copy each pool's local counters into this worker's slots (readers sum)."""
         check_delay = self.worker.cfg.server_check_delay
         for pool in list(self.worker.pools.values()):
-            slot = self.quota.slot(pool._quota_keys[0][0])
+            slot = self.quota.slot(pool.pool_key)
             if slot is None:
                 continue
             self.seg.write_stats(self.me, slot, pool_stat_values(pool, now, check_delay))

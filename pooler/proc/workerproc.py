@@ -14,17 +14,16 @@ import time
 
 import gevent
 import gevent.event
+from gevent.socket import wait_write
 
 from pooler.admin.console import AdminConsole
 from pooler.admin.control import Control
 from pooler.admin.snapshot import snapshot
-from pooler.proc import shm
-from pooler.proc.master import SET_MSG
-from pooler.config.converters import ConfigError
-from pooler.config.load import load_config
+from pooler.proc import channel, shm
 from pooler.config.model import Config
 from pooler.proc.peers import Peers
-from pooler.proc.shm import Segment, ShmQuota
+from pooler.proc.shm import Segment
+from pooler.proc.shmquota import ShmQuota
 from pooler.pooling.worker import Worker
 from pooler.proc.signals import serve_until_stopped
 
@@ -33,7 +32,6 @@ log = logging.getLogger("pooler.worker")
 MULTI_MAX_ACCEPT = 4      # accept few at a time so that the other workers get their share
 SNAPSHOT_TIMEOUT = 1.0    # a worker that does not answer by then is left out of SHOW
 RELOAD_TIMEOUT = 3.0
-ADMIN_MSG, SNAP_REQUEST, SNAP_REPLY, RELOAD_MSG = b"A", b"Q", b"R", b"H"
 
 
 # -- prefork worker ------------------------------------------------------------------------------
@@ -80,8 +78,10 @@ class Fanout:
         self.pending: dict[int, tuple[dict[int, dict], gevent.event.Event, set[int]]] = {}
         self.request_ids = 0
         peers.on_flags = self.apply_flags
-        peers.handlers.update({ADMIN_MSG: self._on_admin, SNAP_REQUEST: self._on_snap_request,
-                               SNAP_REPLY: self._on_snap_reply, RELOAD_MSG: self._on_reload})
+        peers.handlers.update({channel.ADMIN: self._on_admin,
+                               channel.SNAP_REQUEST: self._on_snap_request,
+                               channel.SNAP_REPLY: self._on_snap_reply,
+                               channel.RELOAD: self._on_reload})
 
     def others(self) -> list[int]:
         return [w for w in self.peers.live_workers() if w != self.peers.me]
@@ -94,9 +94,9 @@ class Fanout:
             return
         self.local.apply(cmd, arg)
         self._publish_flags()
-        msg = ADMIN_MSG + pickle.dumps((cmd, arg))
+        body = pickle.dumps((cmd, arg))
         for w in self.others():
-            self.peers.send(w, msg)
+            self.peers.send(w, channel.ADMIN, body)
         if cmd.upper() == "SET":
             self._tell_master(arg or "")
 
@@ -105,7 +105,8 @@ class Fanout:
         workers it spawns later, or a respawned worker would run with the old value."""
         key, _, text = assignment.partition("=")
         try:
-            self.master_inbox.send(SET_MSG + pickle.dumps((key, text)))
+            channel.send(self.master_inbox, channel.SET, pickle.dumps((key, text)),
+                         wait_write=wait_write)
         except OSError as exc:
             log.error("SET %s: could not tell the master (%s); a respawned worker will not "
                       "have it", key.strip(), exc)
@@ -154,21 +155,10 @@ class Fanout:
             gevent.sleep(0.01)
 
     def _on_reload(self, body: bytes) -> None:
-        gen, payload = pickle.loads(body)
-        cfg = payload if isinstance(payload, Config) else self._load(payload)
-        if cfg is None:
-            return
+        gen, cfg = pickle.loads(body)
         self.worker.apply_config(cfg)
         self.seg.worker_set(self.peers.me, shm.W_CONFIG_GEN, gen)
         log.info("worker %d: config reloaded (generation %d)", self.peers.me, gen)
-
-    def _load(self, path: str) -> Config | None:
-        try:
-            return load_config(path)
-        except ConfigError as exc:
-            log.error("worker %d: RELOAD failed, keeping the old config: %s", self.peers.me,
-                      "; ".join(exc.errors))
-            return None
 
     # -- snapshots -----------------------------------------------------------------------------------
 
@@ -185,9 +175,9 @@ class Fanout:
         done = gevent.event.Event()
         self.pending[rid] = (got, done, set(others))
         try:
-            msg = SNAP_REQUEST + pickle.dumps((self.peers.me, rid))
+            body = pickle.dumps((self.peers.me, rid))
             for w in others:
-                self.peers.send(w, msg)
+                self.peers.send(w, channel.SNAP_REQUEST, body)
             done.wait(SNAPSHOT_TIMEOUT)
         finally:
             del self.pending[rid]
@@ -198,7 +188,7 @@ class Fanout:
 
     def _on_snap_request(self, body: bytes) -> None:
         requester, rid = pickle.loads(body)
-        self.peers.send_large(requester, SNAP_REPLY, pickle.dumps((rid, self.peers.me,
+        self.peers.send(requester, channel.SNAP_REPLY, pickle.dumps((rid, self.peers.me,
                                                                     snapshot(self.worker))))
 
     def _on_snap_reply(self, body: bytes) -> None:

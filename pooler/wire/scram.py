@@ -1,17 +1,11 @@
-"""Password and SASL authentication logic (pure functions, no I/O).
+"""SCRAM-SHA-256 both ways (RFC 5802, RFC 7677) and SASLprep (RFC 4013).
 
-Covers what a PgBouncer-style pooler needs on both of its sides:
+* towards clients (the pooler plays the server): ``ScramServer``;
+* towards PostgreSQL (the pooler plays the client): ``ScramClient``, either
+  with a password or with the ClientKey/ServerKey recovered from a client's
+  SCRAM login ("pass-through", which needs no cleartext password).
 
-* towards clients (the pooler plays the server): checking cleartext and md5
-  responses, and running the server side of SCRAM-SHA-256 (``ScramServer``);
-* towards PostgreSQL (the pooler plays the client): md5 responses and the
-  client side of SCRAM-SHA-256 (``ScramClient``), either with a password or
-  with the ClientKey/ServerKey recovered from a client's SCRAM login
-  ("pass-through", which needs no cleartext password).
-
-References: RFC 5802 (SCRAM), RFC 7677 (SCRAM-SHA-256), RFC 4013 (SASLprep)
-and the PostgreSQL documentation on password and SASL authentication.
-Secrets are never put into exception messages or logs.
+Pure functions, no I/O. Secrets are never put into exception messages or logs.
 """
 
 from __future__ import annotations
@@ -20,57 +14,29 @@ import base64
 import binascii
 import hashlib
 import hmac
-import logging
 import secrets
 import stringprep
 import unicodedata
-from pooler.errors import PoolerError
 
-__all__ = [
-    "AuthFailed",
-    "parse_userlist",
-    "load_userlist",
-    "md5_secret",
-    "md5_challenge_response",
-    "verify_md5",
-    "verify_plain",
-    "secret_kind",
-    "saslprep",
-    "scram_secret",
-    "parse_scram_secret",
-    "ScramServer",
-    "ScramClient",
-]
+from pooler.wire.authsecret import (
+    SCRAM_KEY_LEN,
+    SCRAM_MAX_ITERATIONS,
+    SCRAM_MECHANISM,
+    AuthFailed,
+    parse_scram_secret,
+    secret_kind,
+    to_bytes,
+)
 
-log = logging.getLogger(__name__)
-
-SCRAM_MECHANISM = "SCRAM-SHA-256"
 SCRAM_DEFAULT_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 SCRAM_SALT_LEN = 16  # same salt length PostgreSQL generates
 SCRAM_NONCE_RAW_LEN = 18  # PostgreSQL also uses 18 random bytes, base64-encoded
-SCRAM_KEY_LEN = 32  # SHA-256 digest size
-# PostgreSQL stores the iteration count as a signed 32-bit int; anything larger
-# is not a real server and would just burn CPU.
-SCRAM_MAX_ITERATIONS = 2**31 - 1
 
 _FAILED = "password authentication failed"
 
 
-class AuthFailed(PoolerError):
-    """Authentication failed (28P01); the message is safe to show to a client."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("28P01", message)
-
-
 # ---------------------------------------------------------------------------
 # helpers
-
-
-def _to_bytes(text: str) -> bytes:
-    """UTF-8 bytes of *text*; lone surrogates (from surrogateescape decoding of
-    a non-UTF-8 file) turn back into the original raw bytes."""
-    return text.encode("utf-8", "surrogateescape")
 
 
 def _b64(data: bytes) -> str:
@@ -132,159 +98,6 @@ def _decode_message(data: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# userlist.txt
-
-
-def _parse_quoted(line: str, pos: int) -> tuple[str, int] | None:
-    """Parse a "quoted" field starting at line[pos] == '"'.
-
-    A doubled quote inside the field is a literal quote.  Returns the field
-    and the index just after its closing quote, or None if unterminated."""
-    out = []
-    i = pos + 1
-    while i < len(line):
-        ch = line[i]
-        if ch == '"':
-            if i + 1 < len(line) and line[i + 1] == '"':
-                out.append('"')
-                i += 2
-                continue
-            return "".join(out), i + 1
-        out.append(ch)
-        i += 1
-    return None
-
-
-def _parse_userlist_line(line: str) -> tuple[str, str] | None:
-    """One userlist line -> (user, secret), or None if malformed."""
-    pos = len(line) - len(line.lstrip())
-    if pos >= len(line) or line[pos] != '"':
-        return None
-    first = _parse_quoted(line, pos)
-    if first is None:
-        return None
-    user, pos = first
-    rest = line[pos:]
-    stripped = rest.lstrip()
-    # The two fields must be separated by whitespace.
-    if not stripped or stripped == rest or stripped[0] != '"':
-        return None
-    second = _parse_quoted(stripped, 0)
-    if second is None or not user:
-        return None
-    # Anything after the second field is ignored, as PgBouncer does.
-    return user, second[0]
-
-
-def parse_userlist(text: str) -> tuple[dict[str, str], list[int]]:
-    """Parse PgBouncer auth_file content.
-
-    Returns ({user: secret}, [1-based numbers of malformed lines]).  Blank
-    lines and lines starting with ';' or '#' are ignored; if a user appears
-    twice the last entry wins."""
-    users: dict[str, str] = {}
-    bad: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped[0] in ";#":
-            continue
-        entry = _parse_userlist_line(line)
-        if entry is None:
-            bad.append(lineno)
-            continue
-        users[entry[0]] = entry[1]
-    return users, bad
-
-
-def load_userlist(path: str) -> dict[str, str]:
-    """Read a PgBouncer userlist.txt; malformed lines are skipped with a
-    warning (by line number only, since a line may hold a secret)."""
-    # surrogateescape: a stray non-UTF-8 byte must not make the whole file
-    # unreadable, and _to_bytes() restores such bytes exactly.
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        users, bad = parse_userlist(fh.read())
-    for lineno in bad:
-        log.warning("%s:%d: malformed userlist line skipped", path, lineno)
-    return users
-
-
-# ---------------------------------------------------------------------------
-# secrets and md5
-
-
-def _is_md5_secret(secret: str) -> bool:
-    # Same test as PostgreSQL: "md5" followed by 32 lowercase hex digits.
-    return (
-        len(secret) == 35
-        and secret.startswith("md5")
-        and all(c in "0123456789abcdef" for c in secret[3:])
-    )
-
-
-def secret_kind(secret: str) -> str:
-    """Classify a stored secret: "md5", "scram" or "plain".
-
-    Like PostgreSQL, a string that merely looks like a SCRAM secret but does
-    not parse is treated as a plain password."""
-    if _is_md5_secret(secret):
-        return "md5"
-    if parse_scram_secret(secret) is not None:
-        return "scram"
-    return "plain"
-
-
-def md5_secret(user: str, password: str) -> str:
-    """PostgreSQL's stored md5 secret: "md5" + md5(password + user)."""
-    return "md5" + hashlib.md5(_to_bytes(password) + _to_bytes(user)).hexdigest()
-
-
-def md5_challenge_response(secret: str, user: str, salt: bytes) -> str:
-    """The PasswordMessage payload for AuthenticationMD5Password.
-
-    *secret* may be the plain password or a stored "md5..." secret (whose hex
-    part is exactly the inner hash, so no password is needed)."""
-    if len(salt) != 4:
-        raise ValueError("md5 salt must be 4 bytes")
-    kind = secret_kind(secret)
-    if kind == "scram":
-        raise AuthFailed("md5 authentication is not possible with a SCRAM secret")
-    inner = secret[3:] if kind == "md5" else md5_secret(user, secret)[3:]
-    return "md5" + hashlib.md5(inner.encode("ascii") + salt).hexdigest()
-
-
-def verify_md5(secret: str, user: str, salt: bytes, response: str) -> bool:
-    """Check a client's md5 PasswordMessage against a plain or md5 secret.
-
-    A SCRAM secret cannot verify md5 (returns False); use SCRAM for those
-    users, as PostgreSQL does."""
-    if secret_kind(secret) == "scram":
-        return False
-    expected = md5_challenge_response(secret, user, salt)
-    # Compare bytes: compare_digest rejects non-ASCII str, and the response
-    # comes straight from the network.
-    return hmac.compare_digest(expected.encode("ascii"), _to_bytes(response))
-
-
-def verify_plain(secret: str, user: str, password: str) -> bool:
-    """Check a cleartext password against a plain, md5 or SCRAM secret."""
-    kind = secret_kind(secret)
-    if kind == "plain":
-        return hmac.compare_digest(_to_bytes(secret), _to_bytes(password))
-    if kind == "md5":
-        return hmac.compare_digest(
-            md5_secret(user, password).encode("ascii"), secret.encode("ascii")
-        )
-    iterations, salt, stored_key, server_key = parse_scram_secret(secret)  # type: ignore[misc]
-    salted = _salted_password(password, salt, iterations)
-    client_key = _hmac(salted, b"Client Key")
-    # PostgreSQL checks only the ServerKey here; checking the StoredKey too
-    # costs nothing and rejects a secret whose halves do not belong together.
-    ok_stored = hmac.compare_digest(_sha256(client_key), stored_key)
-    ok_server = hmac.compare_digest(_hmac(salted, b"Server Key"), server_key)
-    return ok_stored and ok_server
-
-
-# ---------------------------------------------------------------------------
 # SASLprep (RFC 4013), done exactly the way PostgreSQL's pg_saslprep() does
 
 
@@ -320,7 +133,7 @@ def saslprep(password: str) -> bytes:
     PostgreSQL never rejects a password over SASLprep: when preparation fails
     (invalid UTF-8, prohibited characters, empty result) it uses the raw bytes,
     so we must do the same to derive identical keys."""
-    raw = _to_bytes(password)
+    raw = to_bytes(password)
     # Pure ASCII is passed through untouched, control characters included.
     if password.isascii():
         return raw
@@ -356,8 +169,8 @@ def _salted_password(password: str, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
 
 
-def _keys_from_password(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    """(ClientKey, ServerKey) for a password."""
+def scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """(ClientKey, ServerKey) for a password (what a SCRAM login to PostgreSQL needs)."""
     salted = _salted_password(password, salt, iterations)
     return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
 
@@ -373,38 +186,26 @@ def scram_secret(
         raise ValueError("SCRAM salt must not be empty")
     if not 0 < iterations <= SCRAM_MAX_ITERATIONS:
         raise ValueError("SCRAM iteration count out of range")
-    client_key, server_key = _keys_from_password(password, salt, iterations)
+    client_key, server_key = scram_keys(password, salt, iterations)
     return (
         f"{SCRAM_MECHANISM}${iterations}:{_b64(salt)}"
         f"${_b64(_sha256(client_key))}:{_b64(server_key)}"
     )
 
 
-def parse_scram_secret(secret: str) -> tuple[int, bytes, bytes, bytes] | None:
-    """(iterations, salt, stored_key, server_key), or None if *secret* is not
-    a well-formed SCRAM-SHA-256 secret."""
-    parts = secret.split("$")
-    if len(parts) != 3 or parts[0] != SCRAM_MECHANISM:
-        return None
-    iter_text, sep1, salt_text = parts[1].partition(":")
-    stored_text, sep2, server_text = parts[2].partition(":")
-    if not (sep1 and sep2) or not iter_text.isascii() or not iter_text.isdigit():
-        return None
-    iterations = int(iter_text)
-    try:
-        salt = base64.b64decode(salt_text, validate=True)
-        stored_key = base64.b64decode(stored_text, validate=True)
-        server_key = base64.b64decode(server_text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if (
-        not 0 < iterations <= SCRAM_MAX_ITERATIONS
-        or not salt
-        or len(stored_key) != SCRAM_KEY_LEN
-        or len(server_key) != SCRAM_KEY_LEN
-    ):
-        return None
-    return iterations, salt, stored_key, server_key
+def verify_scram_password(secret: str, password: str) -> bool:
+    """Check a cleartext password against a SCRAM secret (False if it is not one)."""
+    parsed = parse_scram_secret(secret)
+    if parsed is None:
+        return False
+    iterations, salt, stored_key, server_key = parsed
+    salted = _salted_password(password, salt, iterations)
+    client_key = _hmac(salted, b"Client Key")
+    # PostgreSQL checks only the ServerKey here; checking the StoredKey too
+    # costs nothing and rejects a secret whose halves do not belong together.
+    ok_stored = hmac.compare_digest(_sha256(client_key), stored_key)
+    ok_server = hmac.compare_digest(_hmac(salted, b"Server Key"), server_key)
+    return ok_stored and ok_server
 
 
 # ---------------------------------------------------------------------------
@@ -440,7 +241,7 @@ class ScramServer:
             # tell the difference.
             self.iterations = SCRAM_DEFAULT_ITERATIONS
             self.salt = secrets.token_bytes(SCRAM_SALT_LEN)
-            client_key, self.server_key = _keys_from_password(secret, self.salt, self.iterations)
+            client_key, self.server_key = scram_keys(secret, self.salt, self.iterations)
             self.stored_key = _sha256(client_key)
         self._server_nonce = _check_nonce(nonce if nonce is not None else _new_nonce())
         self.client_key: bytes | None = None
@@ -561,7 +362,7 @@ class ScramClient:
     def client_first(self) -> bytes:
         """client-first-message (the SASLInitialResponse data)."""
         # saslname escaping from RFC 5802: '=' -> '=3D', ',' -> '=2C'.
-        name = _to_bytes(self._username).replace(b"=", b"=3D").replace(b",", b"=2C")
+        name = to_bytes(self._username).replace(b"=", b"=3D").replace(b",", b"=2C")
         self._client_first_bare = b"n=" + name + b",r=" + self._nonce
         # Always 'n': 'y' would make a TLS-enabled server that advertises
         # SCRAM-SHA-256-PLUS report a downgrade attack.
@@ -589,7 +390,7 @@ class ScramClient:
         iterations = int(iter_text)
 
         if self._password is not None:
-            client_key, server_key = _keys_from_password(self._password, salt, iterations)
+            client_key, server_key = scram_keys(self._password, salt, iterations)
         else:
             # Pass-through: the keys already embody salt and iterations.
             client_key, server_key = self._client_key, self._server_key
