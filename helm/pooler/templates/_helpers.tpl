@@ -57,44 +57,55 @@ prometheus.io/path: /metrics
 {{- end -}}
 {{- end -}}
 
+{{/*
+Probes of the pooler container. Liveness and startup are a TCP check of the
+pooler's own port: never the admin login, so a sidecar fault or a hashed admin
+secret cannot get a healthy pooler restarted. Readiness (with the sidecar) is
+its /readyz: the pooler accepts clients and reaches PostgreSQL; a paused
+pooler stays ready, its clients queue.
+*/}}
 {{- define "pooler.probes" -}}
-{{- if .Values.sidecar.enabled }}
 {{- if .Values.probes.startup.enabled }}
 startupProbe:
-  httpGet: {path: /healthz, port: {{ .Values.sidecar.port }}}
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
   periodSeconds: {{ .Values.probes.startup.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.startup.failureThreshold }}
 {{- end }}
 {{- if .Values.probes.liveness.enabled }}
 livenessProbe:
-  httpGet: {path: /healthz, port: {{ .Values.sidecar.port }}}
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
   periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
 {{- end }}
 {{- if .Values.probes.readiness.enabled }}
 readinessProbe:
+  {{- if .Values.sidecar.enabled }}
   httpGet: {path: /readyz, port: {{ .Values.sidecar.port }}}
+  {{- else }}
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
+  {{- end }}
   periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
 {{- end }}
-{{- else }}
-{{- if .Values.probes.liveness.enabled }}
-livenessProbe:
-  tcpSocket: {port: {{ .Values.config.listen_port }}}
-  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
-  timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
-  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
-{{- end }}
-{{- if .Values.probes.readiness.enabled }}
-readinessProbe:
-  tcpSocket: {port: {{ .Values.config.listen_port }}}
-  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
-  timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
-  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
-{{- end }}
+{{- end -}}
+
+{{/*
+preStop: keep accepting while the Service drops this pod's endpoint. With the
+sidecar, its GET /drain waits (no `sleep` needed in the image); without it, sleep.
+*/}}
+{{- define "pooler.preStop" -}}
+{{- with .Values.preStopSleepSeconds }}
+lifecycle:
+  preStop:
+    {{- if $.Values.sidecar.enabled }}
+    httpGet: {path: "/drain?seconds={{ . }}", port: {{ $.Values.sidecar.port }}}
+    {{- else }}
+    exec:
+      command: ["sleep", "{{ . }}"]
+    {{- end }}
 {{- end }}
 {{- end -}}
 
@@ -117,14 +128,7 @@ its `volumes:`).
     - name: PYTHONDONTWRITEBYTECODE
       value: "1"
   {{- include "pooler.probes" . | trim | nindent 2 }}
-  {{- with .Values.preStopSleepSeconds }}
-  # Keep accepting while the Service drops this pod's endpoint; then SIGTERM stops
-  # listening and serves the connected clients until they leave (shutdown_timeout).
-  lifecycle:
-    preStop:
-      exec:
-        command: ["sleep", "{{ . }}"]
-  {{- end }}
+  {{- include "pooler.preStop" . | trim | nindent 2 }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   securityContext:
@@ -166,11 +170,17 @@ its `volumes:`).
           name: {{ .Values.sidecar.adminPassword.existingSecret }}
           key: {{ .Values.sidecar.adminPassword.key }}
     {{- end }}
-  # Its own liveness is the HTTP port: /healthz failing means the pooler is down,
-  # which the pooler container's probes already act on.
+  # Its own probes: the HTTP server answers (/livez needs no admin login).
   livenessProbe:
-    tcpSocket: {port: {{ .Values.sidecar.port }}}
+    httpGet: {path: /livez, port: {{ .Values.sidecar.port }}}
     periodSeconds: 10
+    timeoutSeconds: 5
+  readinessProbe:
+    httpGet: {path: /livez, port: {{ .Values.sidecar.port }}}
+    periodSeconds: 10
+    timeoutSeconds: 5
+  # It waits as long as the pooler's preStop, so /drain is served throughout.
+  {{- include "pooler.preStop" . | trim | nindent 2 }}
   resources:
     {{- toYaml .Values.sidecar.resources | nindent 4 }}
   securityContext:
