@@ -282,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.current_token() is None:
         log.warning("no token configured: /pause, /resume and /reload are disabled")
-    app = create_app(settings)
+    console = Console(settings.target)
+    app = create_app(settings, console)
+    if args.paused_file:
+        import gevent
+        from .desired import DesiredPause
+        gevent.spawn(DesiredPause(console, args.paused_file, settings.command_timeout).run)
     server = WSGIServer((args.host, args.port), app, log=None, error_log=log)
     log.info("pooler-sidecar on http://%s:%d/ (admin console %s@%s:%d)", args.host, args.port,
              settings.target.user, settings.target.host, settings.target.port)

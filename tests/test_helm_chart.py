@@ -107,6 +107,8 @@ def test_the_sidecar_example_renders_and_validates(version: str, tmp_path: Path)
     ({"preStopSleepSeconds": 600}, "preStopSleepSeconds"),
     ({"mode": "sidecar", "metrics.serviceMonitor.enabled": True}, "standalone"),
     ({"unknownTopLevel": 1}, "unknownTopLevel"),
+    ({"paused": "yes"}, "paused"),
+    ({"paused": True, "sidecar.enabled": False}, "sidecar.enabled"),
 ])
 def test_the_schema_refuses_bad_values(values: dict, message: str):
     err = refused(values)
@@ -179,6 +181,21 @@ def test_sidecar_mode_probes_do_not_depend_on_the_admin_login(tmp_path: Path):
 def test_the_probe_check_catches_an_admin_login_probe():
     assert probe_uses_admin_login({"httpGet": {"path": "/healthz", "port": 8080}}, 8080)
     assert not probe_uses_admin_login({"tcpSocket": {"port": 6432}}, 8080)
+
+
+def test_paused_reaches_the_sidecar_without_rolling_the_pods():
+    def render(paused: bool) -> tuple[dict, dict]:
+        manifests = docs(template({"paused": paused}))
+        return by_kind(manifests, "ConfigMap")[0], by_kind(manifests, "Deployment")[0]
+    cm_off, deploy_off = render(False)
+    cm_on, deploy_on = render(True)
+    assert (cm_off["data"]["paused"], cm_on["data"]["paused"]) == ("false", "true")
+    sidecar = next(c for c in containers(deploy_on) if c["name"] == "pooler-sidecar")
+    assert "--paused-file=/etc/pooler/paused" in sidecar["command"]
+    assert {"name": "pooler-config", "mountPath": "/etc/pooler", "readOnly": True} in \
+        sidecar["volumeMounts"]
+    annotations = lambda d: d["spec"]["template"]["metadata"]["annotations"]
+    assert annotations(deploy_on) == annotations(deploy_off)
 
 
 def test_shutdown_fits_in_the_grace_period():

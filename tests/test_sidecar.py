@@ -392,3 +392,26 @@ def _parallel(fn, items: list) -> list:
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(len(items)) as ex:
         return list(ex.map(fn, items))
+
+
+def test_desired_pause_is_applied_at_start_and_on_change_only(pooler, tmp_path: Path):
+    from sidecar.console import Console
+    from sidecar.desired import DesiredPause
+    settings = from_args(parser().parse_args(["--config", str(pooler.config_path)]), env={})
+    console = Console(settings.target)
+    path = tmp_path / "paused"
+    rec = DesiredPause(console, str(path), timeout=5)
+    assert rec.step() is None                                  # no file: nothing
+    path.write_text("true\n")
+    assert rec.step() == "PAUSE"
+    assert make_client(pooler).get("/readyz").json["paused"] is True
+    assert rec.step() is None                                  # unchanged: nothing
+    assert make_client(pooler).post("/resume", headers=bearer()).status_code == 200
+    assert rec.step() is None                                  # a manual RESUME stands
+    path.write_text("false")
+    assert rec.step() is None                                  # already resumed
+    path.write_text("TRUE")
+    assert rec.step() == "PAUSE"
+    path.write_text("false")
+    assert rec.step() == "RESUME"
+    run_queries(pooler, 1)

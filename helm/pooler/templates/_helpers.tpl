@@ -148,6 +148,7 @@ its `volumes:`).
     # State-changing endpoints still need the token.
     - --host=0.0.0.0
     - --port={{ .Values.sidecar.port }}
+    - --paused-file=/etc/pooler/paused
     {{- if .Values.sidecar.token.existingSecret }}
     - --token-file=/etc/pooler-sidecar/token
     {{- end }}
