@@ -108,6 +108,9 @@ def test_the_sidecar_example_renders_and_validates(version: str, tmp_path: Path)
     ({"mode": "sidecar", "metrics.serviceMonitor.enabled": True}, "standalone"),
     ({"unknownTopLevel": 1}, "unknownTopLevel"),
     ({"paused": "yes"}, "paused"),
+    ({"connectionSecrets.prefix": "bad-prefix"}, "prefix"),
+    ({"connectionSecrets.pools": {"app-transaction": {"password": {"key": "k"}}}},
+     "existingSecret is required"),
     ({"paused": True, "sidecar.enabled": False}, "sidecar.enabled"),
 ])
 def test_the_schema_refuses_bad_values(values: dict, message: str):
@@ -130,6 +133,55 @@ def test_the_schema_knows_every_pooler_config_key():
     pools = config["properties"]["pools"]
     assert pools["propertyNames"]["pattern"] == f"^{model._POOL_NAME_RE.pattern}$"
     assert pools["additionalProperties"]["properties"]["mode"]["enum"] == list(model.POOL_MODES)
+
+
+# --------------------------------------------------------------------------- connection Secrets
+
+AIVEN_KEYS = {"NAME", "HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SSLMODE", "DATABASE_URI",
+              "CA_CERT"}
+
+
+def secrets(values: dict | None = None) -> dict[str, dict[str, str]]:
+    """{Secret name: decoded data} of the rendered connection Secrets."""
+    import base64
+    return {s["metadata"]["name"]: {k: base64.b64decode(v or "").decode()
+                                    for k, v in s["data"].items()}
+            for s in by_kind(docs(template(values)), "Secret")}
+
+
+def test_a_secret_per_pool_with_aivens_keys_in_standalone_mode():
+    got = secrets({"config.pools.app-transaction.user": "app",
+                   "config.pools.reports_ro": {"database": "app", "mode": "session", "size": 2}})
+    assert set(got) == {"r-pooler-app-transaction", "r-pooler-reports-ro"}
+    data = got["r-pooler-app-transaction"]
+    assert set(data) == {f"CONNECTIONPOOL_{k}" for k in AIVEN_KEYS}
+    assert data["CONNECTIONPOOL_HOST"] == "r-pooler.ns.svc" and data["CONNECTIONPOOL_PORT"] == "6432"
+    assert data["CONNECTIONPOOL_DATABASE"] == data["CONNECTIONPOOL_NAME"] == "app-transaction"
+    assert data["CONNECTIONPOOL_USER"] == "app" and data["CONNECTIONPOOL_SSLMODE"] == "disable"
+    # No cluster to look the password up in (helm template): none is invented.
+    assert data["CONNECTIONPOOL_PASSWORD"] == ""
+    assert data["CONNECTIONPOOL_DATABASE_URI"] == \
+        "postgresql://app@r-pooler.ns.svc:6432/app-transaction?sslmode=disable"
+    assert got["r-pooler-reports-ro"]["CONNECTIONPOOL_USER"] == ""
+
+
+def test_connection_secrets_prefix_opt_out_and_tls():
+    got = secrets({"connectionSecrets.prefix": "DB_", "connectionSecrets.caCert": "PEM",
+                   "config.client_tls_sslmode": "require",
+                   "connectionSecrets.pools": {"app-transaction": {"user": "svc"}}})
+    data = got["r-pooler-app-transaction"]
+    assert set(data) == {f"DB_{k}" for k in AIVEN_KEYS}
+    assert data["DB_SSLMODE"] == "require" and data["DB_CA_CERT"] == "PEM"
+    assert data["DB_USER"] == "svc" and data["DB_DATABASE_URI"].endswith("?sslmode=require")
+    assert secrets({"connectionSecrets.pools": {"app-transaction": {"enabled": False}}}) == {}
+    assert secrets({"mode": "sidecar"}) == {}                              # off by default
+    on = secrets({"mode": "sidecar", "connectionSecrets.enabled": True})
+    assert on["r-pooler-app-transaction"]["CONNECTIONPOOL_HOST"] == "127.0.0.1"
+
+
+def test_chart_labels():
+    for m in docs(template()):
+        assert m["metadata"]["labels"]["helm.sh/chart"] == "pooler-0.1.0", m["kind"]
 
 
 # --------------------------------------------------------------------------- probes and drain
