@@ -24,6 +24,8 @@ MODES = {
     "standalone": {},
     "standalone-everything": {"podDisruptionBudget.enabled": True,
                               "metrics.serviceMonitor.enabled": True,
+                              "metrics.podMonitor.enabled": True,
+                              "autoscaling.enabled": True,
                               "sidecar.token.existingSecret": "tok",
                               "sidecar.adminPassword.existingSecret": "adm"},
     "standalone-no-sidecar": {"sidecar.enabled": False},
@@ -75,16 +77,52 @@ def example_values() -> str:
     return "\n".join(line[len("#      "):] for line in block.splitlines()) + "\n"
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["classic", "native-sidecar"])
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_the_sidecar_example_renders_and_validates(version: str, tmp_path: Path):
+def test_the_sidecar_example_renders_and_validates(version: str, native: bool, tmp_path: Path):
     app = example_chart(tmp_path)
-    helm("lint", "--strict", str(app))
-    text = template(chart=app)
-    manifests = docs(text)
-    deploy = by_kind(manifests, "Deployment")[0]
-    names = [c["name"] for c in containers(deploy)]
-    assert names == ["app", "pooler", "pooler-sidecar"]
+    values = {"pooler.sidecar.native": native}
+    helm("lint", "--strict", str(app), "--set-json", f"pooler.sidecar.native={json.dumps(native)}")
+    text = template(values, chart=app)
+    deploy = by_kind(docs(text), "Deployment")[0]
+    spec = deploy["spec"]["template"]["spec"]
+    init = [c["name"] for c in spec.get("initContainers", [])]
+    main = [c["name"] for c in spec["containers"]]
+    if native:      # start before the app, stop after it
+        assert init == ["pooler", "pooler-sidecar"] and main == ["app"]
+        assert all(c["restartPolicy"] == "Always" for c in spec["initContainers"])
+    else:
+        assert init == [] and main == ["app", "pooler", "pooler-sidecar"]
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/pooler-config"])
     validate(text, tmp_path, version)
+
+
+def test_the_example_checksum_follows_the_config(tmp_path: Path):
+    app = example_chart(tmp_path)
+    checksum = lambda v: by_kind(docs(template(v, chart=app)), "Deployment")[0][
+        "spec"]["template"]["metadata"]["annotations"]["checksum/pooler-config"]
+    assert checksum({}) != checksum({"pooler.config.default_pool_size": 6})
+
+
+def test_monitors_autoscaler_and_spread():
+    manifests = docs(template(MODES["standalone-everything"]))
+    pm = by_kind(manifests, "PodMonitor")[0]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "pooler",
+                                                     "app.kubernetes.io/instance": "r"}
+    sm = by_kind(manifests, "ServiceMonitor")[0]
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    deploy = by_kind(manifests, "Deployment")[0]
+    assert "replicas" not in deploy["spec"]                  # the HPA owns it
+    assert by_kind(manifests, "HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"]["name"] == \
+        deploy["metadata"]["name"]
+    spread = deploy["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert [t["topologyKey"] for t in spread] == ["kubernetes.io/hostname",
+                                                  "topology.kubernetes.io/zone"]
+    plain = by_kind(docs(template({"topologySpreadConstraints": []})), "Deployment")[0]
+    assert "topologySpreadConstraints" not in plain["spec"]["template"]["spec"]
 
 
 # --------------------------------------------------------------------------- the schema
@@ -108,6 +146,10 @@ def test_the_sidecar_example_renders_and_validates(version: str, tmp_path: Path)
     ({"mode": "sidecar", "metrics.serviceMonitor.enabled": True}, "standalone"),
     ({"unknownTopLevel": 1}, "unknownTopLevel"),
     ({"paused": "yes"}, "paused"),
+    ({"sidecar.native": True}, "sidecar"),
+    ({"mode": "sidecar", "autoscaling.enabled": True}, "standalone"),
+    ({"mode": "sidecar", "metrics.podMonitor.enabled": True}, "selector"),
+    ({"metrics.podMonitor.enabled": True, "sidecar.enabled": False}, "sidecar.enabled"),
     ({"connectionSecrets.prefix": "bad-prefix"}, "prefix"),
     ({"connectionSecrets.pools": {"app-transaction": {"password": {"key": "k"}}}},
      "existingSecret is required"),

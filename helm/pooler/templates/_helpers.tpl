@@ -115,13 +115,31 @@ lifecycle:
 {{/*
 The containers: the pooler, and the admin sidecar if sidecar.enabled.
 Used by this chart's Deployment, and by an application's pod spec in
-mode: sidecar (under its `containers:`, with "pooler.sidecarVolumes" under
-its `volumes:`).
+mode: sidecar: "pooler.sidecarContainers" under its `containers:` and
+"pooler.sidecarInitContainers" under its `initContainers:` (one of the two is
+empty: sidecar.native puts them in initContainers with restartPolicy: Always,
+Kubernetes 1.29+, so they start before the app and stop after it), with
+"pooler.sidecarVolumes" under its `volumes:`.
 */}}
 {{- define "pooler.sidecarContainers" -}}
+{{- if not (and (eq .Values.mode "sidecar") .Values.sidecar.native) }}
+{{- include "pooler.containers" . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pooler.sidecarInitContainers" -}}
+{{- if and (eq .Values.mode "sidecar") .Values.sidecar.native }}
+{{- include "pooler.containers" . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pooler.containers" -}}
 - name: pooler
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if and (eq .Values.mode "sidecar") .Values.sidecar.native }}
+  restartPolicy: Always
+  {{- end }}
   command: ["pooler", "/etc/pooler/pooler.yaml"]
   ports:
     - name: postgres
@@ -144,6 +162,9 @@ its `volumes:`).
 - name: pooler-sidecar
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if and (eq .Values.mode "sidecar") .Values.sidecar.native }}
+  restartPolicy: Always
+  {{- end }}
   command:
     - pooler-sidecar
     - --config=/etc/pooler/pooler.yaml
