@@ -3,7 +3,12 @@
     python -m sidecar.app --config /etc/pooler/pooler.yaml [--host 127.0.0.1] [--port 8080]
 
 GET  /healthz   200 if the admin console answers SHOW VERSION, else 503
-GET  /readyz    200 if it answers and is neither paused nor suspended, else 503
+GET  /livez     200 while the sidecar serves HTTP (its own liveness; no login)
+GET  /readyz    200 if the pooler accepts TCP connections, a PostgreSQL server of
+                its config is reachable and it is not suspended; a paused pooler
+                stays ready (its clients wait); else 503
+GET  /drain     ?seconds=N (at most 120): wait, then 200; the preStop hook, so the
+                pooler keeps accepting while the pod leaves the Service
 POST /pause     PAUSE [db]      (?db=name; bearer token required)
 POST /resume    RESUME [db]     (?db=name; bearer token required)
 POST /reload    validate the config file, then RELOAD (bearer token required)
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import sys
+import time
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
@@ -69,19 +76,48 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
             return _unavailable(e)
         return jsonify(status="ok", version=rows[0]["version"] if rows else None), 200
 
+    @app.get("/livez")
+    def livez() -> tuple[Response, int]:
+        return jsonify(status="ok"), 200
+
     @app.get("/readyz")
     def readyz() -> tuple[Response, int]:
+        # Ready = clients can be served: the pooler accepts connections and reaches
+        # PostgreSQL. The admin login is not required (a hashed admin secret must not
+        # take the pod out of the Service); when it works, SUSPEND makes unready.
+        target = settings.target
+        if not _tcp_ok(target.host, target.port, target.timeout):
+            return jsonify(status="unavailable",
+                           reason=f"pooler not accepting on {target.host}:{target.port}"), 503
+        try:
+            backends = _backends(current_config())
+        except ConfigError:
+            backends = []
+        if backends and not any(_tcp_ok(h, p, target.timeout) for h, p in backends):
+            return jsonify(status="unavailable", reason="no PostgreSQL server reachable: " +
+                           ", ".join(f"{h}:{p}" for h, p in backends)), 503
         try:
             data = console.show_many(["STATE", "DATABASES"])
         except ConsoleError as e:
-            return _unavailable(e)
+            return jsonify(status="ok", console=f"unavailable: {e}"), 200
         state = {r["key"]: r["value"] for r in data["STATE"]}
+        if state.get("suspended") == "yes":
+            return jsonify(status="unavailable", reason="pooler is suspended"), 503
+        # Paused (all or one database): clients queue until RESUME, so stay in the Service.
         paused_dbs = [d["name"] for d in data["DATABASES"] if d.get("paused")]
-        for what in ("paused", "suspended"):
-            if state.get(what) == "yes":
-                return jsonify(status="unavailable", reason=f"pooler is {what}"), 503
-        # A paused database is maintenance on one entry: the pooler still serves the others.
-        return jsonify(status="ok", paused_databases=paused_dbs), 200
+        return jsonify(status="ok", paused=state.get("paused") == "yes",
+                       paused_databases=paused_dbs), 200
+
+    @app.get("/drain")
+    def drain() -> tuple[Response, int]:
+        try:
+            seconds = float(request.args.get("seconds", "5"))
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= 120:
+            return jsonify(status="invalid", reason="seconds must be a number from 0 to 120"), 400
+        time.sleep(seconds)     # cooperative under gevent
+        return jsonify(status="ok", waited=seconds), 200
 
     @app.post("/pause")
     @_needs_token(settings)
@@ -202,6 +238,25 @@ def _pools(console: Console, settings: Settings,
             for entry in pools.entries(cfg)]
 
 
+def _tcp_ok(host: str, port: int, timeout: float) -> bool:
+    """True if a TCP connection to host:port (or a Unix socket directory) succeeds."""
+    try:
+        if host.startswith("/"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(timeout)
+                s.connect(f"{host}/.s.PGSQL.{port}")
+        else:
+            socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _backends(cfg: Any) -> list[tuple[str, int]]:
+    """The distinct PostgreSQL servers the config's database entries name."""
+    return sorted({(d.host, d.port) for d in cfg.databases.values() if d.host})
+
+
 def _unavailable(e: ConsoleError) -> tuple[Response, int]:
     return jsonify(status="unavailable", reason=f"admin console: {e}"), 503
 
@@ -228,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.current_token() is None:
         log.warning("no token configured: /pause, /resume and /reload are disabled")
-    app = create_app(settings)
+    console = Console(settings.target)
+    app = create_app(settings, console)
+    if args.paused_file:
+        import gevent
+        from .desired import DesiredPause
+        gevent.spawn(DesiredPause(console, args.paused_file, settings.command_timeout).run)
     server = WSGIServer((args.host, args.port), app, log=None, error_log=log)
     log.info("pooler-sidecar on http://%s:%d/ (admin console %s@%s:%d)", args.host, args.port,
              settings.target.user, settings.target.host, settings.target.port)

@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"seconds to wait for the admin console (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--command-timeout", type=float, default=DEFAULT_COMMAND_TIMEOUT,
                    help=f"seconds to wait for PAUSE/RESUME/RELOAD (default {DEFAULT_COMMAND_TIMEOUT:g})")
+    p.add_argument("--paused-file", help="file holding 'true' or 'false': the pooler is paused "
+                                         "or resumed to match, at start and when it changes")
     return p
 
 

@@ -1,236 +1,338 @@
-"""Static checks of the Helm chart (helm/pooler), for an environment without `helm`.
-
-What `helm lint` / `helm template` would catch is approximated: the chart
-files parse and carry the required keys, every template's actions are
-well-formed and its blocks balanced, every `.Values.x.y` a template uses
-exists in values.yaml, every included template is defined, and the pooler
-config the ConfigMap renders from the default values (a plain `toYaml
-.Values.config`) is one the pooler accepts.
+"""The Helm chart (helm/pooler) through the real tools: `helm lint --strict`,
+`helm template` for every mode and the example application chart,
+`kubernetes-validate --strict` on the output (Kubernetes 1.29 and the newest
+schema), values the schema must refuse, the probe wiring (no liveness probe
+depends on the admin login), and the pooler config the ConfigMap renders
+being one the pooler accepts.
 """
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from helmtool import CHART, K8S_VERSIONS, containers, docs, helm, refused, template, validate
+from pooler.config import model, settings
+from pooler.config import validate as config_validate
 from pooler.config.validate import parse_config
 
-CHART = REPO_ROOT / "helm" / "pooler"
-TEMPLATES = sorted((CHART / "templates").iterdir())
-BLOCK_OPENERS = ("if", "range", "with", "define", "block")
+EXAMPLE = CHART / "examples" / "app-with-pooler-sidecar.yaml"
+MODES = {
+    "standalone": {},
+    "standalone-everything": {"podDisruptionBudget.enabled": True,
+                              "metrics.serviceMonitor.enabled": True,
+                              "metrics.podMonitor.enabled": True,
+                              "autoscaling.enabled": True,
+                              "sidecar.token.existingSecret": "tok",
+                              "sidecar.adminPassword.existingSecret": "adm"},
+    "standalone-no-sidecar": {"sidecar.enabled": False},
+    "sidecar": {"mode": "sidecar"},
+}
 
 
-def load(name: str) -> dict:
-    return yaml.safe_load((CHART / name).read_text())
+def by_kind(manifests: list[dict], kind: str) -> list[dict]:
+    return [m for m in manifests if m["kind"] == kind]
 
 
-@pytest.fixture(scope="module")
-def values() -> dict:
-    return load("values.yaml")
+# --------------------------------------------------------------------------- helm lint / template
 
 
-# --------------------------------------------------------------------------- a tiny lexer
+def test_helm_lint_strict():
+    out = helm("lint", "--strict", str(CHART)).stdout
+    assert "0 chart(s) failed" in out
 
 
-def actions(text: str) -> list[str]:
-    """The bodies of a Go template's {{ ... }} actions, comments removed.
-
-    Raises ValueError on an unclosed action, a '}}' outside any action, or a
-    '{{' inside one (outside a string literal): the mistakes that make helm
-    fail with "unexpected {{" or print braces into the manifest.
-    """
-    out, pos = [], 0
-    while True:
-        start = text.find("{{", pos)
-        stray = text.find("}}", pos)
-        if stray != -1 and (start == -1 or stray < start):
-            raise ValueError(f"'}}}}' outside an action at offset {stray}")
-        if start == -1:
-            return out
-        body, pos = _action_body(text, start + 2)
-        if not body.strip().startswith("/*"):
-            out.append(body.strip().strip("-").strip())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_mode_renders_manifests_that_validate_strictly(mode: str, version: str,
+                                                             tmp_path: Path):
+    text = template(MODES[mode])
+    kinds = {m["kind"] for m in docs(text)}
+    assert "ConfigMap" in kinds
+    assert ("Deployment" in kinds) == mode.startswith("standalone")
+    validate(text, tmp_path, version)
 
 
-def _action_body(text: str, i: int) -> tuple[str, int]:
-    """Scan an action from just after '{{' to its '}}', skipping string literals."""
-    begin, quote = i, None
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\" and quote == '"':
-                i += 1
-            elif ch == quote:
-                quote = None
-        elif ch in "\"`":
-            quote = ch
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            if end == -1:
-                raise ValueError(f"unclosed comment at offset {i}")
-            i = end + 1
-        elif text.startswith("{{", i):
-            raise ValueError(f"'{{{{' inside an action at offset {i}")
-        elif text.startswith("}}", i):
-            return text[begin:i], i + 2
-        i += 1
-    raise ValueError(f"unclosed action starting at offset {begin - 2}")
+def example_chart(tmp_path: Path) -> Path:
+    """An application chart built from the example: the pooler chart as its
+    subchart, the example as its template, the values its comment shows."""
+    app = tmp_path / "app"
+    shutil.copytree(CHART, app / "charts" / "pooler")
+    (app / "templates").mkdir()
+    shutil.copy(EXAMPLE, app / "templates" / "deployment.yaml")
+    (app / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "myapp", "version": "1.0.0", "type": "application",
+        "dependencies": [{"name": "pooler", "version": "0.1.0"}]}))
+    (app / "values.yaml").write_text(example_values())
+    return app
 
 
-def without_strings(action: str) -> str:
-    return re.sub(r'"(?:[^"\\]|\\.)*"|`[^`]*`', '""', action)
+def example_values() -> str:
+    """The values.yaml block of the example's comment (step 2), uncommented."""
+    text = EXAMPLE.read_text()
+    block = re.search(r"# 2\.[^\n]*\n((?:#      [^\n]*\n)+)", text).group(1)
+    return "\n".join(line[len("#      "):] for line in block.splitlines()) + "\n"
 
 
-def check_blocks(acts: list[str]) -> None:
-    """Every if/range/with/define has its end; else only inside if/with/range."""
-    stack: list[str] = []
-    for act in acts:
-        word = (act.split() or [""])[0].lstrip("(")
-        if word in BLOCK_OPENERS:
-            stack.append(word)
-        elif word == "else":
-            assert stack and stack[-1] in ("if", "with", "range"), f"stray else: {act!r}"
-        elif word == "end":
-            assert stack, f"'end' without an open block: {act!r}"
-            stack.pop()
-    assert not stack, f"unclosed blocks: {stack}"
+@pytest.mark.parametrize("native", [False, True], ids=["classic", "native-sidecar"])
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_the_sidecar_example_renders_and_validates(version: str, native: bool, tmp_path: Path):
+    app = example_chart(tmp_path)
+    values = {"pooler.sidecar.native": native}
+    helm("lint", "--strict", str(app), "--set-json", f"pooler.sidecar.native={json.dumps(native)}")
+    text = template(values, chart=app)
+    deploy = by_kind(docs(text), "Deployment")[0]
+    spec = deploy["spec"]["template"]["spec"]
+    init = [c["name"] for c in spec.get("initContainers", [])]
+    main = [c["name"] for c in spec["containers"]]
+    if native:      # start before the app, stop after it
+        assert init == ["pooler", "pooler-sidecar"] and main == ["app"]
+        assert all(c["restartPolicy"] == "Always" for c in spec["initContainers"])
+    else:
+        assert init == [] and main == ["app", "pooler", "pooler-sidecar"]
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/pooler-config"])
+    validate(text, tmp_path, version)
 
 
-# --------------------------------------------------------------------------- chart files
+def test_the_example_checksum_follows_the_config(tmp_path: Path):
+    app = example_chart(tmp_path)
+    checksum = lambda v: by_kind(docs(template(v, chart=app)), "Deployment")[0][
+        "spec"]["template"]["metadata"]["annotations"]["checksum/pooler-config"]
+    assert checksum({}) != checksum({"pooler.config.default_pool_size": 6})
 
 
-def test_chart_yaml_has_the_required_keys():
-    chart = load("Chart.yaml")
-    assert chart["apiVersion"] == "v2" and chart["name"] == "pooler"
-    assert chart["type"] == "application"
-    assert re.fullmatch(r"\d+\.\d+\.\d+", chart["version"])
-    assert chart["appVersion"]
+def test_monitors_autoscaler_and_spread():
+    manifests = docs(template(MODES["standalone-everything"]))
+    pm = by_kind(manifests, "PodMonitor")[0]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "pooler",
+                                                     "app.kubernetes.io/instance": "r"}
+    sm = by_kind(manifests, "ServiceMonitor")[0]
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    deploy = by_kind(manifests, "Deployment")[0]
+    assert "replicas" not in deploy["spec"]                  # the HPA owns it
+    assert by_kind(manifests, "HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"]["name"] == \
+        deploy["metadata"]["name"]
+    spread = deploy["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert [t["topologyKey"] for t in spread] == ["kubernetes.io/hostname",
+                                                  "topology.kubernetes.io/zone"]
+    plain = by_kind(docs(template({"topologySpreadConstraints": []})), "Deployment")[0]
+    assert "topologySpreadConstraints" not in plain["spec"]["template"]["spec"]
 
 
-def test_values_have_the_documented_knobs(values: dict):
-    assert values["mode"] in ("standalone", "sidecar")
-    assert {"repository", "tag", "pullPolicy"} <= values["image"].keys()
-    assert values["service"]["port"] == 6432 and values["service"]["metricsPort"] == 8080
-    assert values["sidecar"]["port"] == 8080 and values["sidecar"]["enabled"] is True
-    assert values["auth"]["existingSecret"] and values["sidecar"]["token"]["key"]
-    assert values["podDisruptionBudget"]["enabled"] is False
-    assert values["metrics"]["serviceMonitor"]["enabled"] is False
-    ctx = values["securityContext"]
-    assert ctx["readOnlyRootFilesystem"] is True and ctx["runAsNonRoot"] is True
-    assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
-    for probe in ("liveness", "readiness", "startup"):
-        assert values["probes"][probe]["enabled"] is True
-    assert values["resources"]["requests"]
+# --------------------------------------------------------------------------- the schema
 
 
-# --------------------------------------------------------------------------- templates
+@pytest.mark.parametrize("values, message", [
+    ({"mode": "foo"}, "mode must be one of"),
+    ({"replicaCount": -1}, "replicaCount"),
+    ({"config.pools.ab": {"database": "app", "size": 5, "mode": "transaction"}}, "does not match"),
+    ({"config.pools.app-transaction.size": 0}, "size"),
+    ({"config.pools.app-transaction.mode": "foo"}, "mode must be one of"),
+    ({"config.pools.nodb": {"size": 5}}, "database is required"),
+    ({"config.pool_mode": "foo"}, "pool_mode"),
+    ({"config.listen_port": 70000}, "listen_port"),
+    ({"config.no_such_key": 1}, "no_such_key"),
+    ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
+    ({"sidecar.port": 0}, "sidecar.port"),
+    ({"auth.existingSecret": ""}, "existingSecret"),
+    ({"service.type": "Ingress"}, "service.type"),
+    ({"preStopSleepSeconds": 600}, "preStopSleepSeconds"),
+    ({"mode": "sidecar", "metrics.serviceMonitor.enabled": True}, "standalone"),
+    ({"unknownTopLevel": 1}, "unknownTopLevel"),
+    ({"paused": "yes"}, "paused"),
+    ({"sidecar.native": True}, "sidecar"),
+    ({"mode": "sidecar", "autoscaling.enabled": True}, "standalone"),
+    ({"mode": "sidecar", "metrics.podMonitor.enabled": True}, "selector"),
+    ({"metrics.podMonitor.enabled": True, "sidecar.enabled": False}, "sidecar.enabled"),
+    ({"connectionSecrets.prefix": "bad-prefix"}, "prefix"),
+    ({"connectionSecrets.pools": {"app-transaction": {"password": {"key": "k"}}}},
+     "existingSecret is required"),
+    ({"paused": True, "sidecar.enabled": False}, "sidecar.enabled"),
+])
+def test_the_schema_refuses_bad_values(values: dict, message: str):
+    err = refused(values)
+    assert "values don't meet the specifications of the schema" in err, err
+    assert message in err, err
 
 
-@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
-def test_template_actions_are_balanced(path: Path):
-    check_blocks(actions(path.read_text()))
+def test_lint_refuses_bad_values_too():
+    proc = helm("lint", "--strict", str(CHART), "--set", "mode=foo", check=False)
+    assert proc.returncode != 0 and "mode must be one of" in proc.stdout + proc.stderr
 
 
-def test_the_lexer_catches_unbalanced_delimiters():
-    for bad in ("{{ .Values.a }", "a }} b", "{{ if .Values.a }}{{ .Values.b }", "{{ {{ x }}"):
-        with pytest.raises(ValueError):
-            actions(bad)
-    with pytest.raises(AssertionError):
-        check_blocks(actions("{{ if .Values.a }}x"))
-    assert actions('{{ "}}" }} {{/* {{ */}}') == ['"}}"']
+def test_the_schema_knows_every_pooler_config_key():
+    # The pooler refuses unknown keys; the schema must neither miss one nor invent one.
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config = schema["properties"]["config"]
+    assert config["additionalProperties"] is False
+    assert set(config["properties"]) == {k.name for k in settings.GLOBAL} | set(settings.SECTIONS)
+    pools = config["properties"]["pools"]
+    assert pools["propertyNames"]["pattern"] == f"^{config_validate._POOL_NAME_RE.pattern}$"
+    assert pools["additionalProperties"]["properties"]["mode"]["enum"] == list(settings.POOL_MODES)
 
 
-def test_every_values_reference_exists(values: dict):
-    missing = []
-    for path in TEMPLATES:
-        for act in actions(path.read_text()):
-            for ref in re.findall(r"\$?\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", without_strings(act)):
-                node = values
-                for key in ref.strip(".").split("."):
-                    if not isinstance(node, dict) or key not in node:
-                        missing.append(f"{path.name}: .Values{ref}")
-                        break
-                    node = node[key]
-    assert not missing, missing
+# --------------------------------------------------------------------------- connection Secrets
+
+AIVEN_KEYS = {"NAME", "HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SSLMODE", "DATABASE_URI",
+              "CA_CERT"}
 
 
-def test_every_included_template_is_defined():
-    texts = [p.read_text() for p in TEMPLATES] + \
-        [p.read_text() for p in (CHART / "examples").iterdir()]
-    defined = {name for t in texts for name in re.findall(r'define\s+"([^"]+)"', t)}
-    used = {name for t in texts for name in re.findall(r'(?:include|template)\s+"([^"]+)"', t)}
-    assert {"pooler.sidecarContainers", "pooler.sidecarVolumes", "pooler.config"} <= defined
-    assert used <= defined, used - defined
+def secrets(values: dict | None = None) -> dict[str, dict[str, str]]:
+    """{Secret name: decoded data} of the rendered connection Secrets."""
+    import base64
+    return {s["metadata"]["name"]: {k: base64.b64decode(v or "").decode()
+                                    for k, v in s["data"].items()}
+            for s in by_kind(docs(template(values)), "Secret")}
 
 
-def test_manifests_name_their_kind():
-    for path in TEMPLATES:
-        if path.suffix == ".yaml":
-            text = path.read_text()
-            assert re.search(r"^apiVersion: \S+$", text, re.M), path.name
-            assert re.search(r"^kind: \S+$", text, re.M), path.name
+def test_a_secret_per_pool_with_aivens_keys_in_standalone_mode():
+    got = secrets({"config.pools.app-transaction.user": "app",
+                   "config.pools.reports_ro": {"database": "app", "mode": "session", "size": 2}})
+    assert set(got) == {"r-pooler-app-transaction", "r-pooler-reports-ro"}
+    data = got["r-pooler-app-transaction"]
+    assert set(data) == {f"CONNECTIONPOOL_{k}" for k in AIVEN_KEYS}
+    assert data["CONNECTIONPOOL_HOST"] == "r-pooler.ns.svc" and data["CONNECTIONPOOL_PORT"] == "6432"
+    assert data["CONNECTIONPOOL_DATABASE"] == data["CONNECTIONPOOL_NAME"] == "app-transaction"
+    assert data["CONNECTIONPOOL_USER"] == "app" and data["CONNECTIONPOOL_SSLMODE"] == "disable"
+    # No cluster to look the password up in (helm template): none is invented.
+    assert data["CONNECTIONPOOL_PASSWORD"] == ""
+    assert data["CONNECTIONPOOL_DATABASE_URI"] == \
+        "postgresql://app@r-pooler.ns.svc:6432/app-transaction?sslmode=disable"
+    assert got["r-pooler-reports-ro"]["CONNECTIONPOOL_USER"] == ""
 
 
-def test_containers_run_the_pooler_and_the_sidecar_with_probes():
-    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    assert 'command: ["pooler", "/etc/pooler/pooler.yaml"]' in helpers
-    assert "- pooler-sidecar" in helpers and "--config=/etc/pooler/pooler.yaml" in helpers
-    assert "path: /healthz" in helpers and "path: /readyz" in helpers
-    assert "mountPath: /etc/pooler," in helpers
-    configmap = (CHART / "templates" / "configmap.yaml").read_text()
-    assert "pooler.yaml: |" in configmap and 'include "pooler.config"' in configmap
+def test_connection_secrets_prefix_opt_out_and_tls():
+    got = secrets({"connectionSecrets.prefix": "DB_", "connectionSecrets.caCert": "PEM",
+                   "config.client_tls_sslmode": "require",
+                   "connectionSecrets.pools": {"app-transaction": {"user": "svc"}}})
+    data = got["r-pooler-app-transaction"]
+    assert set(data) == {f"DB_{k}" for k in AIVEN_KEYS}
+    assert data["DB_SSLMODE"] == "require" and data["DB_CA_CERT"] == "PEM"
+    assert data["DB_USER"] == "svc" and data["DB_DATABASE_URI"].endswith("?sslmode=require")
+    assert secrets({"connectionSecrets.pools": {"app-transaction": {"enabled": False}}}) == {}
+    assert secrets({"mode": "sidecar"}) == {}                              # off by default
+    on = secrets({"mode": "sidecar", "connectionSecrets.enabled": True})
+    assert on["r-pooler-app-transaction"]["CONNECTIONPOOL_HOST"] == "127.0.0.1"
+
+
+def test_chart_labels():
+    for m in docs(template()):
+        assert m["metadata"]["labels"]["helm.sh/chart"] == "pooler-0.1.0", m["kind"]
+
+
+# --------------------------------------------------------------------------- probes and drain
+
+
+def probe_uses_admin_login(probe: dict, sidecar_port: int) -> bool:
+    """/healthz logs in to the admin console; so does any exec probe we cannot see into."""
+    if "exec" in probe:
+        return True
+    get = probe.get("httpGet")
+    return bool(get) and get["port"] == sidecar_port and get["path"].split("?")[0] == "/healthz"
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m.startswith("standalone")])
+def test_no_liveness_probe_depends_on_the_admin_login(mode: str):
+    values = MODES[mode]
+    deploy = by_kind(docs(template(values)), "Deployment")[0]
+    for c in containers(deploy):
+        for kind in ("livenessProbe", "startupProbe"):
+            if kind in c:
+                assert not probe_uses_admin_login(c[kind], 8080), (c["name"], kind, c[kind])
+    pooler = next(c for c in containers(deploy) if c["name"] == "pooler")
+    assert pooler["livenessProbe"] == {"tcpSocket": {"port": 6432}, "periodSeconds": 10,
+                                       "timeoutSeconds": 5, "failureThreshold": 3}
+    assert pooler["startupProbe"]["tcpSocket"] == {"port": 6432}
+    if values.get("sidecar.enabled", True):
+        assert pooler["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
+        sidecar = next(c for c in containers(deploy) if c["name"] == "pooler-sidecar")
+        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/livez"
+        for c in (pooler, sidecar):     # drain through the sidecar, no `sleep` needed
+            assert c["lifecycle"]["preStop"] == {
+                "httpGet": {"path": "/drain?seconds=5", "port": 8080}}
+    else:
+        assert pooler["readinessProbe"]["tcpSocket"] == {"port": 6432}
+        assert pooler["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+
+
+def test_sidecar_mode_probes_do_not_depend_on_the_admin_login(tmp_path: Path):
+    deploy = by_kind(docs(template(chart=example_chart(tmp_path))), "Deployment")[0]
+    for c in containers(deploy):
+        for kind in ("livenessProbe", "startupProbe"):
+            if kind in c:
+                assert not probe_uses_admin_login(c[kind], 8080), (c["name"], kind)
+    pooler = next(c for c in containers(deploy) if c["name"] == "pooler")
+    assert pooler["livenessProbe"]["tcpSocket"] == {"port": 6432}
+
+
+def test_the_probe_check_catches_an_admin_login_probe():
+    assert probe_uses_admin_login({"httpGet": {"path": "/healthz", "port": 8080}}, 8080)
+    assert not probe_uses_admin_login({"tcpSocket": {"port": 6432}}, 8080)
+
+
+def test_paused_reaches_the_sidecar_without_rolling_the_pods():
+    def render(paused: bool) -> tuple[dict, dict]:
+        manifests = docs(template({"paused": paused}))
+        return by_kind(manifests, "ConfigMap")[0], by_kind(manifests, "Deployment")[0]
+    cm_off, deploy_off = render(False)
+    cm_on, deploy_on = render(True)
+    assert (cm_off["data"]["paused"], cm_on["data"]["paused"]) == ("false", "true")
+    sidecar = next(c for c in containers(deploy_on) if c["name"] == "pooler-sidecar")
+    assert "--paused-file=/etc/pooler/paused" in sidecar["command"]
+    assert {"name": "pooler-config", "mountPath": "/etc/pooler", "readOnly": True} in \
+        sidecar["volumeMounts"]
+    annotations = lambda d: d["spec"]["template"]["metadata"]["annotations"]
+    assert annotations(deploy_on) == annotations(deploy_off)
+
+
+def test_shutdown_fits_in_the_grace_period():
+    """preStop drain, then SIGTERM (serve connected clients, bounded by
+    shutdown_timeout), all before the kubelet's SIGKILL."""
+    deploy = by_kind(docs(template()), "Deployment")[0]
+    spec = deploy["spec"]["template"]["spec"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    budget = values["preStopSleepSeconds"] + values["config"]["shutdown_timeout"]
+    assert spec["terminationGracePeriodSeconds"] >= budget + 5
 
 
 # --------------------------------------------------------------------------- the rendered config
 
 
-def rendered_config(values: dict) -> dict:
-    """What the ConfigMap holds: `toYaml .Values.config`, read back as the pooler reads it."""
-    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    body = re.search(r'define "pooler\.config" -}}\s*(.*?)\s*{{- end', helpers, re.S).group(1)
-    assert body == "{{ toYaml .Values.config }}"      # so the mapping below is faithful
-    return yaml.safe_load(yaml.safe_dump(values["config"]))
+def rendered_config(text: str) -> dict:
+    cm = by_kind(docs(text), "ConfigMap")[0]
+    return yaml.safe_load(cm["data"]["pooler.yaml"])
 
 
-def test_default_values_render_a_valid_pooler_config(values: dict, tmp_path: Path):
-    cfg = rendered_config(values)
-    # auth.file names the mounted Secret; the file must exist for validation, so
-    # point it at a local stand-in after checking it matches the mount.
-    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    mount = re.search(r"name: pooler-userlist, mountPath: (\S+?),", helpers).group(1)
+def check_config(cfg: dict, tmp_path: Path, mount: str = "/etc/pooler-secret") -> model.Config:
+    """Validate a rendered config; auth.file names the mounted Secret, so it is
+    pointed at a local stand-in after checking it matches the mount."""
     assert Path(cfg["auth"]["file"]) == Path(mount) / "userlist.txt"
     userlist = tmp_path / "userlist.txt"
     userlist.write_text('"pooler_admin" "x"\n')
     cfg["auth"]["file"] = str(userlist)
-    parsed = parse_config(cfg, source_path=str(tmp_path / "pooler.yaml"))
+    return parse_config(cfg, source_path=str(tmp_path / "pooler.yaml"))
 
+
+def test_default_values_render_a_valid_pooler_config(tmp_path: Path):
+    text = template()
+    deploy = by_kind(docs(text), "Deployment")[0]
+    mounts = {m["name"]: m["mountPath"] for c in containers(deploy) for m in c["volumeMounts"]}
+    parsed = check_config(rendered_config(text), tmp_path, mounts["pooler-userlist"])
+    service = by_kind(docs(text), "Service")[0]
     assert parsed.listen_addresses() == ["0.0.0.0"]        # reachable through the Service
-    assert parsed.listen_port == values["service"]["port"]
+    assert parsed.listen_port == service["spec"]["ports"][0]["port"]
     assert parsed.admin_users, "the sidecar needs an admin user"
     assert parsed.pools and all(parsed.route(name) for name in parsed.pools)
-    assert parsed.shutdown_timeout < values["terminationGracePeriodSeconds"]
 
 
 def test_sidecar_example_values_render_a_valid_config(tmp_path: Path):
-    # The config shown in the sidecar example is valid too (comments stripped).
-    text = (CHART / "examples" / "app-with-pooler-sidecar.yaml").read_text()
-    block = re.search(r"#        config:\n(.*?)#\n", text, re.S).group(1)
-    cfg = yaml.safe_load("\n".join(line[len("#          "):] for line in block.splitlines()))
-    userlist = tmp_path / "userlist.txt"
-    userlist.write_text('"pooler_admin" "x"\n')
-    cfg["auth"]["file"] = str(userlist)
-    parsed = parse_config(cfg, source_path=str(tmp_path / "pooler.yaml"))
+    parsed = check_config(rendered_config(template(chart=example_chart(tmp_path))), tmp_path)
     assert parsed.listen_addresses() == ["127.0.0.1"] and parsed.pool_mode == "transaction"
-
-
-def test_shutdown_fits_in_the_grace_period(values: dict):
-    """preStop sleep, then SIGTERM (serve connected clients, drain, bounded by
-    shutdown_timeout), all before the kubelet's SIGKILL."""
-    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    assert 'command: ["sleep", "{{ . }}"]' in helpers and "with .Values.preStopSleepSeconds" in helpers
-    budget = values["preStopSleepSeconds"] + values["config"]["shutdown_timeout"]
-    assert values["terminationGracePeriodSeconds"] >= budget + 5, \
-        f"grace {values['terminationGracePeriodSeconds']} s < preStop + shutdown_timeout {budget} s + 5"

@@ -95,20 +95,50 @@ def test_health_and_readiness_follow_the_pooler(pooler):
     assert got[("cnpg_pgbouncer_last_collection_error", ())] == 1
 
 
-def test_pause_makes_unready_and_resume_restores(pooler):
+def test_a_paused_pooler_stays_ready_and_resume_restores(pooler):
+    # DESIGN.md: "a paused pooler stays ready (its clients wait)" -- a switchover
+    # PAUSE must queue new clients, not take the pod out of the Service.
     client = make_client(pooler)
     resp = client.post("/pause", headers=bearer())
     assert resp.status_code == 200, resp.json
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and "paused" in ready.json["reason"]
-    assert client.get("/healthz").status_code == 200          # alive, just not ready
+    assert ready.status_code == 200 and ready.json["paused"] is True, ready.json
+    assert client.get("/healthz").status_code == 200
 
     again = client.post("/pause", headers=bearer())
     assert again.status_code == 409 and again.json["sqlstate"] == "55000"
 
     assert client.post("/resume", headers=bearer()).status_code == 200
-    assert client.get("/readyz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json["paused"] is False
     run_queries(pooler, 1)                                     # serving again
+
+
+def test_readiness_needs_no_admin_login_but_a_reachable_server(pooler, pooler_factory,
+                                                               pooler_config, app_userlist):
+    # A wrong admin password: /healthz fails, yet the pooler serves clients, so ready.
+    client = make_client(pooler, TOKEN, "--admin-password", "wrong")
+    assert client.get("/healthz").status_code == 503
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and "console" in ready.json, ready.json
+    assert "wrong" not in ready.get_data(as_text=True)
+    # Its only PostgreSQL server unreachable: not ready.
+    cfg = pooler_config(admin_users=[ADMIN])
+    cfg["databases"] = {APP_DB: {"host": "127.0.0.1", "port": free_port(), "dbname": APP_DB}}
+    lost = pooler_factory(cfg, userlist={**app_userlist, ADMIN: ADMIN_PASSWORD})
+    resp = make_client(lost).get("/readyz")
+    assert resp.status_code == 503 and "no PostgreSQL server" in resp.json["reason"]
+
+
+def test_livez_and_drain(pooler):
+    client = make_client(pooler)
+    assert client.get("/livez").status_code == 200
+    started = time.monotonic()
+    assert client.get("/drain?seconds=0.2").status_code == 200
+    assert time.monotonic() - started >= 0.2
+    for bad in ("-1", "121", "x"):
+        resp = client.get(f"/drain?seconds={bad}")
+        assert resp.status_code == 400 and resp.json["status"] == "invalid"
 
 
 def test_pause_one_database_keeps_the_pooler_ready(pooler):
@@ -350,7 +380,7 @@ def test_sidecar_process_bounds_a_pause_that_waits(pooler, sidecar_process: str)
     status, body = http("POST", base + "/pause", TOKEN)
     assert status == 504 and "pending" in body
     assert time.monotonic() - started < 5
-    assert http_get(base + "/readyz")[0] == 503      # paused, while PAUSE still waits
+    assert http_get(base + "/readyz")[0] == 200      # paused (PAUSE still waits): ready
     assert http_get(base + "/healthz")[0] == 200     # the sidecar itself is not stuck
     holder.commit()
     holder.close()
@@ -362,3 +392,26 @@ def _parallel(fn, items: list) -> list:
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(len(items)) as ex:
         return list(ex.map(fn, items))
+
+
+def test_desired_pause_is_applied_at_start_and_on_change_only(pooler, tmp_path: Path):
+    from sidecar.console import Console
+    from sidecar.desired import DesiredPause
+    settings = from_args(parser().parse_args(["--config", str(pooler.config_path)]), env={})
+    console = Console(settings.target)
+    path = tmp_path / "paused"
+    rec = DesiredPause(console, str(path), timeout=5)
+    assert rec.step() is None                                  # no file: nothing
+    path.write_text("true\n")
+    assert rec.step() == "PAUSE"
+    assert make_client(pooler).get("/readyz").json["paused"] is True
+    assert rec.step() is None                                  # unchanged: nothing
+    assert make_client(pooler).post("/resume", headers=bearer()).status_code == 200
+    assert rec.step() is None                                  # a manual RESUME stands
+    path.write_text("false")
+    assert rec.step() is None                                  # already resumed
+    path.write_text("TRUE")
+    assert rec.step() == "PAUSE"
+    path.write_text("false")
+    assert rec.step() == "RESUME"
+    run_queries(pooler, 1)

@@ -24,6 +24,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: connection-pooler
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/version: {{ .Values.image.tag | quote }}
+{{- with .Chart }}
+helm.sh/chart: {{ printf "%s-%s" .Name .Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
 {{- end -}}
 
 {{/* The pooler config file: a plain toYaml of .Values.config, nothing added. */}}
@@ -57,57 +60,86 @@ prometheus.io/path: /metrics
 {{- end -}}
 {{- end -}}
 
+{{/*
+Probes of the pooler container. Liveness and startup are a TCP check of the
+pooler's own port: never the admin login, so a sidecar fault or a hashed admin
+secret cannot get a healthy pooler restarted. Readiness (with the sidecar) is
+its /readyz: the pooler accepts clients and reaches PostgreSQL; a paused
+pooler stays ready, its clients queue.
+*/}}
 {{- define "pooler.probes" -}}
-{{- if .Values.sidecar.enabled }}
 {{- if .Values.probes.startup.enabled }}
 startupProbe:
-  httpGet: {path: /healthz, port: {{ .Values.sidecar.port }}}
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
   periodSeconds: {{ .Values.probes.startup.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.startup.failureThreshold }}
 {{- end }}
 {{- if .Values.probes.liveness.enabled }}
 livenessProbe:
-  httpGet: {path: /healthz, port: {{ .Values.sidecar.port }}}
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
   periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
 {{- end }}
 {{- if .Values.probes.readiness.enabled }}
 readinessProbe:
+  {{- if .Values.sidecar.enabled }}
   httpGet: {path: /readyz, port: {{ .Values.sidecar.port }}}
+  {{- else }}
+  tcpSocket: {port: {{ .Values.config.listen_port }}}
+  {{- end }}
   periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
   timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
   failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
 {{- end }}
-{{- else }}
-{{- if .Values.probes.liveness.enabled }}
-livenessProbe:
-  tcpSocket: {port: {{ .Values.config.listen_port }}}
-  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
-  timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
-  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
-{{- end }}
-{{- if .Values.probes.readiness.enabled }}
-readinessProbe:
-  tcpSocket: {port: {{ .Values.config.listen_port }}}
-  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
-  timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
-  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
-{{- end }}
+{{- end -}}
+
+{{/*
+preStop: keep accepting while the Service drops this pod's endpoint. With the
+sidecar, its GET /drain waits (no `sleep` needed in the image); without it, sleep.
+*/}}
+{{- define "pooler.preStop" -}}
+{{- with .Values.preStopSleepSeconds }}
+lifecycle:
+  preStop:
+    {{- if $.Values.sidecar.enabled }}
+    httpGet: {path: "/drain?seconds={{ . }}", port: {{ $.Values.sidecar.port }}}
+    {{- else }}
+    exec:
+      command: ["sleep", "{{ . }}"]
+    {{- end }}
 {{- end }}
 {{- end -}}
 
 {{/*
 The containers: the pooler, and the admin sidecar if sidecar.enabled.
 Used by this chart's Deployment, and by an application's pod spec in
-mode: sidecar (under its `containers:`, with "pooler.sidecarVolumes" under
-its `volumes:`).
+mode: sidecar: "pooler.sidecarContainers" under its `containers:` and
+"pooler.sidecarInitContainers" under its `initContainers:` (one of the two is
+empty: sidecar.native puts them in initContainers with restartPolicy: Always,
+Kubernetes 1.29+, so they start before the app and stop after it), with
+"pooler.sidecarVolumes" under its `volumes:`.
 */}}
 {{- define "pooler.sidecarContainers" -}}
+{{- if not (and (eq .Values.mode "sidecar") .Values.sidecar.native) }}
+{{- include "pooler.containers" . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pooler.sidecarInitContainers" -}}
+{{- if and (eq .Values.mode "sidecar") .Values.sidecar.native }}
+{{- include "pooler.containers" . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pooler.containers" -}}
 - name: pooler
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if and (eq .Values.mode "sidecar") .Values.sidecar.native }}
+  restartPolicy: Always
+  {{- end }}
   command: ["pooler", "/etc/pooler/pooler.yaml"]
   ports:
     - name: postgres
@@ -117,14 +149,7 @@ its `volumes:`).
     - name: PYTHONDONTWRITEBYTECODE
       value: "1"
   {{- include "pooler.probes" . | trim | nindent 2 }}
-  {{- with .Values.preStopSleepSeconds }}
-  # Keep accepting while the Service drops this pod's endpoint; then SIGTERM stops
-  # listening and serves the connected clients until they leave (shutdown_timeout).
-  lifecycle:
-    preStop:
-      exec:
-        command: ["sleep", "{{ . }}"]
-  {{- end }}
+  {{- include "pooler.preStop" . | trim | nindent 2 }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   securityContext:
@@ -137,6 +162,9 @@ its `volumes:`).
 - name: pooler-sidecar
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if and (eq .Values.mode "sidecar") .Values.sidecar.native }}
+  restartPolicy: Always
+  {{- end }}
   command:
     - pooler-sidecar
     - --config=/etc/pooler/pooler.yaml
@@ -144,6 +172,7 @@ its `volumes:`).
     # State-changing endpoints still need the token.
     - --host=0.0.0.0
     - --port={{ .Values.sidecar.port }}
+    - --paused-file=/etc/pooler/paused
     {{- if .Values.sidecar.token.existingSecret }}
     - --token-file=/etc/pooler-sidecar/token
     {{- end }}
@@ -166,11 +195,17 @@ its `volumes:`).
           name: {{ .Values.sidecar.adminPassword.existingSecret }}
           key: {{ .Values.sidecar.adminPassword.key }}
     {{- end }}
-  # Its own liveness is the HTTP port: /healthz failing means the pooler is down,
-  # which the pooler container's probes already act on.
+  # Its own probes: the HTTP server answers (/livez needs no admin login).
   livenessProbe:
-    tcpSocket: {port: {{ .Values.sidecar.port }}}
+    httpGet: {path: /livez, port: {{ .Values.sidecar.port }}}
     periodSeconds: 10
+    timeoutSeconds: 5
+  readinessProbe:
+    httpGet: {path: /livez, port: {{ .Values.sidecar.port }}}
+    periodSeconds: 10
+    timeoutSeconds: 5
+  # It waits as long as the pooler's preStop, so /drain is served throughout.
+  {{- include "pooler.preStop" . | trim | nindent 2 }}
   resources:
     {{- toYaml .Values.sidecar.resources | nindent 4 }}
   securityContext:

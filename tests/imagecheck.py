@@ -1,0 +1,60 @@
+"""bin/image --test: run the built image the way the chart does (podman, host
+network, read-only root, user 10001) in front of a throwaway PostgreSQL and
+query through it with psql. Usage: imagecheck.py IMAGE. Exit 0 on success."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pooler.dev.devcluster import TempPostgres, free_port  # noqa: E402
+
+PASSWORD = "imagecheck-pw"      # a throwaway server's; never logged
+
+
+def run(image: str, timeout: float = 60) -> int:
+    """Start PostgreSQL and the containerised pooler, SELECT through it; 0 if it worked."""
+    with TempPostgres() as pg, tempfile.TemporaryDirectory() as tmp:
+        pg.create_role("app", PASSWORD)
+        pg.create_database("app", owner="app")
+        port = free_port()
+        conf = Path(tmp)
+        (conf / "userlist.txt").write_text(f'"app" "{PASSWORD}"\n')
+        (conf / "pooler.yaml").write_text(
+            f"listen_addr: 127.0.0.1\nlisten_port: {port}\nworkers: 1\n"
+            "auth: {type: scram-sha-256, file: /etc/pooler/userlist.txt}\n"
+            f"databases:\n  app: {{host: 127.0.0.1, port: {pg.port}, dbname: app}}\n")
+        os.chmod(tmp, 0o755)
+        for f in conf.iterdir():
+            f.chmod(0o644)
+        name = f"pooler-imagecheck-{os.getpid()}"
+        subprocess.run(["podman", "run", "-d", "--rm", "--name", name, "--network", "host",
+                        "--read-only", "--user", "10001", "--tmpfs", "/tmp",
+                        "-v", f"{tmp}:/etc/pooler:ro", image], check=True,
+                       stdout=subprocess.DEVNULL, timeout=timeout)
+        try:
+            psql = [os.path.join(pg.bindir, "psql"), "-X", "-A", "-t", "-h", "127.0.0.1",
+                    "-p", str(port), "-U", "app", "-d", "app", "-c",
+                    "SELECT 'through the image: ' || 40 + 2"]
+            env = {**os.environ, "PGPASSWORD": PASSWORD, "PGCONNECT_TIMEOUT": "3"}
+            deadline = time.monotonic() + timeout
+            while True:
+                cp = subprocess.run(psql, capture_output=True, text=True, env=env, timeout=10)
+                if cp.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            print(cp.stdout.strip() or cp.stderr.strip())
+            if cp.returncode != 0:
+                logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+                print(logs.stdout[-2000:], logs.stderr[-2000:], file=sys.stderr)
+            return 0 if cp.returncode == 0 and cp.stdout.strip() == "through the image: 42" else 1
+        finally:
+            subprocess.run(["podman", "stop", "-t", "10", name], capture_output=True, timeout=60)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1]))
