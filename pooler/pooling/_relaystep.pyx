@@ -1,0 +1,388 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The relay's per-message step, compiled: the same class as relaystep_py.Step.
+
+relaystep_py.py is the reference and documents the events; this module must
+behave identically (tests/test_relaystep.py runs both over the same byte
+streams). Here recv and send are libc calls on the raw fds and the walk
+reads the bytearray through a pointer, so a chunk of messages costs no
+Python object unless the relay has to act on one.
+"""
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport errno, EAGAIN, EINTR, EPIPE, EBADF
+from libc.string cimport memmove
+from libc.stdint cimport uint64_t, int64_t, int32_t
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK, ECONNRESET, ETIMEDOUT, ENOTCONN
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_send "send" (int fd, const void *buf, size_t n, int flags)
+    ssize_t c_recv "recv" (int fd, void *buf, size_t n, int flags)
+    int MSG_NOSIGNAL
+
+IMPLEMENTATION = "compiled"
+
+DEF C_EV_DONE = 0
+DEF C_EV_QDONE = 1
+DEF C_EV_RELEASE = 2
+DEF C_EV_TERMINATE = 3
+DEF C_EV_LINK = 8
+DEF C_EV_REWRITE = 9
+DEF C_EV_PARAM = 10
+DEF C_EV_ANSWER = 11
+DEF C_EV_CC = 12
+DEF C_EV_Z = 13
+DEF C_EV_REFUSE = 14
+DEF C_EV_NONE = 16
+DEF C_EV_EOF = 17
+DEF C_EV_CLOSED = 18
+DEF C_EV_PROTO = 19
+DEF C_F_AGAIN = 32
+DEF C_EV_HELD = 64
+
+EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE = 0, 1, 2, 3
+EV_LINK, EV_REWRITE, EV_PARAM, EV_ANSWER, EV_CC, EV_Z, EV_REFUSE = 8, 9, 10, 11, 12, 13, 14
+EV_NONE, EV_EOF, EV_CLOSED, EV_PROTO = 16, 17, 18, 19
+F_AGAIN, EV_HELD = 32, 64
+END_MASK = 7
+SESSION, TRANSACTION, STATEMENT = 0, 1, 2
+
+DEF K_OTHER = 0
+DEF K_COUNTED = 1
+DEF K_SYNC = 2
+DEF K_EXT = 3
+DEF K_TERMINATE = 4
+DEF K_COPY_END = 5
+
+cdef unsigned char CLIENT_KIND[256]
+cdef unsigned char REWRITE_KIND[256]
+cdef unsigned char INTEREST[256]
+cdef unsigned char INTEREST_PS[256]
+cdef int _i
+for _i in range(256):
+    CLIENT_KIND[_i] = K_OTHER
+    REWRITE_KIND[_i] = 0
+    INTEREST[_i] = 0
+    INTEREST_PS[_i] = 0
+for _i in b"QF":
+    CLIENT_KIND[_i] = K_COUNTED
+CLIENT_KIND[ord("S")] = K_SYNC
+for _i in b"PBDCEH":
+    CLIENT_KIND[_i] = K_EXT
+CLIENT_KIND[ord("X")] = K_TERMINATE
+for _i in b"cf":
+    CLIENT_KIND[_i] = K_COPY_END
+for _i in b"PBDC":
+    REWRITE_KIND[_i] = 1
+for _i in b"ZSG":
+    INTEREST[_i] = 1
+    INTEREST_PS[_i] = 1
+for _i in b"13C":
+    INTEREST_PS[_i] = 1
+
+
+cdef inline int64_t rd32(const unsigned char *p) nogil:
+    return <int32_t>((<uint64_t>p[0] << 24) | (<uint64_t>p[1] << 16) | (<uint64_t>p[2] << 8) | p[3])
+
+
+cdef inline ssize_t _send(int fd, const char *p, ssize_t n) nogil:
+    """Bytes the socket took (maybe fewer); -1 when the peer is gone."""
+    cdef ssize_t r
+    while True:
+        r = c_send(fd, p, n, MSG_NOSIGNAL)
+        if r >= 0:
+            return r
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN or errno == EWOULDBLOCK:
+            return 0
+        return -1
+
+
+cdef inline ssize_t _recv(int fd, char *p, ssize_t n) except -2:
+    cdef ssize_t r
+    while True:
+        r = c_recv(fd, p, n, 0)
+        if r >= 0:
+            return r
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN or errno == EWOULDBLOCK:
+            return -1
+        if errno == ECONNRESET or errno == EPIPE or errno == ETIMEDOUT or errno == EBADF or errno == ENOTCONN:
+            return 0
+        raise OSError(errno, "recv failed")
+
+
+cdef class Step:
+    """Wire state and byte moving of one client link (see relaystep_py)."""
+    cdef public object csock, ssock, cbuf, cview, sbuf, sview, pending, tail
+    cdef int cfd, sfd
+    cdef public int mode
+    cdef public bint tracked, unsynced, in_copy_in, new_query, hold
+    cdef public Py_ssize_t cend, skept, c_skip, s_skip, msg, mend
+    cdef public long long send, recv, queries, xacts, bytes_in, bytes_out
+    cdef public int status
+    cdef uint64_t _qmask
+    cdef Py_ssize_t _pos, _seg, _end
+    cdef bint _release, _qdone, _client_side
+    cdef const unsigned char *interest
+
+    def __init__(self, client_sock, int mode, bint tracked):
+        self.csock = client_sock
+        self.cfd = client_sock.fileno()
+        self.ssock = None
+        self.sfd = -1
+        self.mode = mode
+        self.tracked = tracked
+        if tracked:
+            self.interest = INTEREST_PS
+        else:
+            self.interest = INTEREST
+        self.cbuf = self.cview = self.sbuf = self.sview = None
+        self.pending = self.tail = None
+        self.cend = self.skept = self.c_skip = self.s_skip = self.msg = self.mend = 0
+        self.send = self.recv = 0
+        self._qmask = 0
+        self.unsynced = self.in_copy_in = self.new_query = self.hold = False
+        self.status = 73
+        self.queries = self.xacts = self.bytes_in = self.bytes_out = 0
+        self._pos = self._seg = self._end = 0
+        self._release = self._qdone = self._client_side = False
+
+    @property
+    def qmask(self):
+        return self._qmask
+
+    @qmask.setter
+    def qmask(self, value):
+        self._qmask = value
+
+    # -- linking ----------------------------------------------------------------
+
+    def link(self, sock, bytearray buf, view):
+        self.ssock = sock
+        self.sfd = sock.fileno()
+        self.sbuf = buf
+        self.sview = view
+        self.send = self.recv = 0
+        self._qmask = 0
+        self.unsynced = False
+        self.s_skip = self.skept = 0
+
+    def unlink(self):
+        self.ssock = None
+        self.sfd = -1
+        self.sbuf = self.sview = None
+
+    def set_cbuf(self, buf, view):
+        self.cbuf = buf
+        self.cview = view
+
+    def flush_stats(self, stats):
+        stats.query_count += self.queries
+        stats.xact_count += self.xacts
+        stats.bytes_in += self.bytes_in
+        stats.bytes_out += self.bytes_out
+        self.queries = self.xacts = self.bytes_in = self.bytes_out = 0
+
+    def cut(self):
+        cdef object buf = self.cbuf if self._client_side else self.sbuf
+        cdef char *p = PyByteArray_AS_STRING(buf)
+        self.hold = True
+        out = PyBytes_FromStringAndSize(p + self._seg, self.msg - self._seg)
+        self._seg = self.mend
+        return out
+
+    cdef inline void _start_walk(self, Py_ssize_t skip, bint client):
+        cdef Py_ssize_t end = self._end, pos = 0
+        if skip:
+            if skip >= end:
+                skip -= end
+                pos = end
+            else:
+                pos = skip
+                skip = 0
+            if client:
+                self.c_skip = skip
+            else:
+                self.s_skip = skip
+        self._pos = pos
+        self._seg = 0
+        self._client_side = client
+        self.hold = False
+        self._release = self._qdone = False
+
+    # -- client -> server ---------------------------------------------------------
+
+    def client_in(self):
+        cdef object buf = self.cbuf
+        cdef ssize_t n = _recv(self.cfd, PyByteArray_AS_STRING(buf) + self.cend,
+                               PyByteArray_GET_SIZE(buf) - self.cend)
+        if n <= 0:
+            return C_EV_EOF if n == 0 else C_EV_NONE
+        self._end = self.cend + n
+        self._start_walk(self.c_skip, True)
+        return self._client_walk()
+
+    def client_start(self):
+        self._end = self.cend
+        self._start_walk(self.c_skip, True)
+        return self._client_walk()
+
+    def client_walk(self):
+        return self._client_walk()
+
+    cdef int _client_walk(self) except -1:
+        cdef const unsigned char *buf = <const unsigned char *>PyByteArray_AS_STRING(self.cbuf)
+        cdef Py_ssize_t end = self._end, pos = self._pos, mend
+        cdef int64_t ln, outstanding
+        cdef unsigned char t, kind
+        cdef int code = C_EV_DONE
+        while end - pos >= 5:
+            t = buf[pos]
+            ln = rd32(buf + pos + 1)
+            if ln < 4:
+                return C_EV_PROTO
+            mend = pos + 1 + ln
+            kind = CLIENT_KIND[t]
+            if kind == K_TERMINATE:
+                code = C_EV_TERMINATE
+                break
+            if self.sfd < 0:
+                self._pos = self.msg = pos
+                self.mend = mend
+                return C_EV_LINK
+            if kind == K_COUNTED or (kind == K_SYNC and not self.in_copy_in):
+                outstanding = self.send - self.recv
+                if not outstanding:
+                    self.new_query = True
+                if kind == K_COUNTED and outstanding < 64:
+                    self._qmask |= (<uint64_t>1) << outstanding
+                self.send += 1
+                self.unsynced = False
+            elif kind == K_EXT:
+                self.unsynced = True
+                if self.tracked and REWRITE_KIND[t]:
+                    if mend > end:
+                        break
+                    self._pos = mend
+                    self.msg = pos
+                    self.mend = mend
+                    return C_EV_REWRITE
+            elif kind == K_COPY_END:
+                self.in_copy_in = False
+            if mend > end:
+                self.c_skip = mend - end
+                pos = end
+                break
+            pos = mend
+        return self._finish(pos, True, code)
+
+    # -- server -> client ---------------------------------------------------------
+
+    def server_in(self):
+        cdef object buf = self.sbuf
+        cdef ssize_t n = _recv(self.sfd, PyByteArray_AS_STRING(buf) + self.skept,
+                               PyByteArray_GET_SIZE(buf) - self.skept)
+        if n <= 0:
+            return C_EV_EOF if n == 0 else C_EV_NONE
+        self._end = self.skept + n
+        self._start_walk(self.s_skip, False)
+        return self._server_walk()
+
+    def server_walk(self):
+        return self._server_walk()
+
+    cdef int _server_walk(self) except -1:
+        cdef const unsigned char *buf = <const unsigned char *>PyByteArray_AS_STRING(self.sbuf)
+        cdef Py_ssize_t end = self._end, pos = self._pos, mend
+        cdef int64_t ln
+        cdef unsigned char t, status
+        cdef int ev, code
+        cdef const unsigned char *interest = self.interest
+        while end - pos >= 5:
+            t = buf[pos]
+            ln = rd32(buf + pos + 1)
+            if ln < 4:
+                return C_EV_PROTO
+            mend = pos + 1 + ln
+            if interest[t]:
+                if mend > end:
+                    break
+                ev = 0
+                if t == 0x5A:
+                    self.recv += 1
+                    self._qmask >>= 1
+                    status = buf[pos + 5]
+                    self.status = status
+                    self.queries += 1
+                    if self.recv == self.send:
+                        self._qdone = True
+                        if status == 73:
+                            self.xacts += 1
+                            if self.mode != 0 and not self.unsynced and not self.c_skip:
+                                self._release = True
+                        elif self.mode == 2:
+                            ev = C_EV_REFUSE
+                    if not ev and self.tracked:
+                        ev = C_EV_Z
+                elif t == 0x53:
+                    ev = C_EV_PARAM
+                elif t == 0x47:
+                    self.in_copy_in = True
+                    if self.send > self.recv and not (self._qmask & 1):
+                        self.send -= 1
+                elif t == 0x43:
+                    if buf[pos + 5] == 0x44:
+                        ev = C_EV_CC
+                else:
+                    ev = C_EV_ANSWER
+                if ev:
+                    self._pos = mend
+                    self.msg = pos
+                    self.mend = mend
+                    return ev
+            if mend > end:
+                self.s_skip = mend - end
+                pos = end
+                break
+            pos = mend
+        code = C_EV_DONE
+        if self._qdone:
+            code = C_EV_QDONE
+            if self._release and pos == end and not self.s_skip:
+                code = C_EV_RELEASE
+        return self._finish(pos, False, code)
+
+    # -- end of a walk --------------------------------------------------------------
+
+    cdef int _finish(self, Py_ssize_t pos, bint client, int code) except -1:
+        cdef object buf = self.cbuf if client else self.sbuf
+        cdef char *p = PyByteArray_AS_STRING(buf)
+        cdef int out = self.sfd if client else self.cfd
+        cdef Py_ssize_t seg = self._seg, end = self._end, rest
+        cdef ssize_t n
+        if self.hold:
+            self.tail = PyBytes_FromStringAndSize(p + seg, pos - seg)
+            code |= C_EV_HELD
+        elif pos > seg and out >= 0:
+            n = _send(out, p + seg, pos - seg)
+            if n < 0:
+                return C_EV_CLOSED
+            if n < pos - seg:
+                self.pending = PyBytes_FromStringAndSize(p + seg + n, pos - seg - n)
+                code |= C_F_AGAIN
+        if client:
+            self.bytes_in += pos
+        else:
+            self.bytes_out += pos
+        rest = end - pos
+        if rest and pos:
+            memmove(p, p + pos, rest)
+        if client:
+            self.cend = rest
+        else:
+            self.skept = rest
+        return code
