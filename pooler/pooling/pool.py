@@ -121,19 +121,26 @@ class Pool:
 
     # -- acquire / release ------------------------------------------------------
 
-    def acquire(self, client) -> ServerConn:
-        """A server for `client`: an idle one, a new one, or the next one released."""
-        # Fast path: the most recently used idle server, used recently enough
-        # that server_check_delay asks for no check.
+    def acquire_nowait(self) -> ServerConn | None:
+        """The most recently used idle server if it can be handed out without blocking
+        (used recently enough that server_check_delay asks for no check); else None.
+        The relay calls this from a loop callback; acquire() is the waiting path."""
         idle = self.idle
         if idle and not self.paused and not self.cfg.server_round_robin:
             srv = idle[-1]
-            delay = self.cfg.server_check_delay
-            if not srv.closed and (not self.cfg.server_check_query or
-                                   time.monotonic() - srv.last_used <= delay):
+            cfg = self.cfg
+            if not srv.closed and (not cfg.server_check_query or
+                                   time.monotonic() - srv.last_used <= cfg.server_check_delay):
                 idle.pop()
                 self.active.add(srv)
                 return srv
+        return None
+
+    def acquire(self, client) -> ServerConn:
+        """A server for `client`: an idle one, a new one, or the next one released."""
+        srv = self.acquire_nowait()
+        if srv is not None:
+            return srv
         since = 0.0                  # when this client started waiting
         while True:
             # Paused: no server is handed out, not even an idle one; clients wait.
