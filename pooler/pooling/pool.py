@@ -74,14 +74,17 @@ class Stats:
 
 
 class Waiter:
-    """A client greenlet parked until a server is handed to it."""
-    __slots__ = ("glet", "since", "client", "done")
+    """A client parked until a server is handed to it: a greenlet blocked in
+    acquire(), or (with `cb`) a relay whose loop callback takes the server without
+    a greenlet switch; `glet` is the greenlet that timeouts are raised into."""
+    __slots__ = ("glet", "since", "client", "done", "cb")
 
-    def __init__(self, client) -> None:
-        self.glet = getcurrent()
+    def __init__(self, client, cb: Callable | None = None, glet=None) -> None:
+        self.glet = glet if glet is not None else getcurrent()
         self.since = time.monotonic()
         self.client = client
         self.done = False
+        self.cb = cb
 
 
 class Pool:
@@ -135,6 +138,22 @@ class Pool:
                 self.active.add(srv)
                 return srv
         return None
+
+    def must_queue(self) -> bool:
+        """acquire() would only queue: paused, or no idle server and none may be opened
+        (pool_size reached and no reserve pool). The relay then queues a callback
+        waiter (enqueue) instead of blocking a greenlet in acquire()."""
+        if self.paused:
+            return True
+        return not self.idle and not self.route.reserve_pool_size and \
+            self.total >= self.route.pool_size
+
+    def enqueue(self, client, cb: Callable, glet) -> Waiter:
+        """Queue a callback waiter: cb(server) runs from the loop when one is handed
+        over, cb(None) when it should retry through acquire() (resume, a freed slot)."""
+        w = Waiter(client, cb, glet)
+        self.waiters.append(w)
+        return w
 
     def acquire(self, client) -> ServerConn:
         """A server for `client`: an idle one, a new one, or the next one released."""
@@ -297,7 +316,7 @@ class Pool:
             if w.done:
                 continue
             w.done = True
-            self.hub.loop.run_callback(w.glet.switch, srv)
+            self.hub.loop.run_callback(w.glet.switch if w.cb is None else w.cb, srv)
             return True
         return False
 

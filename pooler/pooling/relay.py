@@ -77,7 +77,8 @@ class Relay:
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
-                 "exc", "synced", "on_client_cb", "on_server_cb")
+                 "exc", "synced", "waiter", "ended", "on_client_cb", "on_server_cb",
+                 "on_handed_cb")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -100,9 +101,12 @@ class Relay:
         self.refuse = False
         self.exc: BaseException | None = None
         self.synced: ServerConn | None = None   # a fast-acquired server awaiting SETs
+        self.waiter = None       # queued in the pool as a callback waiter (pool.enqueue)
+        self.ended = False
         # Bound once: a watcher started with the same callback object costs no allocation.
         self.on_client_cb = self._on_client
         self.on_server_cb = self._on_server
+        self.on_handed_cb = self._on_handed
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -145,6 +149,8 @@ class Relay:
         except protocol.ProtocolError as exc:
             self.client.fatal("08P01", str(exc))
         finally:
+            self.ended = True
+            self._leave_queue()
             self._disarm()
             self.step.cend = 0
             self._give_back()
@@ -227,6 +233,41 @@ class Relay:
             self._disarm()
             self.glet.switch(job)
 
+    def _on_handed(self, srv: "ServerConn | None") -> None:
+        """The pool handed this queued client a server (None: retry via acquire())."""
+        w, self.waiter = self.waiter, None
+        if self.ended:                   # the client left while the server was on its way
+            if srv is not None:
+                self.pool.release(srv)
+            return
+        self.stats.wait_time += monotonic() - w.since
+        try:
+            if srv is None:
+                job = J_LINK
+            elif srv.tsig != self.client.tsig:
+                self.synced = srv
+                job = J_SYNC
+            else:
+                self._link(srv)
+                self.cs.rw.start(self.on_client_cb)
+                srv.stream.rw.start(self.on_server_cb)
+                job = self._client_end_or_event(self.step.client_walk())
+        except Exception as exc:
+            self.exc = exc
+            job = J_RAISE
+        if job:
+            self._disarm()
+            self.glet.switch(job)
+
+    def _leave_queue(self) -> None:
+        w, self.waiter = self.waiter, None
+        if w is not None and not w.done:
+            w.done = True
+            try:
+                self.pool.waiters.remove(w)
+            except ValueError:
+                pass
+
     # -- client -> server ------------------------------------------------------
 
     def _client_end_or_event(self, ev: int) -> int:
@@ -234,8 +275,16 @@ class Relay:
         step = self.step
         while True:
             if ev == EV_LINK:
-                srv = self.pool.acquire_nowait()
+                pool = self.pool
+                srv = pool.acquire_nowait()
                 if srv is None:
+                    if pool.must_queue() and getcurrent() is self.hub:
+                        # Wait as a callback: the releasing client's callback hands
+                        # the server over (_on_handed), no greenlet switch either way.
+                        self.client.state = ClientState.WAITING
+                        self.waiter = pool.enqueue(self.client, self.on_handed_cb, self.glet)
+                        disarm(self.cs.rw)
+                        return 0
                     return J_LINK
                 if srv.tsig != self.client.tsig:
                     self.synced = srv
