@@ -110,11 +110,11 @@ def test_monitors_autoscaler_and_spread():
     manifests = docs(template(MODES["standalone-everything"]))
     pm = by_kind(manifests, "PodMonitor")[0]
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
-    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "sidecar"
     assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "pooler",
                                                      "app.kubernetes.io/instance": "r"}
     sm = by_kind(manifests, "ServiceMonitor")[0]
-    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["endpoints"][0]["port"] == "sidecar"
     deploy = by_kind(manifests, "Deployment")[0]
     assert "replicas" not in deploy["spec"]                  # the HPA owns it
     assert by_kind(manifests, "HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"]["name"] == \
@@ -124,6 +124,49 @@ def test_monitors_autoscaler_and_spread():
                                                   "topology.kubernetes.io/zone"]
     plain = by_kind(docs(template({"topologySpreadConstraints": []})), "Deployment")[0]
     assert "topologySpreadConstraints" not in plain["spec"]["template"]["spec"]
+
+
+def scraped_ports(manifests: list[dict]) -> dict[str, object]:
+    """Where each scraper is pointed, resolved to container port numbers."""
+    deploy = by_kind(manifests, "Deployment")[0]
+    sidecar = next(c for c in containers(deploy) if c["name"] == "pooler-sidecar")
+    by_name = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    service = by_kind(manifests, "Service")[0]
+    svc_target = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    pm = by_kind(manifests, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0]["port"]
+    sm = by_kind(manifests, "ServiceMonitor")[0]["spec"]["endpoints"][0]["port"]
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    return {"podMonitor": by_name[pm], "serviceMonitor": by_name[svc_target[sm]],
+            "annotation": int(annotations["prometheus.io/port"]), "ports": by_name,
+            "command": sidecar["command"]}
+
+
+def test_the_dedicated_metrics_port_is_what_gets_scraped(tmp_path: Path):
+    monitors = {"metrics.serviceMonitor.enabled": True, "metrics.podMonitor.enabled": True}
+    off = scraped_ports(docs(template(monitors)))
+    assert off["ports"] == {"sidecar": 8080}
+    assert off["podMonitor"] == off["serviceMonitor"] == off["annotation"] == 8080
+    assert not any(a.startswith("--metrics-port") for a in off["command"])
+    text = template({**monitors, "metrics.dedicatedPort.enabled": True})
+    on = scraped_ports(docs(text))
+    assert on["ports"] == {"sidecar": 8080, "metrics": 9127}
+    assert on["podMonitor"] == on["serviceMonitor"] == on["annotation"] == 9127
+    assert "--metrics-port=9127" in on["command"]
+    validate(text, tmp_path, K8S_VERSIONS[-1])
+    moved = scraped_ports(docs(template({**monitors, "metrics.dedicatedPort.enabled": True,
+                                         "metrics.dedicatedPort.port": 9300})))
+    assert moved["podMonitor"] == moved["annotation"] == 9300
+    # The sidecar-mode example follows it too.
+    app = example_chart(tmp_path)
+    deploy = by_kind(docs(template({"pooler.metrics.dedicatedPort.enabled": True}, chart=app)),
+                     "Deployment")[0]
+    assert deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9127"
+
+
+def test_the_dedicated_port_must_not_be_the_sidecar_port():
+    proc = helm("template", "r", str(CHART), "--set", "metrics.dedicatedPort.enabled=true",
+                "--set", "metrics.dedicatedPort.port=8080", check=False)
+    assert proc.returncode != 0 and "must differ from sidecar.port" in proc.stderr
 
 
 # --------------------------------------------------------------------------- the schema
@@ -155,6 +198,12 @@ def test_monitors_autoscaler_and_spread():
     ({"connectionSecrets.pools": {"app-transaction": {"password": {"key": "k"}}}},
      "existingSecret is required"),
     ({"paused": True, "sidecar.enabled": False}, "sidecar.enabled"),
+    ({"metrics.dedicatedPort.port": 0}, "metrics.dedicatedPort.port"),
+    ({"metrics.dedicatedPort.port": "9127"}, "metrics.dedicatedPort.port"),
+    ({"metrics.dedicatedPort.port": 65536}, "metrics.dedicatedPort.port"),
+    ({"metrics.dedicatedPort.enabled": "yes"}, "metrics.dedicatedPort.enabled"),
+    ({"metrics.dedicatedPort.enabled": True, "sidecar.enabled": False}, "sidecar.enabled"),
+    ({"service.sidecarPort": 0}, "service.sidecarPort"),
 ])
 def test_the_schema_refuses_bad_values(values: dict, message: str):
     err = refused(values)

@@ -41,12 +41,32 @@ checksum/pooler-config: {{ include "pooler.config" . | sha256sum }}
 {{- end }}
 {{- if and .Values.sidecar.enabled .Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
-prometheus.io/port: {{ .Values.sidecar.port | quote }}
+prometheus.io/port: {{ include "pooler.scrapePort" . | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- with .Values.podAnnotations }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+Where Prometheus scrapes: the metrics-only port (metrics.dedicatedPort, named
+`metrics`, 9127 as CloudNativePG's pooler) or else the sidecar's main port
+(named `sidecar`). "pooler.scrapePortName" is the container port's name.
+*/}}
+{{- define "pooler.scrapePortName" -}}
+{{- if .Values.metrics.dedicatedPort.enabled -}}metrics{{- else -}}sidecar{{- end -}}
+{{- end -}}
+
+{{- define "pooler.scrapePort" -}}
+{{- if .Values.metrics.dedicatedPort.enabled -}}
+{{- if eq (int .Values.metrics.dedicatedPort.port) (int .Values.sidecar.port) -}}
+{{- fail "metrics.dedicatedPort.port must differ from sidecar.port" -}}
+{{- end -}}
+{{- .Values.metrics.dedicatedPort.port -}}
+{{- else -}}
+{{- .Values.sidecar.port -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The host clients are told to use in the pools API. */}}
@@ -172,6 +192,9 @@ Kubernetes 1.29+, so they start before the app and stop after it), with
     # State-changing endpoints still need the token.
     - --host=0.0.0.0
     - --port={{ .Values.sidecar.port }}
+    {{- if .Values.metrics.dedicatedPort.enabled }}
+    - --metrics-port={{ include "pooler.scrapePort" . }}
+    {{- end }}
     - --paused-file=/etc/pooler/paused
     {{- if .Values.sidecar.token.existingSecret }}
     - --token-file=/etc/pooler-sidecar/token
@@ -180,9 +203,14 @@ Kubernetes 1.29+, so they start before the app and stop after it), with
     - {{ . | quote }}
     {{- end }}
   ports:
-    - name: metrics
+    - name: sidecar
       containerPort: {{ .Values.sidecar.port }}
       protocol: TCP
+    {{- if .Values.metrics.dedicatedPort.enabled }}
+    - name: metrics
+      containerPort: {{ include "pooler.scrapePort" . }}
+      protocol: TCP
+    {{- end }}
   env:
     - name: PYTHONDONTWRITEBYTECODE
       value: "1"
