@@ -1,7 +1,8 @@
 """bin/image --test: check the image holds this tree's code, then run it the way
 the chart does (podman, host network, read-only root, user 10001) in front of a
-throwaway PostgreSQL and query through it with psql. Usage: imagecheck.py IMAGE.
-Exit 0 on success."""
+throwaway PostgreSQL and query through it with psql, then run the chart's
+`helm test` hook (rendered by helm) in the image against it (tests/helmhook.py).
+Usage: imagecheck.py IMAGE. Exit 0 on success."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import helmhook  # noqa: E402
 from pooler.dev.devcluster import TempPostgres, free_port  # noqa: E402
 
 PASSWORD = "imagecheck-pw"      # a throwaway server's; never logged
@@ -57,7 +60,8 @@ def run(image: str, timeout: float = 60) -> int:
         (conf / "pooler.yaml").write_text(
             f"listen_addr: 127.0.0.1\nlisten_port: {port}\nworkers: 1\n"
             "auth: {type: scram-sha-256, file: /etc/pooler/userlist.txt}\n"
-            f"databases:\n  app: {{host: 127.0.0.1, port: {pg.port}, dbname: app}}\n")
+            f"databases:\n  app: {{host: 127.0.0.1, port: {pg.port}, dbname: app}}\n"
+            f"pools:\n  {helmhook.POOL}: {{database: app, user: app, size: 2, mode: transaction}}\n")
         os.chmod(tmp, 0o755)
         for f in conf.iterdir():
             f.chmod(0o644)
@@ -81,7 +85,11 @@ def run(image: str, timeout: float = 60) -> int:
             if cp.returncode != 0:
                 logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
                 print(logs.stdout[-2000:], logs.stderr[-2000:], file=sys.stderr)
-            return 0 if cp.returncode == 0 and cp.stdout.strip() == "through the image: 42" else 1
+            if cp.returncode != 0 or cp.stdout.strip() != "through the image: 42":
+                return 1
+            passed, printed = helmhook.check(image, port, "app", PASSWORD)
+            print(f"helm test hook: {printed}")
+            return 0 if passed else 1
         finally:
             subprocess.run(["podman", "stop", "-t", "10", name], capture_output=True, timeout=60)
 

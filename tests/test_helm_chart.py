@@ -204,6 +204,10 @@ def test_the_dedicated_port_must_not_be_the_sidecar_port():
     ({"metrics.dedicatedPort.enabled": "yes"}, "metrics.dedicatedPort.enabled"),
     ({"metrics.dedicatedPort.enabled": True, "sidecar.enabled": False}, "sidecar.enabled"),
     ({"service.sidecarPort": 0}, "service.sidecarPort"),
+    ({"test.enabled": "yes"}, "test.enabled"),
+    ({"test.pool": "ab"}, "test.pool"),
+    ({"test.image.pullPolicy": "Sometimes"}, "test.image.pullPolicy"),
+    ({"test.image.tag": 1}, "test.image.tag"),
 ])
 def test_the_schema_refuses_bad_values(values: dict, message: str):
     err = refused(values)
@@ -274,6 +278,54 @@ def test_connection_secrets_prefix_opt_out_and_tls():
 def test_chart_labels():
     for m in docs(template()):
         assert m["metadata"]["labels"]["helm.sh/chart"] == "pooler-0.1.0", m["kind"]
+
+
+# --------------------------------------------------------------------------- helm test hook
+# (tests/imagecheck.py runs the rendered hook in the built image against a real pooler)
+
+
+def helm_test_pods(values: dict | None = None) -> list[dict]:
+    return [m for m in docs(template(values)) if m["kind"] == "Pod" and
+            m["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+
+
+def test_the_helm_test_hook_uses_a_connection_secret_through_the_service():
+    manifests = docs(template())
+    (pod,) = [m for m in manifests if m["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (c,) = pod["spec"]["containers"]
+    assert c["command"][0] == "psql" and c["command"][-2:] == ["-c", "SELECT 1"]
+    assert c["image"] == "ghcr.io/example/pooler:0.1.0"                # the chart's image
+    (source,) = c["envFrom"]
+    secret = by_kind(manifests, "Secret")[0]
+    assert source["secretRef"]["name"] == secret["metadata"]["name"] == "r-pooler-app-transaction"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert {k: env[k] for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD")} == {
+        "PGHOST": "$(CONNECTIONPOOL_HOST)", "PGPORT": "$(CONNECTIONPOOL_PORT)",
+        "PGDATABASE": "$(CONNECTIONPOOL_DATABASE)", "PGUSER": "$(CONNECTIONPOOL_USER)",
+        "PGPASSWORD": "$(CONNECTIONPOOL_PASSWORD)"}
+    assert all(v[2:-1] in secret["data"] for k, v in env.items() if v.startswith("$("))
+    # The Service (and so PodMonitor, PDB, spread) must not select the test Pod.
+    selector = by_kind(manifests, "Service")[0]["spec"]["selector"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_helm_test_hook_values():
+    (pod,) = helm_test_pods({"test.image.repository": "localhost/pooler", "test.image.tag": "9",
+                         "connectionSecrets.prefix": "DB_",
+                         "config.pools.b-pool": {"database": "app", "size": 2},
+                         "test.pool": "b-pool"})
+    (c,) = pod["spec"]["containers"]
+    assert c["image"] == "localhost/pooler:9"
+    assert c["envFrom"][0]["secretRef"]["name"] == "r-pooler-b-pool"
+    assert {"name": "PGPASSWORD", "value": "$(DB_PASSWORD)"} in c["env"]
+    assert helm_test_pods({"test.enabled": False}) == []
+    assert helm_test_pods({"connectionSecrets.enabled": False}) == []   # nothing to connect with
+    assert helm_test_pods({"mode": "sidecar"}) == []                    # no Service to test
+    proc = helm("template", "r", str(CHART), "--set", "test.pool=nope", check=False)
+    assert proc.returncode != 0 and "test.pool" in proc.stderr
 
 
 # --------------------------------------------------------------------------- probes and drain

@@ -46,6 +46,8 @@ def test_image_serves_psql_through_the_pooler(image_build):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "holds this tree's code" in proc.stdout
     assert "through the image: 42" in proc.stdout
+    # The chart's `helm test` hook, rendered by helm, ran in the image (tests/helmhook.py).
+    assert "helm test hook: 1" in proc.stdout
 
 
 @needs_image

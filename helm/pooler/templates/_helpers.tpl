@@ -69,6 +69,31 @@ Where Prometheus scrapes: the metrics-only port (metrics.dedicatedPort, named
 {{- end -}}
 {{- end -}}
 
+{{/*
+The managed pools (config.pools) that get a connection Secret, comma-separated:
+connectionSecrets.enabled (null: on in standalone mode), overridden per pool by
+connectionSecrets.pools.<pool>.enabled.
+*/}}
+{{- define "pooler.connectionSecretPools" -}}
+{{- $cs := .Values.connectionSecrets }}
+{{- $on := eq .Values.mode "standalone" }}
+{{- if not (kindIs "invalid" $cs.enabled) }}{{ $on = $cs.enabled }}{{ end }}
+{{- $names := list }}
+{{- range $name, $_ := .Values.config.pools }}
+{{- $over := get ($cs.pools | default dict) $name | default dict }}
+{{- $enabled := $on }}
+{{- if hasKey $over "enabled" }}{{ $enabled = $over.enabled }}{{ end }}
+{{- if $enabled }}{{ $names = append $names $name }}{{ end }}
+{{- end }}
+{{- join "," $names }}
+{{- end -}}
+
+{{/* A pool's connection Secret's name; takes (list $ poolName). */}}
+{{- define "pooler.connectionSecretName" -}}
+{{- $ctx := index . 0 }}{{ $name := index . 1 -}}
+{{- printf "%s-%s" (include "pooler.fullname" $ctx) ($name | lower | replace "_" "-") | trunc 253 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* The host clients are told to use in the pools API. */}}
 {{- define "pooler.publicHost" -}}
 {{- if .Values.sidecar.publicHost -}}
