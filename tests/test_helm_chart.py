@@ -169,6 +169,49 @@ def test_the_dedicated_port_must_not_be_the_sidecar_port():
     assert proc.returncode != 0 and "must differ from sidecar.port" in proc.stderr
 
 
+def affinity(values: dict | None = None) -> dict | None:
+    deploy = by_kind(docs(template(values)), "Deployment")[0]
+    return deploy["spec"]["template"]["spec"].get("affinity")
+
+
+def test_replicas_avoid_each_other_by_default_softly(tmp_path: Path):
+    text = template()
+    deploy = by_kind(docs(text), "Deployment")[0]
+    (preferred,) = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["weight"] == 100
+    term = preferred["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    # By the selector labels: the pods of this release, and only they.
+    assert term["labelSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in \
+        deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    validate(text, tmp_path, K8S_VERSIONS[0])
+
+
+def test_the_anti_affinity_can_be_hard_tuned_replaced_or_off(tmp_path: Path):
+    hard = affinity({"podAntiAffinity.preset": "hard",
+                     "podAntiAffinity.topologyKey": "topology.kubernetes.io/zone"})
+    (term,) = hard["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "topology.kubernetes.io/zone"
+    assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "r"
+    assert affinity({"podAntiAffinity.weight": 7})["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 7
+    assert affinity({"podAntiAffinity.preset": "none"}) is None
+    # A user's podAntiAffinity replaces the preset; other affinity kinds are kept with it.
+    own = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "podAffinityTerm": {
+        "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"x": "y"}}}}]}
+    assert affinity({"affinity": {"podAntiAffinity": own}}) == {"podAntiAffinity": own}
+    node = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["db"]}]}]}}
+    both = affinity({"affinity": {"nodeAffinity": node}})
+    assert both["nodeAffinity"] == node and "podAntiAffinity" in both
+    assert affinity({"affinity": {"nodeAffinity": node}, "podAntiAffinity.preset": "none"}) == \
+        {"nodeAffinity": node}
+    validate(template({"podAntiAffinity.preset": "hard", "affinity": {"nodeAffinity": node}}),
+             tmp_path, K8S_VERSIONS[-1])
+
+
 # --------------------------------------------------------------------------- the schema
 
 
@@ -208,6 +251,10 @@ def test_the_dedicated_port_must_not_be_the_sidecar_port():
     ({"test.pool": "ab"}, "test.pool"),
     ({"test.image.pullPolicy": "Sometimes"}, "test.image.pullPolicy"),
     ({"test.image.tag": 1}, "test.image.tag"),
+    ({"podAntiAffinity.preset": "strict"}, "podAntiAffinity.preset"),
+    ({"podAntiAffinity.weight": 0}, "podAntiAffinity.weight"),
+    ({"podAntiAffinity.weight": 101}, "podAntiAffinity.weight"),
+    ({"podAntiAffinity.topologyKey": ""}, "podAntiAffinity.topologyKey"),
 ])
 def test_the_schema_refuses_bad_values(values: dict, message: str):
     err = refused(values)

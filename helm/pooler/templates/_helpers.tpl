@@ -94,6 +94,25 @@ connectionSecrets.pools.<pool>.enabled.
 {{- printf "%s-%s" (include "pooler.fullname" $ctx) ($name | lower | replace "_" "-") | trunc 253 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/*
+The Deployment's affinity: .Values.affinity, plus the podAntiAffinity preset
+(soft: preferred, hard: required; by the selector labels, so replicas avoid each
+other) unless preset is none or .Values.affinity has its own podAntiAffinity.
+*/}}
+{{- define "pooler.affinity" -}}
+{{- $affinity := deepCopy (.Values.affinity | default dict) }}
+{{- $anti := .Values.podAntiAffinity }}
+{{- if and (ne $anti.preset "none") (not (hasKey $affinity "podAntiAffinity")) }}
+{{- $term := dict "topologyKey" $anti.topologyKey "labelSelector" (dict "matchLabels" (include "pooler.selectorLabels" . | fromYaml)) }}
+{{- if eq $anti.preset "hard" }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+{{- else }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" (int $anti.weight) "podAffinityTerm" $term))) }}
+{{- end }}
+{{- end }}
+{{- toYaml $affinity }}
+{{- end -}}
+
 {{/* The host clients are told to use in the pools API. */}}
 {{- define "pooler.publicHost" -}}
 {{- if .Values.sidecar.publicHost -}}
