@@ -2,7 +2,7 @@
 `bin/image --test` builds it and a psql query through it succeeds. That runs
 when podman is installed, and always in CI (CI=true) or with
 POOLER_IMAGE_TEST=1, where bin/image installs podman, buildah, debootstrap and
-runc with apt-get first (about 1.5 minutes from scratch, 15-25 s warm)."""
+runc with apt-get first (2 to 4 minutes from scratch, about 30 s warm)."""
 from __future__ import annotations
 
 import os
