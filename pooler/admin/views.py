@@ -218,8 +218,7 @@ SOCKET_COLS = ("type:s user:s database:s replication:s state:s addr:s port:i loc
                "local_port:i connect_time:s request_time:s wait:i wait_us:i close_needed:i "
                "ptr:s link:s remote_pid:i tls:s application_name:s prepared_statements:i id:i")
 DEBUG_COLS = " recv_pos:i pkt_pos:i pkt_remain:i send_pos:i send_remain:i pkt_avail:i send_avail:i"
-# PgBouncer's states: a logged-in client not waiting is "active", linked to a server or not.
-CLIENT_STATES = {"idle": "active", "active": "active", "waiting": "waiting", "admin": "active"}
+CLIENT_STATES = {"idle": "idle", "active": "active", "waiting": "waiting", "admin": "idle"}
 SOCKET_STATES = {"idle": "cl_active", "active": "cl_active", "waiting": "cl_waiting",
                  "admin": "cl_active", "login": "cl_login", "used": "sv_used"}
 
