@@ -221,11 +221,12 @@ class Client:
         self._welcome(values)
 
     def _startup_parameters(self, params: dict[str, str]) -> dict[str, str]:
-        """Tracked parameters from the startup packet; unknown ones refused as PgBouncer does."""
-        out, unknown = startup_parameters(params, self.worker.tracked_canon,
+        """Tracked parameters from the startup packet and its `options`; unknown ones
+        refused as PgBouncer does."""
+        out, refusal = startup_parameters(params, self.worker.tracked_canon,
                                           self.cfg.ignore_startup_parameters)
-        if unknown is not None:
-            raise LoginFailed("08P01", f"unsupported startup parameter: {unknown}")
+        if refusal is not None:
+            raise LoginFailed("08P01", refusal)
         return out
 
     def _initial_tracked(self, startup: dict[str, str]) -> dict[str, str | None]:
