@@ -1,6 +1,7 @@
 """The admin sidecar: a Flask app over the pooler's admin console, served by gevent.
 
     python -m sidecar.app --config /etc/pooler/pooler.yaml [--host 127.0.0.1] [--port 8080]
+                          [--metrics-port 9127]
 
 GET  /healthz   200 if the admin console answers SHOW VERSION, else 503
 GET  /livez     200 while the sidecar serves HTTP (its own liveness; no login)
@@ -13,7 +14,8 @@ POST /pause     PAUSE [db]      (?db=name; bearer token required)
 POST /resume    RESUME [db]     (?db=name; bearer token required)
 POST /reload    validate the config file, then RELOAD (bearer token required)
 GET  /config    the effective settings (SHOW CONFIG; secrets are never in it)
-GET  /metrics   Prometheus text, pgbouncer_exporter and CloudNativePG names
+GET  /metrics   Prometheus text, pgbouncer_exporter and CloudNativePG names (also
+                alone on --metrics-port, if given: see metrics_server.py)
 GET  /pools     the pools API; /pools/<name> one entry
 
 State-changing endpoints need `Authorization: Bearer <token>`; with no token
@@ -29,14 +31,14 @@ import time
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file, load_config
 
 from . import pools
 from .console import Console, ConsoleError
-from .metrics import PoolerCollector
+from .metrics_server import create_metrics_app, metrics_registry, metrics_response
 from .settings import Settings, from_args, parser
 
 log = logging.getLogger("sidecar")
@@ -47,11 +49,11 @@ _DB_RE = re.compile(r"[^\x00\"]{1,63}")
 _SECRET_KEY_RE = re.compile(r"password|secret|token", re.I)
 
 
-def create_app(settings: Settings, console: Console | None = None) -> Flask:
+def create_app(settings: Settings, console: Console | None = None,
+               registry: CollectorRegistry | None = None) -> Flask:
     app = Flask("sidecar")
     console = console or Console(settings.target)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(PoolerCollector(console))
+    registry = registry or metrics_registry(console)
     last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
 
     def current_config() -> Any:
@@ -151,7 +153,7 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+        return metrics_response(registry)
 
     @app.get("/pools")
     def pool_list() -> tuple[Response, int]:
@@ -284,11 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     if settings.current_token() is None:
         log.warning("no token configured: /pause, /resume and /reload are disabled")
     console = Console(settings.target)
-    app = create_app(settings, console)
+    registry = metrics_registry(console)
+    app = create_app(settings, console, registry)
     if args.paused_file:
         import gevent
         from .desired import DesiredPause
         gevent.spawn(DesiredPause(console, args.paused_file, settings.command_timeout).run)
+    if args.metrics_port == args.port:
+        print("pooler-sidecar: --metrics-port must differ from --port", file=sys.stderr)
+        return 2
+    if args.metrics_port:
+        WSGIServer((args.host, args.metrics_port), create_metrics_app(registry), log=None,
+                   error_log=log).start()
+        log.info("metrics only on http://%s:%d/metrics", args.host, args.metrics_port)
     server = WSGIServer((args.host, args.port), app, log=None, error_log=log)
     log.info("pooler-sidecar on http://%s:%d/ (admin console %s@%s:%d)", args.host, args.port,
              settings.target.user, settings.target.host, settings.target.port)

@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the pooler's config file (YAML or pgbouncer.ini)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--metrics-port", type=tcp_port, default=None,
+                   help="also serve GET /metrics alone on this port (e.g. 9127; "
+                        "every other path there is a 404)")
     p.add_argument("--admin-user", help="admin console user (default: first of admin_users)")
     p.add_argument("--admin-password",
                    help="its password (default: env POOLER_ADMIN_PASSWORD, else the auth file "
@@ -80,6 +83,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--paused-file", help="file holding 'true' or 'false': the pooler is paused "
                                          "or resumed to match, at start and when it changes")
     return p
+
+
+def tcp_port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1 to 65535)")
+    return port
 
 
 def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:

@@ -110,11 +110,11 @@ def test_monitors_autoscaler_and_spread():
     manifests = docs(template(MODES["standalone-everything"]))
     pm = by_kind(manifests, "PodMonitor")[0]
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
-    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "sidecar"
     assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "pooler",
                                                      "app.kubernetes.io/instance": "r"}
     sm = by_kind(manifests, "ServiceMonitor")[0]
-    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["endpoints"][0]["port"] == "sidecar"
     deploy = by_kind(manifests, "Deployment")[0]
     assert "replicas" not in deploy["spec"]                  # the HPA owns it
     assert by_kind(manifests, "HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"]["name"] == \
@@ -124,6 +124,92 @@ def test_monitors_autoscaler_and_spread():
                                                   "topology.kubernetes.io/zone"]
     plain = by_kind(docs(template({"topologySpreadConstraints": []})), "Deployment")[0]
     assert "topologySpreadConstraints" not in plain["spec"]["template"]["spec"]
+
+
+def scraped_ports(manifests: list[dict]) -> dict[str, object]:
+    """Where each scraper is pointed, resolved to container port numbers."""
+    deploy = by_kind(manifests, "Deployment")[0]
+    sidecar = next(c for c in containers(deploy) if c["name"] == "pooler-sidecar")
+    by_name = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    service = by_kind(manifests, "Service")[0]
+    svc_target = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    pm = by_kind(manifests, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0]["port"]
+    sm = by_kind(manifests, "ServiceMonitor")[0]["spec"]["endpoints"][0]["port"]
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    return {"podMonitor": by_name[pm], "serviceMonitor": by_name[svc_target[sm]],
+            "annotation": int(annotations["prometheus.io/port"]), "ports": by_name,
+            "command": sidecar["command"]}
+
+
+def test_the_dedicated_metrics_port_is_what_gets_scraped(tmp_path: Path):
+    monitors = {"metrics.serviceMonitor.enabled": True, "metrics.podMonitor.enabled": True}
+    off = scraped_ports(docs(template(monitors)))
+    assert off["ports"] == {"sidecar": 8080}
+    assert off["podMonitor"] == off["serviceMonitor"] == off["annotation"] == 8080
+    assert not any(a.startswith("--metrics-port") for a in off["command"])
+    text = template({**monitors, "metrics.dedicatedPort.enabled": True})
+    on = scraped_ports(docs(text))
+    assert on["ports"] == {"sidecar": 8080, "metrics": 9127}
+    assert on["podMonitor"] == on["serviceMonitor"] == on["annotation"] == 9127
+    assert "--metrics-port=9127" in on["command"]
+    validate(text, tmp_path, K8S_VERSIONS[-1])
+    moved = scraped_ports(docs(template({**monitors, "metrics.dedicatedPort.enabled": True,
+                                         "metrics.dedicatedPort.port": 9300})))
+    assert moved["podMonitor"] == moved["annotation"] == 9300
+    # The sidecar-mode example follows it too.
+    app = example_chart(tmp_path)
+    deploy = by_kind(docs(template({"pooler.metrics.dedicatedPort.enabled": True}, chart=app)),
+                     "Deployment")[0]
+    assert deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9127"
+
+
+def test_the_dedicated_port_must_not_be_the_sidecar_port():
+    proc = helm("template", "r", str(CHART), "--set", "metrics.dedicatedPort.enabled=true",
+                "--set", "metrics.dedicatedPort.port=8080", check=False)
+    assert proc.returncode != 0 and "must differ from sidecar.port" in proc.stderr
+
+
+def affinity(values: dict | None = None) -> dict | None:
+    deploy = by_kind(docs(template(values)), "Deployment")[0]
+    return deploy["spec"]["template"]["spec"].get("affinity")
+
+
+def test_replicas_avoid_each_other_by_default_softly(tmp_path: Path):
+    text = template()
+    deploy = by_kind(docs(text), "Deployment")[0]
+    (preferred,) = deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["weight"] == 100
+    term = preferred["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    # By the selector labels: the pods of this release, and only they.
+    assert term["labelSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in \
+        deploy["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    validate(text, tmp_path, K8S_VERSIONS[0])
+
+
+def test_the_anti_affinity_can_be_hard_tuned_replaced_or_off(tmp_path: Path):
+    hard = affinity({"podAntiAffinity.preset": "hard",
+                     "podAntiAffinity.topologyKey": "topology.kubernetes.io/zone"})
+    (term,) = hard["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "topology.kubernetes.io/zone"
+    assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "r"
+    assert affinity({"podAntiAffinity.weight": 7})["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 7
+    assert affinity({"podAntiAffinity.preset": "none"}) is None
+    # A user's podAntiAffinity replaces the preset; other affinity kinds are kept with it.
+    own = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "podAffinityTerm": {
+        "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"x": "y"}}}}]}
+    assert affinity({"affinity": {"podAntiAffinity": own}}) == {"podAntiAffinity": own}
+    node = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["db"]}]}]}}
+    both = affinity({"affinity": {"nodeAffinity": node}})
+    assert both["nodeAffinity"] == node and "podAntiAffinity" in both
+    assert affinity({"affinity": {"nodeAffinity": node}, "podAntiAffinity.preset": "none"}) == \
+        {"nodeAffinity": node}
+    validate(template({"podAntiAffinity.preset": "hard", "affinity": {"nodeAffinity": node}}),
+             tmp_path, K8S_VERSIONS[-1])
 
 
 # --------------------------------------------------------------------------- the schema
@@ -155,6 +241,20 @@ def test_monitors_autoscaler_and_spread():
     ({"connectionSecrets.pools": {"app-transaction": {"password": {"key": "k"}}}},
      "existingSecret is required"),
     ({"paused": True, "sidecar.enabled": False}, "sidecar.enabled"),
+    ({"metrics.dedicatedPort.port": 0}, "metrics.dedicatedPort.port"),
+    ({"metrics.dedicatedPort.port": "9127"}, "metrics.dedicatedPort.port"),
+    ({"metrics.dedicatedPort.port": 65536}, "metrics.dedicatedPort.port"),
+    ({"metrics.dedicatedPort.enabled": "yes"}, "metrics.dedicatedPort.enabled"),
+    ({"metrics.dedicatedPort.enabled": True, "sidecar.enabled": False}, "sidecar.enabled"),
+    ({"service.sidecarPort": 0}, "service.sidecarPort"),
+    ({"test.enabled": "yes"}, "test.enabled"),
+    ({"test.pool": "ab"}, "test.pool"),
+    ({"test.image.pullPolicy": "Sometimes"}, "test.image.pullPolicy"),
+    ({"test.image.tag": 1}, "test.image.tag"),
+    ({"podAntiAffinity.preset": "strict"}, "podAntiAffinity.preset"),
+    ({"podAntiAffinity.weight": 0}, "podAntiAffinity.weight"),
+    ({"podAntiAffinity.weight": 101}, "podAntiAffinity.weight"),
+    ({"podAntiAffinity.topologyKey": ""}, "podAntiAffinity.topologyKey"),
 ])
 def test_the_schema_refuses_bad_values(values: dict, message: str):
     err = refused(values)
@@ -225,6 +325,54 @@ def test_connection_secrets_prefix_opt_out_and_tls():
 def test_chart_labels():
     for m in docs(template()):
         assert m["metadata"]["labels"]["helm.sh/chart"] == "pooler-0.1.0", m["kind"]
+
+
+# --------------------------------------------------------------------------- helm test hook
+# (tests/imagecheck.py runs the rendered hook in the built image against a real pooler)
+
+
+def helm_test_pods(values: dict | None = None) -> list[dict]:
+    return [m for m in docs(template(values)) if m["kind"] == "Pod" and
+            m["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+
+
+def test_the_helm_test_hook_uses_a_connection_secret_through_the_service():
+    manifests = docs(template())
+    (pod,) = [m for m in manifests if m["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (c,) = pod["spec"]["containers"]
+    assert c["command"][0] == "psql" and c["command"][-2:] == ["-c", "SELECT 1"]
+    assert c["image"] == "ghcr.io/example/pooler:0.1.0"                # the chart's image
+    (source,) = c["envFrom"]
+    secret = by_kind(manifests, "Secret")[0]
+    assert source["secretRef"]["name"] == secret["metadata"]["name"] == "r-pooler-app-transaction"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert {k: env[k] for k in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD")} == {
+        "PGHOST": "$(CONNECTIONPOOL_HOST)", "PGPORT": "$(CONNECTIONPOOL_PORT)",
+        "PGDATABASE": "$(CONNECTIONPOOL_DATABASE)", "PGUSER": "$(CONNECTIONPOOL_USER)",
+        "PGPASSWORD": "$(CONNECTIONPOOL_PASSWORD)"}
+    assert all(v[2:-1] in secret["data"] for k, v in env.items() if v.startswith("$("))
+    # The Service (and so PodMonitor, PDB, spread) must not select the test Pod.
+    selector = by_kind(manifests, "Service")[0]["spec"]["selector"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_helm_test_hook_values():
+    (pod,) = helm_test_pods({"test.image.repository": "localhost/pooler", "test.image.tag": "9",
+                         "connectionSecrets.prefix": "DB_",
+                         "config.pools.b-pool": {"database": "app", "size": 2},
+                         "test.pool": "b-pool"})
+    (c,) = pod["spec"]["containers"]
+    assert c["image"] == "localhost/pooler:9"
+    assert c["envFrom"][0]["secretRef"]["name"] == "r-pooler-b-pool"
+    assert {"name": "PGPASSWORD", "value": "$(DB_PASSWORD)"} in c["env"]
+    assert helm_test_pods({"test.enabled": False}) == []
+    assert helm_test_pods({"connectionSecrets.enabled": False}) == []   # nothing to connect with
+    assert helm_test_pods({"mode": "sidecar"}) == []                    # no Service to test
+    proc = helm("template", "r", str(CHART), "--set", "test.pool=nope", check=False)
+    assert proc.returncode != 0 and "test.pool" in proc.stderr
 
 
 # --------------------------------------------------------------------------- probes and drain

@@ -7,13 +7,16 @@ with gevent and psycogreen, over HTTP.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psycopg2
 import pytest
@@ -325,8 +328,8 @@ def http(method: str, url: str, token: str | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-@pytest.fixture
-def sidecar_process(pooler, tmp_path: Path):
+@contextmanager
+def running_sidecar(pooler, tmp_path: Path, *extra: str) -> Iterator[str]:
     """`python -m sidecar.app` for `pooler` on a free port; yields its base URL."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "POOLER_SIDECAR_TOKEN": TOKEN}
@@ -334,7 +337,7 @@ def sidecar_process(pooler, tmp_path: Path):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "sidecar.app", "--config",
                                  str(pooler.config_path), "--port", str(port),
-                                 "--command-timeout", "1"],
+                                 "--command-timeout", "1", *extra],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
 
@@ -354,6 +357,12 @@ def sidecar_process(pooler, tmp_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def sidecar_process(pooler, tmp_path: Path):
+    with running_sidecar(pooler, tmp_path) as base:
+        yield base
 
 
 def test_sidecar_process_serves_health_and_metrics(pooler, sidecar_process: str):
@@ -386,6 +395,46 @@ def test_sidecar_process_bounds_a_pause_that_waits(pooler, sidecar_process: str)
     holder.close()
     assert http("POST", base + "/resume", TOKEN)[0] == 200
     assert http_get(base + "/readyz")[0] == 200
+
+
+def test_metrics_port_serves_only_metrics(pooler, tmp_path: Path):
+    metrics_port = free_port()
+    with running_sidecar(pooler, tmp_path, "--metrics-port", str(metrics_port)) as base:
+        only = f"http://127.0.0.1:{metrics_port}"
+        run_queries(pooler, 3)
+        status, text = http_get(only + "/metrics")
+        assert status == 200
+        got = samples(text)
+        assert got[("pgbouncer_up", ())] == 1 and got[("cnpg_pgbouncer_up", ())] == 1
+        assert got[("pgbouncer_stats_queries_pooled_total", (("database", APP_DB),))] >= 3
+        assert ADMIN_PASSWORD not in text
+        # One registry behind both ports: the collection counter counts scrapes on either.
+        before = got[("cnpg_pgbouncer_collections_total", ())]
+        assert http_get(base + "/metrics")[0] == 200
+        after = samples(http_get(only + "/metrics")[1])[("cnpg_pgbouncer_collections_total", ())]
+        assert after == before + 2
+        # Nothing else is served there, and refusals are JSON.
+        for path in ("/healthz", "/readyz", "/pools", "/config", "/", "/drain?seconds=0"):
+            status, body = http_get(only + path)
+            assert status == 404, (path, status, body)
+            assert json.loads(body)["reason"] == "this port serves only GET /metrics"
+        status, body = http("POST", only + "/pause", TOKEN)
+        assert status == 404 and json.loads(body)["status"] == "not found"
+        status, body = http("POST", only + "/metrics", TOKEN)
+        assert status == 405 and json.loads(body)["status"] == "method not allowed"
+        assert http_get(base + "/healthz")[0] == 200          # the main port is unchanged
+
+
+def test_metrics_port_is_checked(pooler):
+    for bad in ("0", "65536", "http"):
+        proc = subprocess.run([sys.executable, "-m", "sidecar.app", "--config",
+                               str(pooler.config_path), "--metrics-port", bad],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and "--metrics-port" in proc.stderr, (bad, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "sidecar.app", "--config",
+                           str(pooler.config_path), "--port", "8099", "--metrics-port", "8099"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "must differ" in proc.stderr
 
 
 def _parallel(fn, items: list) -> list:

@@ -15,6 +15,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from pooler.pooling.pool import shown_state
+
 if TYPE_CHECKING:
     from pooler.pooling.client import Client
     from pooler.pooling.pool import Pool
@@ -67,9 +69,7 @@ class _Clock:
 # --------------------------------------------------------------------------- pools
 
 def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
-    states = [c.state for c in list(pool.clients)]
-    idle, used = _split_idle(pool, clock.mono_now)
-    wait = _max_wait(pool, clock.mono_now)
+    g = pool.gauges(clock.mono_now)
     st = pool.stats
     prepared = st.prepared
     return {
@@ -78,19 +78,19 @@ def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
         "server_user": pool.server_user,
         "mode": pool.route.pool_mode,
         "paused": bool(pool.paused),
-        "cl_active": sum(1 for s in states if s in ("idle", "active")),
-        "cl_waiting": sum(1 for s in states if s == "waiting"),
+        "cl_active": g.cl_active,
+        "cl_waiting": g.cl_waiting,
         "cl_active_cancel_req": 0,
         "cl_waiting_cancel_req": 0,
-        "sv_active": len(pool.active),
+        "sv_active": g.sv_active,
         "sv_active_cancel": 0,
         "sv_being_canceled": 0,
-        "sv_idle": idle,
-        "sv_used": used,
+        "sv_idle": g.sv_idle,
+        "sv_used": g.sv_used,
         "sv_tested": 0,
-        "sv_login": pool.connecting,
-        "maxwait": int(wait),
-        "maxwait_us": int((wait - int(wait)) * 1_000_000),
+        "sv_login": g.sv_login,
+        "maxwait": int(g.maxwait),
+        "maxwait_us": int((g.maxwait - int(g.maxwait)) * 1_000_000),
         "stats": {
             "server_assignment_count": getattr(st, "server_assignment_count", 0),
             "xact_count": st.xact_count,
@@ -109,22 +109,6 @@ def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
 
 def _us(seconds: float) -> int:
     return int(seconds * 1_000_000)
-
-
-def _split_idle(pool: "Pool", now: float) -> tuple[int, int]:
-    """(idle, used): 'used' are idle servers that need server_check_query before reuse."""
-    delay = pool.cfg.server_check_delay if pool.cfg.server_check_query else 0
-    idle = list(pool.idle)
-    if not delay:
-        return len(idle), 0
-    used = sum(1 for s in idle if now - s.last_used > delay)
-    return len(idle) - used, used
-
-
-def _max_wait(pool: "Pool", now: float) -> float:
-    """How long the oldest waiting client has waited (0 when nobody waits)."""
-    oldest = min((w.since for w in list(pool.waiters) if not w.done), default=None)
-    return 0.0 if oldest is None else max(0.0, now - oldest)
 
 
 def _databases(pools: list["Pool"], flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -163,7 +147,7 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
         "user": client.user,
         "database": pool.name if pool is not None else client.database,
         "pool_user": pool.user if pool is not None else None,
-        "state": str(client.state),         # login / idle / waiting / active / admin
+        "state": str(shown_state(client)),  # login / idle / waiting / active / admin
         "addr": addr,
         "port": port,
         "local_addr": laddr,
@@ -214,12 +198,11 @@ def _local_sock(sock) -> tuple[str, int]:
 # --------------------------------------------------------------------------- servers
 
 def _servers(pool: "Pool", wid: int, clock: _Clock) -> list[dict]:
-    delay = pool.cfg.server_check_delay if pool.cfg.server_check_query else 0
     out = []
     for srv in list(pool.active):
         out.append(_server(pool, srv, "active", wid, clock))
     for srv in list(pool.idle):
-        used = delay and clock.mono_now - srv.last_used > delay
+        used = pool.server_is_used(srv, clock.mono_now)     # the rule SHOW POOLS counts by
         out.append(_server(pool, srv, "used" if used else "idle", wid, clock))
     return out
 

@@ -183,7 +183,8 @@ def show_pools(v: View) -> Result:
 
 DATABASES_COLS = ("name:s host:s port:i database:s force_user:s pool_size:i min_pool_size:i "
                   "reserve_pool:i server_lifetime:i pool_mode:s max_connections:i "
-                  "current_connections:i paused:i disabled:i")
+                  "current_connections:i max_client_connections:i current_client_connections:i "
+                  "paused:i disabled:i")
 
 
 def show_databases(v: View) -> Result:
@@ -191,15 +192,22 @@ def show_databases(v: View) -> Result:
     current: dict[str, int] = {}
     for p in v.pools:
         current[p["database"]] = current.get(p["database"], 0) + sum(p[k] for k in SERVER_KEYS)
+    clients: dict[str, int] = {}
+    for c in v.clients:
+        # Logged-in clients of each entry (the console's under pgbouncer), as counted
+        # against max_db_client_connections; a client still authenticating is not.
+        if c["state"] != "login":
+            clients[c["database"]] = clients.get(c["database"], 0) + 1
     names = (set(cfg.databases) - {"*"}) | set(cfg.pools) | set(current)
-    rows = [_database_row(v, name, current.get(name, 0)) for name in names]
+    rows = [_database_row(v, name, current.get(name, 0), clients.get(name, 0)) for name in names]
     rows = [r for r in rows if r is not None]
     rows.append([ADMIN_DB, None, cfg.listen_port, ADMIN_DB, ADMIN_DB, 2, 0, 0,
-                 int(cfg.server_lifetime), "statement", 0, 0, 0, 0])
+                 int(cfg.server_lifetime), "statement", 0, 0, cfg.max_db_client_connections,
+                 clients.get(ADMIN_DB, 0), 0, 0])
     return table(DATABASES_COLS, sorted(rows, key=lambda r: r[0]))
 
 
-def _database_row(v: View, name: str, current: int) -> list | None:
+def _database_row(v: View, name: str, current: int, clients: int) -> list | None:
     cfg = v.cfg
     route = cfg.route(name)
     if route is None:           # removed by a reload while its pool lives on
@@ -211,8 +219,8 @@ def _database_row(v: View, name: str, current: int) -> list | None:
         mode = entry.pool_mode if entry is not None else None
     return [name, route.host, route.port, route.dbname, route.user, route.pool_size,
             route.min_pool_size, route.reserve_pool_size, int(cfg.server_lifetime), mode,
-            route.max_db_connections, current, int(v.flag("paused_dbs", name)),
-            int(v.flag("disabled_dbs", name))]
+            route.max_db_connections, current, route.max_db_client_connections, clients,
+            int(v.flag("paused_dbs", name)), int(v.flag("disabled_dbs", name))]
 
 
 SOCKET_COLS = ("type:s user:s database:s replication:s state:s addr:s port:i local_addr:s "

@@ -47,7 +47,6 @@ log = logging.getLogger("pooler.ini")
 UNSUPPORTED: dict[str, frozenset[str]] = {
     k: frozenset(v.split()) for k, v in {
         "user": "", "unix_socket_mode": "0777 777", "unix_socket_group": "",
-        "max_db_client_connections": "0",
         "disable_pqexec": "0", "application_name_add_host": "0",
         "conffile": "", "service_name": "", "job_name": "", "auth_hba_file": "",
         "auth_ident_file": "", "syslog": "0", "syslog_ident": "",
@@ -73,7 +72,7 @@ DB_KEYS = frozenset(k.name for k in settings.DATABASE)
 DB_ALIASES = settings.aliases(settings.DATABASE)
 DB_INTS = settings.int_names(settings.DATABASE)
 DB_UNSUPPORTED = {"client_encoding", "datestyle",
-                  "timezone", "max_db_client_connections", "server_lifetime",
+                  "timezone", "server_lifetime",
                   "load_balance_hosts", "target_session_attrs", "query_wait_timeout"}
 # [users] settings (settings.USER), and PgBouncer's that we do not implement -> their
 # values that behave the same here (no warning for those).

@@ -83,6 +83,7 @@ class Route:
     query_wait_timeout: float = 120.0
     idle_transaction_timeout: float = 0.0
     client_idle_timeout: float = 0.0
+    max_db_client_connections: int = 0   # clients of this entry (name), over all users
 
 
 @_with_keys(settings.GLOBAL)
@@ -131,6 +132,8 @@ class Config:
             min_pool_size=_pick(entry.min_pool_size, self.min_pool_size),
             reserve_pool_size=_pick(_of(u, "reserve_pool_size"), reserve),
             max_db_connections=_pick(entry.max_db_connections, self.max_db_connections),
+            max_db_client_connections=entry.max_db_client_connections or
+            self.max_db_client_connections,
             connect_query=entry.connect_query, application_name=entry.application_name,
             auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname,
             **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES})

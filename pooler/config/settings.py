@@ -79,6 +79,7 @@ GLOBAL: tuple[Key, ...] = (
     Key("reserve_pool_timeout", float, c.duration, 5.0),
     Key("max_client_conn", int, c.COUNT, 100),
     Key("max_db_connections", int, c.COUNT, 0),
+    Key("max_db_client_connections", int, c.COUNT, 0),
     Key("max_user_connections", int, c.COUNT, 0),
     Key("max_user_client_connections", int, c.COUNT, 0),
     Key("max_prepared_statements", int, c.COUNT, 200),
@@ -154,6 +155,8 @@ DATABASE: tuple[Key, ...] = (
     Key("reserve_pool_size", int | None, _OPT(c.COUNT), None,
         aliases=("reserve_pool",)),              # PgBouncer's older spelling
     Key("max_db_connections", int | None, _OPT(c.COUNT), None),
+    # 0 or unset: the global max_db_client_connections (PgBouncer's "<= 0")
+    Key("max_db_client_connections", int | None, _OPT(c.COUNT), None),
     Key("connect_query", str | None, _OPT(c.TEXT), None),
     Key("application_name", str | None, _OPT(c.TEXT), None),
     # PgBouncer's per-database auth_user / auth_query / auth_dbname; unset: auth.user /

@@ -52,7 +52,7 @@ def _short_repr(value: Any) -> str:
 
 def _unknown(path: str, key: Any, allowed: list[str]) -> str:
     # A short list is worth printing whole; for the ~40 top-level keys, a guess helps more.
-    if len(allowed) <= 15:
+    if len(allowed) <= 20:
         return f"{path}: unknown key (allowed: {', '.join(allowed)})"
     guesses = difflib.get_close_matches(str(key), allowed, n=3, cutoff=0.7)
     hint = f"did you mean {' or '.join(guesses)}?" if guesses else "see the config reference"

@@ -55,6 +55,7 @@ class Client:
         self.connect_time = time.time()
         self.cancel_key = (0, 0)
         self.user_client_key: tuple | None = None   # max_user_client_connections claim held
+        self.db_client_key: tuple | None = None     # max_db_client_connections claim held
         self.glet = gevent.getcurrent()
         self.close_reason = "client close request"   # for the log line; fatal() sets it
         self.tls: tls.TlsPump | None = None         # set once a TLS handshake is done
@@ -191,6 +192,10 @@ class Client:
             if not self.local_superuser:
                 self._authenticate()
                 self.worker.admin.check_login(self)     # admin_users / stats_users only
+            # The console is a database too; admin_users take a place but always get
+            # in (PgBouncer).
+            self._admit_db(ADMIN_DB, cfg.max_db_client_connections,
+                           exempt=self.user in cfg.admin_users)
             self.state = ClientState.ADMIN                    # serve() runs the console
             self._welcome(self.worker.admin.welcome_params())
             return
@@ -203,7 +208,8 @@ class Client:
         startup = self._startup_parameters(params)
         scram_keys = self._authenticate(route)
         # Counted only once authenticated: clients that never prove who they are must
-        # not be able to use up a user's connections.
+        # not be able to use up a database's or a user's connections.
+        self._admit_db(route.name, route.max_db_client_connections)
         if not self.worker.admit_user_client(self):
             raise LoginFailed("53300", "no more connections allowed (max_user_client_connections)")
         self.pool = self.worker.get_pool(route, self.user)
@@ -220,12 +226,18 @@ class Client:
         values.update({k: v for k, v in self.tparams.items() if v is not None})
         self._welcome(values)
 
+    def _admit_db(self, database: str, cap: int, exempt: bool = False) -> None:
+        if not self.worker.admit_db_client(self, database, cap, exempt):
+            # PgBouncer's words and SQLSTATE (its default for a refused login).
+            raise LoginFailed("08P01", "client connections exceeded (max_db_client_connections)")
+
     def _startup_parameters(self, params: dict[str, str]) -> dict[str, str]:
-        """Tracked parameters from the startup packet; unknown ones refused as PgBouncer does."""
-        out, unknown = startup_parameters(params, self.worker.tracked_canon,
+        """Tracked parameters from the startup packet and its `options`; unknown ones
+        refused as PgBouncer does."""
+        out, refusal = startup_parameters(params, self.worker.tracked_canon,
                                           self.cfg.ignore_startup_parameters)
-        if unknown is not None:
-            raise LoginFailed("08P01", f"unsupported startup parameter: {unknown}")
+        if refusal is not None:
+            raise LoginFailed("08P01", refusal)
         return out
 
     def _initial_tracked(self, startup: dict[str, str]) -> dict[str, str | None]:

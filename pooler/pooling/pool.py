@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from gevent import getcurrent
 from gevent.hub import get_hub
 
 from pooler.config.model import Config, Route
+from pooler.pooling.clientstate import ClientState
 from pooler.pooling.prepared import Counters
 from pooler.pooling.server import ServerConn, ServerError
 from pooler.errors import PoolerError
@@ -87,6 +88,35 @@ class Waiter:
         self.cb = cb
 
 
+def shown_state(client) -> ClientState:
+    """The state SHOW CLIENTS and SHOW POOLS count `client` in. A client joins its pool
+    once authenticated; if it is still in LOGIN then, it waits for the pool's first
+    server (whose parameters it is greeted with): PgBouncer's "waiting for login",
+    shown and counted as waiting."""
+    state = client.state
+    if state == ClientState.LOGIN and client.pool is not None:
+        return ClientState.WAITING
+    return state
+
+
+# The states a pool's client is in while it waits for a server (see shown_state).
+_WAITING_STATES = frozenset((ClientState.WAITING, ClientState.LOGIN))
+
+
+class Gauges(NamedTuple):
+    """What is true of one pool now, as SHOW POOLS' columns count it (PgBouncer's meaning).
+
+    The one definition: the admin snapshot and the prefork shared-memory stats both
+    read `Pool.gauges()`, so SHOW POOLS and `python -m pooler.proc.shm dump` agree."""
+    cl_active: int      # logged in and not waiting: idle between requests, or linked
+    cl_waiting: int     # waiting for a server: for a request, or still for its login
+    sv_active: int      # linked to a client
+    sv_idle: int        # idle, usable at once
+    sv_used: int        # idle, but gets server_check_query before its next client
+    sv_login: int       # being connected
+    maxwait: float      # seconds the oldest client in the queue has waited (login waits too)
+
+
 class Pool:
     def __init__(self, worker: "Worker", route: Route, user: str, server_user: str,
                  password_for: Callable[[], str | None]) -> None:
@@ -122,12 +152,34 @@ class Pool:
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
 
+    # -- gauges (SHOW POOLS, shared-memory stats) -----------------------------------
+
+    def server_is_used(self, srv: ServerConn, now: float) -> bool:
+        """An idle server that must pass server_check_query before reuse: idle longer
+        than server_check_delay (PgBouncer's "used"). `_fresh` checks by this rule."""
+        cfg = self.cfg
+        return bool(cfg.server_check_query) and now - srv.last_used > cfg.server_check_delay
+
+    def gauges(self, now: float) -> Gauges:
+        """The pool's SHOW POOLS counts at monotonic time `now`."""
+        clients = list(self.clients)
+        # shown_state() for members of a pool: LOGIN there is a login wait. (Counted
+        # inline: the prefork ticker runs this for every pool five times a second.)
+        waiting = sum(1 for c in clients if c.state in _WAITING_STATES)
+        active = len(clients) - waiting
+        used = sum(1 for srv in list(self.idle) if self.server_is_used(srv, now))
+        # Waiters already handed a server (done) no longer wait, even if not yet resumed.
+        oldest = min((w.since for w in list(self.waiters) if not w.done), default=None)
+        return Gauges(active, waiting, len(self.active), len(self.idle) - used, used,
+                      self.connecting, 0.0 if oldest is None else max(0.0, now - oldest))
+
     # -- acquire / release ------------------------------------------------------
 
     def acquire_nowait(self) -> ServerConn | None:
         """The most recently used idle server if it can be handed out without blocking
-        (used recently enough that server_check_delay asks for no check); else None.
-        The relay calls this from a loop callback; acquire() is the waiting path."""
+        (used recently enough that server_check_delay asks for no check: server_is_used,
+        inlined); else None. The relay calls this from a loop callback; acquire() is
+        the waiting path."""
         idle = self.idle
         if idle and not self.paused and not self.cfg.server_round_robin:
             srv = idle[-1]
@@ -185,12 +237,11 @@ class Pool:
 
     def _fresh(self, srv: ServerConn) -> bool:
         """Check a server that sat idle longer than server_check_delay; close a bad one."""
-        delay = self.cfg.server_check_delay
         if srv.closed:
             self._forget(srv)
             return False
         # server_check_delay 0 means: check every time (PgBouncer).
-        if self.cfg.server_check_query and time.monotonic() - srv.last_used > delay:
+        if self.server_is_used(srv, time.monotonic()):
             try:
                 srv.run(self.cfg.server_check_query)
             except Exception as exc:

@@ -148,6 +148,20 @@ class Worker:
         self.clients.add(client)
         return True
 
+    def admit_db_client(self, client: Client, database: str, cap: int,
+                        exempt: bool = False) -> bool:
+        """max_db_client_connections: at most `cap` clients of the database entry (or
+        named pool) `database`, whatever their user, over every worker; as for users,
+        an uncapped database is not counted here (SHOW DATABASES counts from snapshots).
+        An `exempt` client (an admin user on the console) is counted, never refused."""
+        if not cap:
+            return True
+        key = ("db_clients", database)
+        if not self.quota.try_admit(key, 0 if exempt else cap):
+            return False
+        client.db_client_key = key
+        return True
+
     def admit_user_client(self, client: Client) -> bool:
         """max_user_client_connections of the client's login user, counted over every
         worker by the quota (shared memory with several workers). Users without a cap
@@ -166,10 +180,10 @@ class Worker:
             self.clients.discard(client)
             if self.peers is not None:
                 self.peers.remove_client()
-        key = client.user_client_key
-        if key is not None:
-            client.user_client_key = None           # released once, whoever calls again
-            self.quota.release([(key, 0)])
+        for key in (client.user_client_key, client.db_client_key):
+            if key is not None:
+                self.quota.release([(key, 0)])
+        client.user_client_key = client.db_client_key = None   # released once, whoever calls again
         if self.cancel_keys.pop(client.cancel_key, None) is not None and self.peers is not None:
             self.peers.cancel_key_removed(client.cancel_key)
 

@@ -274,12 +274,11 @@ class Peers:
 
     def publish_stats(self, now: float) -> None:
         """Copy each pool's local counters into this worker's slots (readers sum)."""
-        check_delay = self.worker.cfg.server_check_delay
         for pool in list(self.worker.pools.values()):
             slot = self.quota.slot(pool.pool_key)
             if slot is None:
                 continue
-            self.seg.write_stats(self.me, slot, pool_stat_values(pool, now, check_delay))
+            self.seg.write_stats(self.me, slot, pool_stat_values(pool, now))
 
     def _check_parent(self) -> None:
         if os.getppid() != self.master_pid and not self.worker.shutting_down:
@@ -288,15 +287,14 @@ class Peers:
             self.worker.stop(STOP_SERVERS)
 
 
-def pool_stat_values(pool, now: float, check_delay: float) -> list[int]:
-    """One pool's record, in shm.STAT_FIELDS order."""
+def pool_stat_values(pool, now: float) -> list[int]:
+    """One pool's record, in shm.STAT_FIELDS order; the gauges are SHOW POOLS' own
+    (Pool.gauges), so the segment and the admin console agree."""
     s = pool.stats
-    waiting = len(pool.waiters)
-    used = sum(1 for srv in pool.idle if now - srv.last_used > check_delay) if check_delay else 0
-    maxwait = now - pool.waiters[0].since if waiting else 0.0
+    g = pool.gauges(now)
     us = 1e6
-    return [len(pool.clients) - waiting, waiting, len(pool.active), len(pool.idle) - used, used,
-            pool.connecting, int(maxwait * us), pool.route.pool_size,
+    return [g.cl_active, g.cl_waiting, g.sv_active, g.sv_idle, g.sv_used,
+            g.sv_login, int(g.maxwait * us), pool.route.pool_size,
             s.xact_count, s.query_count, s.bytes_in, s.bytes_out, int(s.xact_time * us),
             int(s.query_time * us), int(s.wait_time * us), int(s.max_wait * us),
             s.prepared.client_parses, s.prepared.server_parses, s.prepared.binds]

@@ -12,7 +12,8 @@ CLOCK_MONOTONIC, which is the same clock in every process):
     workers      per worker: pid, heartbeat, clients, waiting clients, ...
     keys         slot table: quota key -> slot (hash, flags, key text)
     claims       per (worker, slot): server connections this worker holds (and, under
-                 ("user_clients", user) keys, its clients of that user)
+                 ("user_clients", user) / ("db_clients", entry) keys, its clients
+                 of that user / database entry)
     waiting      per (worker, slot): clients this worker has waiting on the key
     stats        per (worker, pool slot): counters; one extra "retired" row
     cancel       per worker: the client cancel keys (pid, key) it owns

@@ -41,12 +41,76 @@ checksum/pooler-config: {{ include "pooler.config" . | sha256sum }}
 {{- end }}
 {{- if and .Values.sidecar.enabled .Values.metrics.podAnnotations }}
 prometheus.io/scrape: "true"
-prometheus.io/port: {{ .Values.sidecar.port | quote }}
+prometheus.io/port: {{ include "pooler.scrapePort" . | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- with .Values.podAnnotations }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+Where Prometheus scrapes: the metrics-only port (metrics.dedicatedPort, named
+`metrics`, 9127 as CloudNativePG's pooler) or else the sidecar's main port
+(named `sidecar`). "pooler.scrapePortName" is the container port's name.
+*/}}
+{{- define "pooler.scrapePortName" -}}
+{{- if .Values.metrics.dedicatedPort.enabled -}}metrics{{- else -}}sidecar{{- end -}}
+{{- end -}}
+
+{{- define "pooler.scrapePort" -}}
+{{- if .Values.metrics.dedicatedPort.enabled -}}
+{{- if eq (int .Values.metrics.dedicatedPort.port) (int .Values.sidecar.port) -}}
+{{- fail "metrics.dedicatedPort.port must differ from sidecar.port" -}}
+{{- end -}}
+{{- .Values.metrics.dedicatedPort.port -}}
+{{- else -}}
+{{- .Values.sidecar.port -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The managed pools (config.pools) that get a connection Secret, comma-separated:
+connectionSecrets.enabled (null: on in standalone mode), overridden per pool by
+connectionSecrets.pools.<pool>.enabled.
+*/}}
+{{- define "pooler.connectionSecretPools" -}}
+{{- $cs := .Values.connectionSecrets }}
+{{- $on := eq .Values.mode "standalone" }}
+{{- if not (kindIs "invalid" $cs.enabled) }}{{ $on = $cs.enabled }}{{ end }}
+{{- $names := list }}
+{{- range $name, $_ := .Values.config.pools }}
+{{- $over := get ($cs.pools | default dict) $name | default dict }}
+{{- $enabled := $on }}
+{{- if hasKey $over "enabled" }}{{ $enabled = $over.enabled }}{{ end }}
+{{- if $enabled }}{{ $names = append $names $name }}{{ end }}
+{{- end }}
+{{- join "," $names }}
+{{- end -}}
+
+{{/* A pool's connection Secret's name; takes (list $ poolName). */}}
+{{- define "pooler.connectionSecretName" -}}
+{{- $ctx := index . 0 }}{{ $name := index . 1 -}}
+{{- printf "%s-%s" (include "pooler.fullname" $ctx) ($name | lower | replace "_" "-") | trunc 253 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The Deployment's affinity: .Values.affinity, plus the podAntiAffinity preset
+(soft: preferred, hard: required; by the selector labels, so replicas avoid each
+other) unless preset is none or .Values.affinity has its own podAntiAffinity.
+*/}}
+{{- define "pooler.affinity" -}}
+{{- $affinity := deepCopy (.Values.affinity | default dict) }}
+{{- $anti := .Values.podAntiAffinity }}
+{{- if and (ne $anti.preset "none") (not (hasKey $affinity "podAntiAffinity")) }}
+{{- $term := dict "topologyKey" $anti.topologyKey "labelSelector" (dict "matchLabels" (include "pooler.selectorLabels" . | fromYaml)) }}
+{{- if eq $anti.preset "hard" }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+{{- else }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" (int $anti.weight) "podAffinityTerm" $term))) }}
+{{- end }}
+{{- end }}
+{{- toYaml $affinity }}
 {{- end -}}
 
 {{/* The host clients are told to use in the pools API. */}}
@@ -172,6 +236,9 @@ Kubernetes 1.29+, so they start before the app and stop after it), with
     # State-changing endpoints still need the token.
     - --host=0.0.0.0
     - --port={{ .Values.sidecar.port }}
+    {{- if .Values.metrics.dedicatedPort.enabled }}
+    - --metrics-port={{ include "pooler.scrapePort" . }}
+    {{- end }}
     - --paused-file=/etc/pooler/paused
     {{- if .Values.sidecar.token.existingSecret }}
     - --token-file=/etc/pooler-sidecar/token
@@ -180,9 +247,14 @@ Kubernetes 1.29+, so they start before the app and stop after it), with
     - {{ . | quote }}
     {{- end }}
   ports:
-    - name: metrics
+    - name: sidecar
       containerPort: {{ .Values.sidecar.port }}
       protocol: TCP
+    {{- if .Values.metrics.dedicatedPort.enabled }}
+    - name: metrics
+      containerPort: {{ include "pooler.scrapePort" . }}
+      protocol: TCP
+    {{- end }}
   env:
     - name: PYTHONDONTWRITEBYTECODE
       value: "1"
