@@ -320,7 +320,10 @@ def test_tracked_server_events(mk, impl):
     assert link.server(m(b"1")) == impl.EV_ANSWER
     assert link.step.server_walk() == impl.EV_DONE
     assert link.server(m(b"C", b"DISCARD ALL\0") + m(b"C", b"SELECT 1\0") + Z_I) == impl.EV_CC
-    assert link.step.server_walk() == impl.EV_Z            # the 'C' SELECT is no event
+    assert link.step.server_walk() == impl.EV_RELEASE      # no EV_Z unless asked for
+    link.step.want_z = True
+    link.client(m(b"Q", b"select 1\0"))
+    assert link.server(m(b"C", b"SELECT 1\0") + Z_I) == impl.EV_Z   # the 'C' SELECT is no event
     assert link.step.server_walk() == impl.EV_RELEASE
 
 

@@ -120,7 +120,7 @@ cdef class Step:
     cdef public object csock, ssock, cbuf, cview, sbuf, sview, pending, tail
     cdef int cfd, sfd
     cdef public int mode
-    cdef public bint tracked, unsynced, in_copy_in, new_query, hold
+    cdef public bint tracked, unsynced, in_copy_in, new_query, hold, want_z
     cdef public Py_ssize_t cend, skept, c_skip, s_skip, msg, mend
     cdef public long long send, recv, queries, xacts, bytes_in, bytes_out
     cdef public int status
@@ -145,7 +145,7 @@ cdef class Step:
         self.cend = self.skept = self.c_skip = self.s_skip = self.msg = self.mend = 0
         self.send = self.recv = 0
         self._qmask = 0
-        self.unsynced = self.in_copy_in = self.new_query = self.hold = False
+        self.unsynced = self.in_copy_in = self.new_query = self.hold = self.want_z = False
         self.status = 73
         self.queries = self.xacts = self.bytes_in = self.bytes_out = 0
         self._pos = self._seg = self._end = 0
@@ -326,7 +326,7 @@ cdef class Step:
                                 self._release = True
                         elif self.mode == 2:
                             ev = C_EV_REFUSE
-                    if not ev and self.tracked:
+                    if not ev and self.want_z:
                         ev = C_EV_Z
                 elif t == 0x53:
                     ev = C_EV_PARAM

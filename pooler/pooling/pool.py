@@ -397,6 +397,7 @@ class Pool:
             if self._hand_over(srv):
                 self.active.add(srv)
                 return
+        srv.watch_idle()                # a server that dies while idle leaves at once
         self.idle.append(srv)
 
     def discard(self, srv: ServerConn, reason: str) -> None:

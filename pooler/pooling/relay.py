@@ -58,6 +58,7 @@ unpack_i32 = protocol.unpack_i32
 monotonic = time.monotonic
 
 STATUS_IDLE = ord("I")
+ACTIVE, IDLE = ClientState.ACTIVE, ClientState.IDLE
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
          STATEMENT: relaystep.STATEMENT}
@@ -211,10 +212,13 @@ class Relay:
     # -- callbacks: the steady state ---------------------------------------------
 
     def _on_client(self) -> None:
+        step = self.step
         try:
-            step = self.step
             if step.cbuf is None:
-                self._borrow()
+                if _free_bufs:
+                    step.set_cbuf(*_free_bufs.pop())
+                else:
+                    self._borrow()
             job = self._client_end_or_event(step.client_in())
         except Exception as exc:         # raised in the greenlet, where the handlers are
             self.exc = exc
@@ -345,6 +349,7 @@ class Relay:
             new = stmts.rewrite_describe(view, sstmts, batch)
         else:
             new = stmts.rewrite_close(view, sstmts, batch)
+        step.want_z = True               # the server owes answers the relay must follow
         if new is not None:
             parts = self.parts
             if parts is None:
@@ -396,7 +401,9 @@ class Relay:
             if ev == EV_PARAM:
                 self.client.on_parameter_status(self.server, bytes(step.sview[step.msg + 5:step.mend]))
             elif ev == EV_Z:
-                self.server.stmts.on_ready(step.recv)
+                sstmts = self.server.stmts
+                sstmts.on_ready(step.recv)
+                step.want_z = bool(sstmts.expect)
             elif ev == EV_ANSWER:
                 sstmts = self.server.stmts
                 if sstmts.expect and not sstmts.on_answer(step.sbuf[step.msg]):
@@ -500,10 +507,13 @@ class Relay:
     def _link(self, srv: "ServerConn") -> None:
         client = self.client
         self.stats.server_assignment_count += 1
-        client.state = ClientState.ACTIVE
+        client.state = ACTIVE
         srv.client = client
         self.server = srv
-        self.step.link(srv.stream.sock, srv.buf, srv.view)
+        step = self.step
+        step.link(srv.stream.sock, srv.buf, srv.view)
+        if self.stmts is not None:
+            step.want_z = bool(srv.stmts.expect)
         self.xact_start = self.query_start = monotonic()
 
     def _unlink(self, now: float) -> None:
@@ -512,7 +522,7 @@ class Relay:
         self.server = None
         self.step.unlink()
         disarm(srv.stream.rw)
-        self.client.state = ClientState.IDLE
+        self.client.state = IDLE
         self.stats.xact_time += now - self.xact_start
         self.pool.release(srv, now)
 

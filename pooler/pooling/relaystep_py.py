@@ -24,7 +24,8 @@ mid-walk (resume with client_walk() / server_walk())
   EV_PARAM      ParameterStatus buf[msg:mend]
   EV_ANSWER     ParseComplete / CloseComplete while tracking statements
   EV_CC         CommandComplete starting with 'D' while tracking statements
-  EV_Z          ReadyForQuery while tracking statements (after bookkeeping)
+  EV_Z          ReadyForQuery while `want_z` (the relay sets it while the server
+                owes answers to statements it rewrote; after bookkeeping)
   EV_REFUSE     statement mode: a ReadyForQuery in a transaction (after bookkeeping)
 others
   EV_NONE       recv found nothing (EAGAIN)
@@ -116,6 +117,7 @@ class Step:
         self.status = 73                # 'I'
         self.new_query = False          # a request was sent while none was outstanding
         self.hold = False               # the relay cut messages: it sends parts + tail itself
+        self.want_z = False             # report ReadyForQuery (EV_Z): set by the relay
         self.pending: bytes | None = None
         self.tail: bytes | None = None
         self.msg = self.mend = 0        # the message of a mid-walk event
@@ -279,7 +281,7 @@ class Step:
                                 self._release = True
                         elif self.mode == STATEMENT:
                             ev = EV_REFUSE
-                    if not ev and self.tracked:
+                    if not ev and self.want_z:
                         ev = EV_Z
                 elif t == 0x53:                      # 'S' ParameterStatus
                     ev = EV_PARAM

@@ -11,7 +11,7 @@ import gevent
 
 from pooler.wire import authsecret, passwords, protocol, tls
 from pooler.wire.scram import ScramClient
-from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp
+from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp, disarm
 from pooler.pooling.prepared import ServerStatements
 from pooler.errors import PoolerError
 
@@ -68,7 +68,7 @@ class ServerConn:
 
     __slots__ = ("id", "pool", "stream", "pid", "key", "params", "created", "last_used",
                  "client", "buf", "view", "stmts", "addr", "closed", "reset_needed", "tsig",
-                 "tls", "close_needed", "__weakref__")
+                 "tls", "close_needed", "idle_cb", "__weakref__")
 
     def __init__(self, pool: "Pool", stream: Stream, addr: str) -> None:
         self.id = next(_ids)
@@ -90,6 +90,7 @@ class ServerConn:
         self.close_needed = False       # RECONNECT: closed when next released (SHOW SERVERS says so)
         self.tsig: tuple | None = None  # the client parameter values last applied (None: unknown)
         self.tls: tls.TlsPump | None = None   # server_tls_sslmode: the pump behind `stream`
+        self.idle_cb = self._on_idle_readable   # bound once: armed at every release
 
     # -- login ------------------------------------------------------------------
 
@@ -226,6 +227,42 @@ class ServerConn:
             except OSError as exc:
                 log.warning("S-%d cancel request failed: %s", self.id, exc)
         gevent.spawn(send)
+
+    # -- while idle in the pool ------------------------------------------------------
+
+    def watch_idle(self) -> None:
+        """Parked in the pool, a server owes us nothing: a byte or EOF from it now means
+        it is going away (PostgreSQL's FATAL at a restart, pg_terminate_backend,
+        idle_session_timeout). The read watcher stays started, costing no syscall."""
+        self.stream.rw.start(self.idle_cb)
+
+    def _on_idle_readable(self) -> None:
+        pool = self.pool
+        if self.closed or self.client is not None or self not in pool.idle:
+            disarm(self.stream.rw)      # taken from the pool meanwhile: its reader decides
+            return
+        why = self._why_readable()
+        if why is not None:
+            pool.discard(self, why)
+
+    def _why_readable(self) -> str | None:
+        """What the idle server's readable socket says (None: nothing after all)."""
+        try:
+            data = self.stream.sock.recv(8192)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            return f"server connection broke while idle ({exc.strerror or exc})"
+        if not data:
+            return "server closed the connection while idle"
+        if data[0] == ord("E") and len(data) >= 5:
+            try:
+                fields = protocol.parse_error_fields(data[5:1 + protocol.unpack_i32(data, 1)[0]])
+            except ValueError:          # cut short: the next read sees the EOF
+                fields = {}
+            return (f"server sent {fields.get('V', 'ERROR')} {fields.get('C', '?')} while idle: "
+                    f"{fields.get('M', '')}")
+        return f"server sent an unexpected message {chr(data[0])!r} while idle"
 
     def close(self, send_terminate: bool = True) -> None:
         if self.closed:
