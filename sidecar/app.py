@@ -21,6 +21,7 @@ configured they are refused, never open.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -29,6 +30,7 @@ import time
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pooler.config.converters import ConfigError
@@ -53,6 +55,7 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolerCollector(console))
     last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
+    _json_errors(app)
 
     def current_config() -> Any:
         try:
@@ -176,27 +179,52 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _json_errors(app: Flask) -> None:
+    """Every error answer is JSON: Flask's own (404, 405, a bad body...) and a crash."""
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException) -> Response:
+        resp = e.get_response()         # keeps the status and headers such as Allow
+        resp.set_data(json.dumps({"status": e.name.lower(), "reason": e.description}))
+        resp.content_type = "application/json"
+        return resp
+
+    @app.errorhandler(Exception)
+    def crash(e: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return jsonify(status="error", reason=f"internal error: {type(e).__name__}"), 500
+
+
 def _needs_token(settings: Settings) -> Callable:
-    """Refuse (403) when no token is configured, 401 without the right bearer token."""
+    """403 when no token is configured (never open by default), 401 without a bearer
+    token, 403 with a wrong one (it was offered and is refused: asking again won't help)."""
     def wrap(view: Callable) -> Callable:
         def guarded(*args: Any, **kwargs: Any) -> Any:
             if settings.current_token() is None:
                 return jsonify(status="forbidden",
                                reason="no token configured: state-changing endpoints are disabled"), 403
-            if not _authorized(settings):
-                resp = jsonify(status="unauthorized", reason="a valid bearer token is required")
+            offered = _offered_token()
+            if offered is None:
+                resp = jsonify(status="unauthorized", reason="a bearer token is required")
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="pooler-sidecar"'
                 return resp, 401
+            if not settings.token_matches(offered):
+                log.warning("refused %s %s from %s: wrong bearer token", request.method,
+                            request.path, request.remote_addr)
+                return jsonify(status="forbidden", reason="the bearer token is not valid"), 403
             return view(*args, **kwargs)
         guarded.__name__ = view.__name__
         return guarded
     return wrap
 
 
-def _authorized(settings: Settings) -> bool:
+def _offered_token() -> str | None:
     scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(offered.strip()) and \
-        settings.token_matches(offered.strip())
+    return offered.strip() if scheme.lower() == "bearer" and offered.strip() else None
+
+
+def _authorized(settings: Settings) -> bool:
+    offered = _offered_token()
+    return offered is not None and settings.token_matches(offered)
 
 
 def _run_command(console: Console, settings: Settings, verb: str,
@@ -233,8 +261,8 @@ def _pools(console: Console, settings: Settings,
     except ConsoleError as e:
         return _unavailable(e)
     reveal = _authorized(settings)
-    return [pools.with_connection(pools.with_counts(entry, live), cfg, settings.public_host,
-                                  settings.public_port, reveal)
+    at = pools.endpoint(cfg, settings.public_host, settings.public_port, settings.client_ca_file)
+    return [pools.with_connection(pools.with_counts(entry, live), cfg, at, reveal)
             for entry in pools.entries(cfg)]
 
 
