@@ -12,6 +12,8 @@ GET  /drain     ?seconds=N (at most 120): wait, then 200; the preStop hook, so t
 POST /pause     PAUSE [db]      (?db=name; bearer token required)
 POST /resume    RESUME [db]     (?db=name; bearer token required)
 POST /reload    validate the config file, then RELOAD (bearer token required)
+                (the three take ?timeout=N, 0 < N <= 120 seconds: the wait for the
+                command, 504 when it expires; default --command-timeout)
 GET  /config    the effective settings (SHOW CONFIG; secrets are never in it)
 GET  /metrics   Prometheus text, pgbouncer_exporter and CloudNativePG names
 GET  /pools     the pools API; /pools/<name> one entry
@@ -21,7 +23,6 @@ configured they are refused, never open.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import socket
@@ -30,13 +31,13 @@ import time
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file, load_config
 
-from . import pools
+from . import httperrors, pools
+from .httperrors import Refusal
 from .console import Console, ConsoleError
 from .metrics import PoolerCollector
 from .settings import Settings, from_args, parser
@@ -47,6 +48,7 @@ log = logging.getLogger("sidecar")
 _DB_RE = re.compile(r"[^\x00\"]{1,63}")
 # SHOW CONFIG never lists a secret; refuse to relay one even if a future key did.
 _SECRET_KEY_RE = re.compile(r"password|secret|token", re.I)
+MAX_COMMAND_TIMEOUT = 120       # ?timeout= on /pause, /resume, /reload
 
 
 def create_app(settings: Settings, console: Console | None = None) -> Flask:
@@ -55,7 +57,7 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolerCollector(console))
     last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
-    _json_errors(app)
+    httperrors.install(app)
 
     def current_config() -> Any:
         try:
@@ -125,21 +127,22 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
     @app.post("/pause")
     @_needs_token(settings)
     def pause() -> tuple[Response, int]:
-        return _run_command(console, settings, "PAUSE", request.args.get("db"))
+        return _run_command(console, "PAUSE", request.args.get("db"), _timeout_arg(settings))
 
     @app.post("/resume")
     @_needs_token(settings)
     def resume() -> tuple[Response, int]:
-        return _run_command(console, settings, "RESUME", request.args.get("db"))
+        return _run_command(console, "RESUME", request.args.get("db"), _timeout_arg(settings))
 
     @app.post("/reload")
     @_needs_token(settings)
     def reload() -> tuple[Response, int]:
+        timeout = _timeout_arg(settings)
         # Validate first: an invalid file must not even be offered to the pooler.
         errors = check_config_file(settings.config_path)
         if errors:
             return jsonify(status="invalid", config=settings.config_path, errors=errors), 400
-        return _run_command(console, settings, "RELOAD", None)
+        return _run_command(console, "RELOAD", None, timeout)
 
     @app.get("/config")
     def config() -> tuple[Response, int]:
@@ -179,21 +182,6 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _json_errors(app: Flask) -> None:
-    """Every error answer is JSON: Flask's own (404, 405, a bad body...) and a crash."""
-    @app.errorhandler(HTTPException)
-    def http_error(e: HTTPException) -> Response:
-        resp = e.get_response()         # keeps the status and headers such as Allow
-        resp.set_data(json.dumps({"status": e.name.lower(), "reason": e.description}))
-        resp.content_type = "application/json"
-        return resp
-
-    @app.errorhandler(Exception)
-    def crash(e: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return jsonify(status="error", reason=f"internal error: {type(e).__name__}"), 500
-
-
 def _needs_token(settings: Settings) -> Callable:
     """403 when no token is configured (never open by default), 401 without a bearer
     token, 403 with a wrong one (it was offered and is refused: asking again won't help)."""
@@ -227,19 +215,37 @@ def _authorized(settings: Settings) -> bool:
     return offered is not None and settings.token_matches(offered)
 
 
-def _run_command(console: Console, settings: Settings, verb: str,
-                 db: str | None) -> tuple[Response, int]:
+def _timeout_arg(settings: Settings) -> float:
+    """?timeout=N (seconds, 0 < N <= MAX_COMMAND_TIMEOUT): how long this request waits
+    for its command; --command-timeout without it."""
+    text = request.args.get("timeout")
+    if text is None:
+        return settings.command_timeout
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_COMMAND_TIMEOUT:        # also refuses nan
+        raise Refusal(400, f"a number of seconds, more than 0 and at most {MAX_COMMAND_TIMEOUT}",
+                      field="timeout")
+    return value
+
+
+def _run_command(console: Console, verb: str, db: str | None,
+                 timeout: float) -> tuple[Response, int]:
     if db is not None and not _DB_RE.fullmatch(db):
         return jsonify(status="invalid", reason="db must be 1 to 63 characters without '\"'"), 400
     sql = f'{verb} "{db}"' if db else verb
     try:
-        tag = console.command(sql, timeout=settings.command_timeout)
+        tag = console.command(sql, timeout=timeout)
     except ConsoleError as e:
         if e.timed_out and verb == "PAUSE":
             # The pooler keeps pausing (it waits for running transactions to end);
             # only our wait was cut short. RESUME cancels it.
             return jsonify(status="pending", command=verb, database=db,
                            reason=f"{e}; the pause stays in effect, POST /resume cancels it"), 504
+        if e.timed_out:
+            return jsonify(status="timeout", command=verb, database=db, reason=str(e)), 504
         if e.sqlstate is None:
             return _unavailable(e)
         # The console refused it (already paused, unknown database, not an admin...).

@@ -7,6 +7,8 @@ with gevent and psycogreen, over HTTP.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -419,17 +421,16 @@ def http(method: str, url: str, token: str | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-@pytest.fixture
-def sidecar_process(pooler, tmp_path: Path):
+@contextlib.contextmanager
+def running_sidecar(pooler, log_dir: Path, *extra: str):
     """`python -m sidecar.app` for `pooler` on a free port; yields its base URL."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "POOLER_SIDECAR_TOKEN": TOKEN}
-    log_path = tmp_path / "sidecar.log"
+    log_path = log_dir / f"sidecar-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "sidecar.app", "--config",
-                                 str(pooler.config_path), "--port", str(port),
-                                 "--command-timeout", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                                 str(pooler.config_path), "--port", str(port), *extra],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -448,6 +449,12 @@ def sidecar_process(pooler, tmp_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def sidecar_process(pooler, tmp_path: Path):
+    with running_sidecar(pooler, tmp_path, "--command-timeout", "1") as base:
+        yield base
 
 
 def test_sidecar_process_serves_health_and_metrics(pooler, sidecar_process: str):
@@ -480,6 +487,40 @@ def test_sidecar_process_bounds_a_pause_that_waits(pooler, sidecar_process: str)
     holder.close()
     assert http("POST", base + "/resume", TOKEN)[0] == 200
     assert http_get(base + "/readyz")[0] == 200
+
+
+def test_pause_timeout_parameter_bounds_the_wait(pooler_factory, pooler_config, app_userlist,
+                                               tmp_path: Path):
+    # Session mode: a client in a transaction keeps its server, so PAUSE cannot finish.
+    cfg = pooler_config(admin_users=[ADMIN], pool_mode="session")
+    session = pooler_factory(cfg, userlist={**app_userlist, ADMIN: ADMIN_PASSWORD})
+    holder = session.connect()
+    with holder.cursor() as cur:
+        cur.execute("SELECT 1")                  # BEGIN ... left open
+    with running_sidecar(session, tmp_path) as base:     # --command-timeout: 30 s
+        started = time.monotonic()
+        status, body = http("POST", base + "/pause?timeout=1", TOKEN)
+        took = time.monotonic() - started
+        assert status == 504, body
+        assert json.loads(body)["status"] == "pending"
+        assert 1 <= took < 3, took
+        assert http_get(base + "/healthz")[0] == 200     # the sidecar itself is not stuck
+        holder.rollback()
+        holder.close()                           # the server is free: the pause completes
+        assert http("POST", base + "/resume?timeout=5", TOKEN)[0] == 200
+        assert http("POST", base + "/reload?timeout=5", TOKEN)[0] == 200
+    run_queries(session, 1)
+
+
+def test_timeout_parameter_is_validated(pooler):
+    client = make_client(pooler)
+    for path in ("/pause", "/resume", "/reload"):
+        for bad in ("0", "-1", "121", "x", "nan", ""):
+            resp = client.post(f"{path}?timeout={bad}", headers=bearer())
+            assert resp.status_code == 400, (path, bad, resp.json)
+            assert resp.json["field"] == "timeout" and "120" in resp.json["reason"]
+    assert client.post("/pause?timeout=120", headers=bearer()).status_code == 200
+    assert client.post("/resume?timeout=0.5", headers=bearer()).status_code == 200
 
 
 def _parallel(fn, items: list) -> list:
