@@ -17,6 +17,8 @@ POST /reload    validate the config file, then RELOAD (bearer token required)
 GET  /config    the effective settings (SHOW CONFIG; secrets are never in it)
 GET  /metrics   Prometheus text, pgbouncer_exporter and CloudNativePG names
 GET  /pools     the pools API; /pools/<name> one entry
+POST /pools     create a pool; PATCH /pools/<name> (size, mode, user), DELETE
+                /pools/<name> (bearer token required; sidecar/pool_writes.py)
 
 State-changing endpoints need `Authorization: Bearer <token>`; with no token
 configured they are refused, never open.
@@ -36,7 +38,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file, load_config
 
-from . import httperrors, pools
+from . import httperrors, pool_writes, pools
+from .pool_writes import PoolWriter
 from .httperrors import Refusal
 from .console import Console, ConsoleError
 from .metrics import PoolerCollector
@@ -176,10 +179,54 @@ def create_app(settings: Settings, console: Console | None = None) -> Flask:
                 return jsonify(entry), 200
         return jsonify(status="not found", reason=f"no pool or database named {name!r}"), 404
 
+    writer = PoolWriter(settings.config_path, console, settings.command_timeout)
+
+    @app.post("/pools")
+    @_needs_token(settings)
+    def pool_create() -> tuple[Response, int]:
+        req = pool_writes.create_request(_json_body())
+        writer.create(req)
+        _audit("created", req["name"], req)
+        return pool_one_or_saved(req["name"], 201)
+
+    @app.patch("/pools/<name>")
+    @_needs_token(settings)
+    def pool_update(name: str) -> tuple[Response, int]:
+        changes = pool_writes.patch_request(_json_body())
+        writer.update(name, changes)
+        _audit("changed", name, changes)
+        return pool_one_or_saved(name, 200)
+
+    @app.delete("/pools/<name>")
+    @_needs_token(settings)
+    def pool_delete(name: str) -> tuple[Response, int]:
+        writer.delete(name)
+        _audit("deleted", name, {})
+        return jsonify(status="deleted", name=name), 200
+
+    def pool_one_or_saved(name: str, code: int) -> tuple[Response, int]:
+        resp, status = pool_one(name)
+        if status != 200:       # saved and reloaded, but the console cannot show it now
+            return jsonify(status="saved", name=name), code
+        return resp, code
+
     return app
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _json_body() -> Any:
+    """The request's JSON (whatever its Content-Type); 400 if it is not JSON."""
+    body = request.get_json(force=True, silent=True)
+    if body is None:
+        raise Refusal(400, "the body must be a JSON object", field="body")
+    return body
+
+
+def _audit(verb: str, name: str, what: dict) -> None:
+    log.info("pool %r %s by %s: %s", name, verb, request.remote_addr,
+             ", ".join(f"{k}={v}" for k, v in sorted(what.items())) or "-")
 
 
 def _needs_token(settings: Settings) -> Callable:
