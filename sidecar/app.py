@@ -52,10 +52,12 @@ _DB_RE = re.compile(r"[^\x00\"]{1,63}")
 # SHOW CONFIG never lists a secret; refuse to relay one even if a future key did.
 _SECRET_KEY_RE = re.compile(r"password|secret|token", re.I)
 MAX_COMMAND_TIMEOUT = 120       # ?timeout= on /pause, /resume, /reload
+MAX_BODY = 64 * 1024
 
 
 def create_app(settings: Settings, console: Console | None = None) -> Flask:
     app = Flask("sidecar")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY     # a pools request is a few fields
     console = console or Console(settings.target)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolerCollector(console))

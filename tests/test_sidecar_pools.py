@@ -3,7 +3,9 @@ PostgreSQL: changes are saved in the config's overlay, applied by RELOAD, seen b
 psql and the admin console, and leave other pools' clients alone."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ import yaml
 
 from conftest import APP_DB, APP_USER
 from pooler.config.load import load_config
+from sidecar import pool_writes
 from sidecar.settings import from_args, parser
 from test_sidecar import (ADMIN, ADMIN_PASSWORD, POOL, TOKEN, bearer, make_client,  # noqa: F401
                           pooler, psql, running_sidecar)
@@ -165,6 +168,30 @@ def test_bodies_tokens_and_unknown_names(pooler):
         assert resp.status_code == 422 and resp.json.get("field") == field, resp.json
     assert not overlay_of(pooler).exists()
     assert client.get(f"/pools/{POOL}").json["size"] == 3         # unchanged
+
+
+def test_a_refused_or_failed_write_leaves_the_overlay_whole(pooler, monkeypatch):
+    client = make_client(pooler)
+    assert client.post("/pools", headers=bearer(), json={"name": NEW, "db": APP_DB}).status_code == 201
+    overlay = overlay_of(pooler)
+    before = overlay.read_bytes()
+    assert client.patch(f"/pools/{NEW}", headers=bearer(), json={"size": 0}).status_code == 422
+    assert client.post("/pools", headers=bearer(), json={"name": NEW, "db": APP_DB}).status_code == 409
+    assert overlay.read_bytes() == before
+    big = client.post("/pools", headers=bearer(), data="x" * 100_000)
+    assert big.status_code == 413 and big.is_json
+    # The rename fails (as on a full or read-only disk): 409, the old overlay is intact
+    # and no temp file is left behind.
+    def no_rename(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(pool_writes.os, "replace", no_rename)
+    failed = client.post("/pools", headers=bearer(), json={"name": "other_pool", "db": APP_DB})
+    monkeypatch.undo()
+    assert failed.status_code == 409 and str(overlay) in failed.json["reason"], failed.json
+    assert "No space left" in failed.json["reason"]
+    assert overlay.read_bytes() == before
+    assert list(overlay.parent.glob(".pools-*")) == []
+    assert client.get("/pools/other_pool").status_code == 404
 
 
 def test_an_ini_config_refuses_writes(tmp_path: Path):
