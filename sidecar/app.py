@@ -39,10 +39,10 @@ from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file, load_config
 
 from . import httperrors, pool_writes, pools
-from .pool_writes import PoolWriter
-from .httperrors import Refusal
 from .console import Console, ConsoleError
+from .httperrors import Refusal
 from .metrics import PoolerCollector
+from .pool_writes import PoolWriter
 from .settings import Settings, from_args, parser
 
 log = logging.getLogger("sidecar")
@@ -301,7 +301,7 @@ def _run_command(console: Console, verb: str, db: str | None,
         code = 403 if e.sqlstate == "42501" else 404 if e.sqlstate == "3D000" else \
             400 if e.sqlstate == "F0000" else 409
         return jsonify(status="refused", sqlstate=e.sqlstate, reason=str(e), detail=e.detail), code
-    log.info("%s done", sql)
+    log.info("%s done (requested from %s)", sql, request.remote_addr)
     return jsonify(status="ok", command=tag, database=db), 200
 
 
