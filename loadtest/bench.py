@@ -1,7 +1,8 @@
 """Benchmark the pooler against PgBouncer and direct PostgreSQL with pgbench.
 
     python -m loadtest.bench [--quick] [--scenarios select,prepared,...] [--reps N]
-                             [--seconds S] [--workers 1,2] [--out DIR]
+                             [--seconds S] [--workers 1,2] [--pure-step]
+                             [--baseline CHECKOUT] [--out DIR]
 
 Starts a throwaway PostgreSQL, loads it with `pgbench -i`, starts the pooler
 (once per --workers value) and PgBouncer with the same pool settings, runs
@@ -60,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="how pgbench logs in (default md5: libpq's SCRAM costs ~10 ms of pgbench CPU "
                          "per connection; see loadtest/targets.py)")
     ap.add_argument("--max-connections", type=int, default=300, help="PostgreSQL max_connections")
+    ap.add_argument("--pure-step", action="store_true",
+                    help="also run the pooler over the relay's pure-Python step (target pooler-wN-pure)")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                    help="also run the pooler of another checkout with its own .venv (target "
+                         "pooler-wN-base), e.g. a worktree of main: before/after in one run")
     ap.add_argument("--out", type=Path, default=None, help="report directory (default loadtest/reports/<timestamp>)")
     args = ap.parse_args(argv)
     _apply_defaults(args, ap)
@@ -124,6 +130,11 @@ def make_targets(db: BenchDatabase, workdir: Path, args: argparse.Namespace, use
     pool = PoolSettings(pool_size=args.pool_size, tls=args.tls_files)
     targets: list[Target] = [DirectTarget(db), PgBouncerTarget(db, workdir, pool, userlist)]
     targets += [PoolerTarget(db, workdir, w, pool, userlist) for w in args.workers]
+    if args.pure_step:
+        targets += [PoolerTarget(db, workdir, w, pool, userlist, "pure") for w in args.workers]
+    if args.baseline:
+        targets += [PoolerTarget(db, workdir, w, pool, userlist, "base", args.baseline.resolve())
+                    for w in args.workers]
     return targets
 
 
@@ -131,7 +142,7 @@ def fresh_copy(t: Target, db: BenchDatabase, workdir: Path, args: argparse.Names
     """A new, not yet started instance of the same target (idle memory is measured from a clean start)."""
     pool = PoolSettings(pool_size=args.pool_size, tls=args.tls_files)
     if isinstance(t, PoolerTarget):
-        return PoolerTarget(db, workdir, t.workers, pool, userlist)
+        return PoolerTarget(db, workdir, t.workers, pool, userlist, t.variant, t.source)
     return PgBouncerTarget(db, workdir, pool, userlist)
 
 
@@ -181,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     db = BenchDatabase(max_connections=args.max_connections, tls=args.tls_files)
     targets: list[Target] = []
     data: dict = {"date": started.isoformat(timespec="seconds"), "machine": report.machine_info(),
-                  "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "tls_files")},
+                  "settings": {**{k: str(v) if isinstance(v, Path) else v
+                                  for k, v in vars(args).items() if k not in ("out", "tls_files")},
                                "max_client_conn": PoolSettings().max_client_conn, "fd_limit": fd_limit},
                   "targets": {}, "points": [], "idle": {}, "incidents": []}
     rc = 0

@@ -245,10 +245,25 @@ class PoolerTarget(Target):
     """The pooler under test: `python -m pooler CONFIG --workers N`."""
 
     def __init__(self, db: BenchDatabase, workdir: Path, workers: int, settings: PoolSettings,
-                 userlist: str):
-        super().__init__(name=f"pooler-w{workers}", kind="pooler")
+                 userlist: str, variant: str = "", source: Path | None = None):
+        """`variant` "pure": the relay over its pure-Python step (POOLER_PURE_STEP=1);
+        "base": the pooler of another checkout, `source` (run with that checkout's
+        .venv), so a change and its baseline are measured in the same run."""
+        name = f"pooler-w{workers}" + (f"-{variant}" if variant else "")
+        super().__init__(name=name, kind="pooler")
         self.db, self.workdir, self.workers = db, workdir, workers
         self.pool, self.userlist = settings, userlist
+        self.variant, self.source = variant, source
+
+    def _command_env(self) -> tuple[str, dict[str, str]]:
+        env = child_env()
+        python = sys.executable
+        if self.variant == "pure":
+            env["POOLER_PURE_STEP"] = "1"
+        if self.source is not None:
+            python = str(self.source / ".venv" / "bin" / "python")
+            env["PYTHONPATH"] = str(self.source)
+        return python, env
 
     def _write_config(self) -> Path:
         import yaml
@@ -279,8 +294,9 @@ class PoolerTarget(Target):
         self.port = free_port()
         config = self._write_config()
         self.log_path = self.workdir / f"{self.name}.log"
-        self.proc = spawn([sys.executable, "-m", "pooler", str(config), "--workers", str(self.workers)],
-                          self.log_path, env=child_env())
+        python, env = self._command_env()
+        self.proc = spawn([python, "-m", "pooler", str(config), "--workers", str(self.workers)],
+                          self.log_path, env=env)
         why = wait_ready(self.port, self.proc)
         if why:
             self.failed = f"did not start: {why}; log tail:\n{tail(self.log_path)}"

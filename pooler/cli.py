@@ -8,6 +8,7 @@ import sys
 from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file
 from pooler.version import version_line
+from pooler.pooling import relaystep
 
 SUBCOMMANDS = ("check-config", "demo", "convert-ini", "run")
 
@@ -20,7 +21,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="log nothing to stderr")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     p.add_argument("-u", "--user", help="switch to this OS user after binding")
-    p.add_argument("-V", "--version", action="version", version=version_line())
+    p.add_argument("-V", "--version", action="version", version=version_line(relaystep.describe()))
     p.add_argument("--workers", type=int, help="worker processes (overrides the config)")
     return p
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             return convert_main(rest)
         argv = rest
     if argv and argv[0] in ("-V", "--version"):
-        print(version_line())
+        print(version_line(relaystep.describe()))
         return 0
     args = run_parser().parse_args(argv)
     from pooler.proc.master import serve

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from pooler.config import runtime
 from pooler.wire import protocol
 from pooler.version import version_line
+from pooler.pooling import relaystep
 from pooler.config.settings import ADMIN_DB
 from pooler.pooling.relay import CLIENT_BUF
 from pooler.pooling.server import SERVER_BUF
@@ -415,7 +416,7 @@ def show_help(_v: View) -> Result:
 
 SHOWS: dict[str, Callable[[View], Result]] = {
     "help": show_help,
-    "version": lambda _v: table("version:s", [[version_line()]]),
+    "version": lambda _v: table("version:s", [[version_line(relaystep.describe())]]),
     "config": show_config, "databases": show_databases, "pools": show_pools,
     "clients": show_clients, "servers": show_servers, "sockets": show_sockets,
     "active_sockets": show_active_sockets, "users": show_users, "stats": show_stats,

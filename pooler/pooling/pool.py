@@ -75,14 +75,17 @@ class Stats:
 
 
 class Waiter:
-    """A client greenlet parked until a server is handed to it."""
-    __slots__ = ("glet", "since", "client", "done")
+    """A client parked until a server is handed to it: a greenlet blocked in
+    acquire(), or (with `cb`) a relay whose loop callback takes the server without
+    a greenlet switch; `glet` is the greenlet that timeouts are raised into."""
+    __slots__ = ("glet", "since", "client", "done", "cb")
 
-    def __init__(self, client) -> None:
-        self.glet = getcurrent()
+    def __init__(self, client, cb: Callable | None = None, glet=None) -> None:
+        self.glet = glet if glet is not None else getcurrent()
         self.since = time.monotonic()
         self.client = client
         self.done = False
+        self.cb = cb
 
 
 def shown_state(client) -> ClientState:
@@ -172,19 +175,43 @@ class Pool:
 
     # -- acquire / release ------------------------------------------------------
 
-    def acquire(self, client) -> ServerConn:
-        """A server for `client`: an idle one, a new one, or the next one released."""
-        # Fast path: the most recently used idle server, used recently enough
-        # that server_check_delay asks for no check (server_is_used, inlined).
+    def acquire_nowait(self) -> ServerConn | None:
+        """The most recently used idle server if it can be handed out without blocking
+        (used recently enough that server_check_delay asks for no check: server_is_used,
+        inlined); else None. The relay calls this from a loop callback; acquire() is
+        the waiting path."""
         idle = self.idle
         if idle and not self.paused and not self.cfg.server_round_robin:
             srv = idle[-1]
-            delay = self.cfg.server_check_delay
-            if not srv.closed and (not self.cfg.server_check_query or
-                                   time.monotonic() - srv.last_used <= delay):
+            cfg = self.cfg
+            if not srv.closed and (not cfg.server_check_query or
+                                   time.monotonic() - srv.last_used <= cfg.server_check_delay):
                 idle.pop()
                 self.active.add(srv)
                 return srv
+        return None
+
+    def must_queue(self) -> bool:
+        """acquire() would only queue: paused, or no idle server and none may be opened
+        (pool_size reached and no reserve pool). The relay then queues a callback
+        waiter (enqueue) instead of blocking a greenlet in acquire()."""
+        if self.paused:
+            return True
+        return not self.idle and not self.route.reserve_pool_size and \
+            self.total >= self.route.pool_size
+
+    def enqueue(self, client, cb: Callable, glet) -> Waiter:
+        """Queue a callback waiter: cb(server) runs from the loop when one is handed
+        over, cb(None) when it should retry through acquire() (resume, a freed slot)."""
+        w = Waiter(client, cb, glet)
+        self.waiters.append(w)
+        return w
+
+    def acquire(self, client) -> ServerConn:
+        """A server for `client`: an idle one, a new one, or the next one released."""
+        srv = self.acquire_nowait()
+        if srv is not None:
+            return srv
         since = 0.0                  # when this client started waiting
         while True:
             # Paused: no server is handed out, not even an idle one; clients wait.
@@ -340,7 +367,7 @@ class Pool:
             if w.done:
                 continue
             w.done = True
-            self.hub.loop.run_callback(w.glet.switch, srv)
+            self.hub.loop.run_callback(w.glet.switch if w.cb is None else w.cb, srv)
             return True
         return False
 

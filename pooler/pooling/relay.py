@@ -1,29 +1,27 @@
 """The hot loop: moves bytes between one client and the server linked to it.
 
-Both directions read big chunks into a preallocated buffer, walk message
-headers only, and forward whole chunks with one send. A message body is
-looked at only for the few types that carry state the pooler must follow:
+The steady state runs in libev io-watcher callbacks, not in a greenlet: the
+client's read watcher stays started with `_on_client`, the linked server's
+with `_on_server`, and each wake-up is one call of the relay step
+(relaystep: compiled, or its pure-Python twin) that reads a chunk, walks the
+message headers, forwards what it can and returns an event. A greenlet
+switch costs more than the whole step, so the client's greenlet is woken only
+for work that may block:
 
-client -> server
-  Q, F, S   each will be answered by exactly one ReadyForQuery: counted in
-            `sent`, so a pipelining client keeps its server until every one is
-            answered (`recv` == `sent`).
-  P B D C   extended-protocol messages: `unsynced` until the next Sync, so a
-            half-built batch never loses its server. With statement
-            rewriting on, P/B/D/C are rewritten (prepared.py).
-  X         Terminate: never forwarded to a pooled server.
-server -> client
-  Z         ReadyForQuery: transaction status; release point.
-  S         ParameterStatus: the client's tracked parameters follow it.
-  1 3       ParseComplete / CloseComplete: swallowed when the pooler asked.
-  C         CommandComplete: DISCARD ALL / DEALLOCATE ALL empty the server's
-            statement cache.
-  G         CopyInResponse: a Sync during COPY IN is ignored by the server,
-            so it is not counted.
-A message that straddles two reads is forwarded in pieces (`c_skip` /
-`s_skip` bytes still to pass) unless it is one of the types above, whose
-whole body is waited for (they are small, except Parse/Bind, for which the
-buffer grows).
+  J_LINK    no idle server at hand: wait in the pool (and set parameters)
+  J_SYNC    the idle server needs the client's parameters SET first
+  J_FLUSH_* a socket took only part of a chunk: send the rest
+  J_REFUSE  statement mode: roll back a transaction the client opened
+  J_LOST    the server went away mid-transaction
+  J_RAISE   a callback failed: raise its exception in the greenlet
+  J_END     the client left (Terminate, EOF)
+
+A callback that hands work over stops (disarms) both watchers first and
+switches into the greenlet as its last statement; the greenlet does the job,
+arms the watchers again and parks in the hub. So a greenlet blocked in a job
+is never entered by a callback, and bytes of one client are never processed
+by two hands at once. What the step does with each message type is in
+relaystep_py.py; the relay acts only on the events it returns.
 """
 from __future__ import annotations
 
@@ -31,8 +29,15 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from gevent import getcurrent
+from gevent.hub import get_hub
+
 from pooler.wire import protocol
-from pooler.wire.netio import ConnectionClosed, DualWait
+from pooler.wire.netio import ConnectionClosed, disarm
+from pooler.pooling import relaystep
+from pooler.pooling.relaystep import (
+    EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
+    EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
 from pooler.errors import PoolerError
@@ -50,34 +55,17 @@ CLIENT_BUF = 65536
 _free_bufs: list[tuple[bytearray, memoryview]] = []
 MAX_FREE_BUFS = 256
 unpack_i32 = protocol.unpack_i32
-
-# What a client message type means to the relay.
-K_OTHER, K_COUNTED, K_SYNC, K_EXT, K_REWRITE, K_TERMINATE, K_COPY_END = range(7)
-CLIENT_KIND = bytearray(256)
-for _t in b"QF":
-    CLIENT_KIND[_t] = K_COUNTED
-CLIENT_KIND[ord("S")] = K_SYNC
-for _t in b"PBDCEH":
-    CLIENT_KIND[_t] = K_EXT
-CLIENT_KIND[ord("X")] = K_TERMINATE
-for _t in b"cf":
-    CLIENT_KIND[_t] = K_COPY_END
-REWRITE_KIND = bytearray(256)
-for _t in b"PBDC":
-    REWRITE_KIND[_t] = 1
-
-# Server message types whose body the relay needs in full. CommandComplete
-# ('C') and ParseComplete/CloseComplete ('1'/'3') only matter when prepared
-# statements are tracked, so plain relays skip them.
-SERVER_INTEREST = bytearray(256)
-for _t in b"ZSG":
-    SERVER_INTEREST[_t] = 1
-SERVER_INTEREST_PS = bytearray(SERVER_INTEREST)
-for _t in b"13C":
-    SERVER_INTEREST_PS[_t] = 1
+monotonic = time.monotonic
 
 STATUS_IDLE = ord("I")
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
+_MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
+         STATEMENT: relaystep.STATEMENT}
+
+# Jobs for the greenlet (bits: a walk can end with several, done in this order).
+J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE = (
+    1, 2, 4, 8, 16, 32, 64, 128)
+P, B, D = protocol.P, protocol.B, protocol.D
 
 
 class ClientKill(PoolerError):
@@ -86,6 +74,11 @@ class ClientKill(PoolerError):
 
 class Relay:
     """Relay state of one client; the server link comes and goes with the pool mode."""
+
+    __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
+                 "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
+                 "exc", "synced", "waiter", "ended", "on_client_cb", "on_server_cb",
+                 "on_handed_cb")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -97,72 +90,56 @@ class Relay:
         self.stmts: ClientStatements | None = None
         if self.mode != SESSION and cfg.max_prepared_statements > 0:
             self.stmts = ClientStatements(cfg.max_prepared_statements, self.stats.prepared)
-        self.interest = SERVER_INTEREST if self.stmts is None else SERVER_INTEREST_PS
         self.server: ServerConn | None = None
-        self.dual = DualWait(self.cs, self.cs)
-        self.cbuf: bytearray | None = None     # lent while a chunk is processed (see _free_bufs)
-        self.cview: memoryview | None = None
-        self.cend = 0            # bytes kept at the start of cbuf (partial message)
-        self.send = 0            # Q/F/S sent to the current server
-        self.recv = 0            # ReadyForQuery received from it
-        self.qmask = 0           # bit i: unanswered request recv+1+i is a Query (not a Sync)
-        self.unsynced = False
-        self.in_copy_in = False
-        self.c_skip = 0
-        self.s_skip = 0
-        self.s_kept = 0        # server bytes kept at the start of server.buf
-        self.status = STATUS_IDLE
+        self.step = relaystep.Step(self.cs.sock, _MODE[self.mode], self.stmts is not None)
+        self.glet = None
+        self.hub = get_hub()
         self.query_start = 0.0   # when the oldest unanswered request was sent
         self.xact_start = 0.0    # when the server was linked
-        self.last_active = time.monotonic()
+        self.last_active = monotonic()
+        self.parts: list | None = None    # bytes before cut messages, while a walk is held
+        self.refuse = False
+        self.exc: BaseException | None = None
+        self.synced: ServerConn | None = None   # a fast-acquired server awaiting SETs
+        self.waiter = None       # queued in the pool as a callback waiter (pool.enqueue)
+        self.ended = False
+        # Bound once: a watcher started with the same callback object costs no allocation.
+        self.on_client_cb = self._on_client
+        self.on_server_cb = self._on_server
+        self.on_handed_cb = self._on_handed
 
-    # -- main loop -------------------------------------------------------------
+    # What the worker's janitor and SHOW commands read.
+    @property
+    def send(self) -> int:
+        return self.step.send
+
+    @property
+    def recv(self) -> int:
+        return self.step.recv
+
+    @property
+    def status(self) -> int:
+        return self.step.status
+
+    # -- the greenlet: start, slow jobs, end -----------------------------------
 
     def run(self) -> None:
         """Relay until the client leaves; the finally clause returns or closes the server."""
-        cs = self.cs
-        early = cs.take_buffered()
+        self.glet = getcurrent()
+        early = self.cs.take_buffered()
         try:
+            job = 0
             if early:
                 self._borrow()
-                self.cbuf[:len(early)] = early
-                self.cend = len(early)
-                if not self.on_client_data():
-                    return
+                self.step.cbuf[:len(early)] = early
+                self.step.cend = len(early)
+                job = self._client_end_or_event(self.step.client_start())
             while True:
-                srv = self.server
-                if srv is None:
-                    # Wait first: after a transaction the client has usually sent
-                    # nothing yet, and a failed recv costs a syscall and an exception.
-                    cs.wait_readable()
-                    if self.cbuf is None:
-                        self._borrow()
-                    n = cs.try_recv_into(self.cview[self.cend:])
-                    if n == 0:
+                while job:
+                    job = self._do(job)
+                    if job == J_END:
                         return
-                    if n < 0:
-                        continue
-                    self.cend += n
-                    self.last_active = time.monotonic()
-                    if not self.on_client_data():
-                        return
-                elif self.dual.wait() == 1:
-                    if self.cbuf is None:
-                        self._borrow()
-                    n = cs.try_recv_into(self.cview[self.cend:])
-                    if n == 0:
-                        return
-                    if n > 0:
-                        self.cend += n
-                        if not self.on_client_data():
-                            return
-                else:
-                    n = srv.stream.try_recv_into(srv.view[self.s_kept:])
-                    if n == 0:
-                        self._server_lost(srv)
-                        return
-                    if n > 0:
-                        self.on_server_data(n)
+                job = self._park()
         except ClientKill as exc:
             self.client.fatal(exc.sqlstate, str(exc))
         except PoolError as exc:
@@ -172,268 +149,387 @@ class Relay:
         except protocol.ProtocolError as exc:
             self.client.fatal("08P01", str(exc))
         finally:
-            self.cend = 0
+            self.ended = True
+            self._leave_queue()
+            self._disarm()
+            self.step.cend = 0
             self._give_back()
+            if self.synced is not None:
+                self.pool.release(self.synced)
+                self.synced = None
             self.unlink_at_exit()
+
+    def _park(self) -> int:
+        """Arm the watchers and wait in the hub until a callback hands over a job."""
+        self.cs.rw.start(self.on_client_cb)
+        srv = self.server
+        if srv is not None:
+            srv.stream.rw.start(self.on_server_cb)
+        return self.hub.switch()
+
+    def _disarm(self) -> None:
+        disarm(self.cs.rw)
+        srv = self.server
+        if srv is not None:
+            disarm(srv.stream.rw)
+
+    def _do(self, job: int) -> int:
+        """Run one job in the greenlet (may block); returns the next job, 0 for none."""
+        step = self.step
+        if job & J_RAISE:
+            exc, self.exc = self.exc, None
+            raise exc
+        if job & J_FLUSH_S:
+            data, step.pending = step.pending, None
+            try:
+                self.server.stream.sendall(data)
+            except ConnectionClosed:
+                return J_LOST
+            job &= ~J_FLUSH_S
+        if job & J_FLUSH_C:
+            data, step.pending = step.pending, None
+            self.cs.sendall(data)
+            job &= ~J_FLUSH_C
+        if job & J_REFUSE:
+            self._refuse_transaction()
+            job &= ~J_REFUSE
+        if job & J_LOST:
+            self._server_lost()
+            return J_END
+        if job & J_END:
+            return J_END
+        if job & J_LINK:
+            self._link(self._acquire())
+            return self._client_end_or_event(step.client_walk())
+        if job & J_SYNC:
+            srv, self.synced = self.synced, None
+            self._sync(srv)
+            self._link(srv)
+            return self._client_end_or_event(step.client_walk())
+        return job
+
+    # -- callbacks: the steady state ---------------------------------------------
+
+    def _on_client(self) -> None:
+        try:
+            step = self.step
+            if step.cbuf is None:
+                self._borrow()
+            job = self._client_end_or_event(step.client_in())
+        except Exception as exc:         # raised in the greenlet, where the handlers are
+            self.exc = exc
+            job = J_RAISE
+        if job:
+            self._disarm()
+            self.glet.switch(job)
+
+    def _on_server(self) -> None:
+        try:
+            job = self._server_end_or_event(self.step.server_in())
+        except Exception as exc:
+            self.exc = exc
+            job = J_RAISE
+        if job:
+            self._disarm()
+            self.glet.switch(job)
+
+    def _on_handed(self, srv: "ServerConn | None") -> None:
+        """The pool handed this queued client a server (None: retry via acquire())."""
+        w, self.waiter = self.waiter, None
+        if self.ended:                   # the client left while the server was on its way
+            if srv is not None:
+                self.pool.release(srv)
+            return
+        self.stats.wait_time += monotonic() - w.since
+        try:
+            if srv is None:
+                job = J_LINK
+            elif srv.tsig != self.client.tsig:
+                self.synced = srv
+                job = J_SYNC
+            else:
+                self._link(srv)
+                self.cs.rw.start(self.on_client_cb)
+                srv.stream.rw.start(self.on_server_cb)
+                job = self._client_end_or_event(self.step.client_walk())
+        except Exception as exc:
+            self.exc = exc
+            job = J_RAISE
+        if job:
+            self._disarm()
+            self.glet.switch(job)
+
+    def _leave_queue(self) -> None:
+        w, self.waiter = self.waiter, None
+        if w is not None and not w.done:
+            w.done = True
+            try:
+                self.pool.waiters.remove(w)
+            except ValueError:
+                pass
 
     # -- client -> server ------------------------------------------------------
 
-    def on_client_data(self) -> bool:
-        """Forward what the client sent; False when the client is done (Terminate)."""
-        buf = self.cbuf
-        end = self.cend
-        pos = 0
-        skip = self.c_skip
-        if skip:
-            if skip >= end:
-                self.c_skip = skip - end
-                pos = end
+    def _client_end_or_event(self, ev: int) -> int:
+        """Act on the client walk's events until it ends; returns a job or 0."""
+        step = self.step
+        while True:
+            if ev == EV_LINK:
+                pool = self.pool
+                srv = pool.acquire_nowait()
+                if srv is None:
+                    if pool.must_queue() and getcurrent() is self.hub:
+                        # Wait as a callback: the releasing client's callback hands
+                        # the server over (_on_handed), no greenlet switch either way.
+                        self.client.state = ClientState.WAITING
+                        self.waiter = pool.enqueue(self.client, self.on_handed_cb, self.glet)
+                        disarm(self.cs.rw)
+                        return 0
+                    return J_LINK
+                if srv.tsig != self.client.tsig:
+                    self.synced = srv
+                    return J_SYNC
+                self._link(srv)
+                if getcurrent() is self.hub:
+                    srv.stream.rw.start(self.on_server_cb)
+            elif ev == EV_REWRITE:
+                self._rewrite()
+            elif ev >= EV_NONE and ev < F_AGAIN:
+                if ev == EV_NONE:
+                    return 0
+                if ev == EV_EOF:
+                    return J_END
+                if ev == EV_CLOSED:
+                    return J_LOST
+                raise protocol.ProtocolError("invalid message length")
             else:
-                pos = skip
-                self.c_skip = 0
-        seg = 0                  # start of the bytes not yet queued for sending
-        parts: list | None = None
-        srv = self.server
-        stmts = self.stmts
-        kinds = CLIENT_KIND
-        keep_going = True
-        while end - pos >= 5:
-            t = buf[pos]
-            ln = unpack_i32(buf, pos + 1)[0]
-            if ln < 4:
-                raise protocol.ProtocolError(f"invalid message length {ln}")
-            mend = pos + 1 + ln
-            kind = kinds[t]
-            if kind == K_TERMINATE:
-                keep_going = False
-                break
-            if srv is None:
-                srv = self.link()
-            if kind == K_COUNTED or (kind == K_SYNC and not self.in_copy_in):
-                if self.send == self.recv and self.send:
-                    # (the first request's start was taken by link())
-                    self.query_start = time.monotonic()
-                if kind == K_COUNTED:
-                    self.qmask |= 1 << (self.send - self.recv)
-                self.send += 1
-                self.unsynced = False
-            elif kind == K_EXT:
-                self.unsynced = True
-                if stmts is not None and REWRITE_KIND[t]:
-                    if mend > end:
-                        break            # need the whole message to rewrite it
-                    new = self._rewrite(t, self.cview[pos:mend], srv)
-                    if new is not None:
-                        if parts is None:
-                            parts = []
-                        if pos > seg:
-                            parts.append(self.cview[seg:pos])
-                        parts.append(new)
-                        seg = mend
-            elif kind == K_COPY_END:
-                self.in_copy_in = False
-            if mend > end:
-                self.c_skip = mend - end
-                pos = end
-                break
-            pos = mend
-        # Send everything up to pos, keep a partial message for the next read.
-        if srv is not None:
-            if parts is None:
-                if pos > seg:
-                    srv.stream.sendall(self.cview[seg:pos])
-            else:
-                if pos > seg:
-                    parts.append(self.cview[seg:pos])
-                srv.stream.sendmsg(parts)
-            self.stats.bytes_in += pos
-        self._keep(pos, end)
-        return keep_going
+                return self._client_end(ev)
+            ev = step.client_walk()
 
-    def _keep(self, pos: int, end: int) -> None:
-        """Move the unprocessed tail to the buffer start; grow for a large message."""
-        rest = end - pos
-        if rest and pos:
-            self.cbuf[:rest] = bytes(self.cview[pos:end])
-        self.cend = rest
-        if not rest:
+    def _client_end(self, ev: int) -> int:
+        step = self.step
+        now = monotonic()
+        self.last_active = now
+        if step.new_query:
+            step.new_query = False
+            self.query_start = now
+        job = 0
+        if ev & EV_HELD:
+            parts, self.parts = self.parts, None
+            parts.append(step.tail)
+            step.tail = None
+            job = self._send_parts(self.server.stream.sock, parts, J_FLUSH_S, J_LOST)
+        elif ev & F_AGAIN:
+            job = J_FLUSH_S
+        if ev & END_MASK == EV_TERMINATE:
+            return job | J_END
+        cend = step.cend
+        if not cend:
             self._give_back()
-        elif rest >= 5 and rest == len(self.cbuf):
-            need = 1 + unpack_i32(self.cbuf, 1)[0]
-            bigger = bytearray(max(need, 2 * len(self.cbuf)))
-            bigger[:rest] = self.cbuf
-            self.cview.release()
-            self.cbuf = bigger
-            self.cview = memoryview(bigger)
+        elif cend == len(step.cbuf) and cend >= 5:
+            self._grow_client_buf()
+        return job
+
+    def _rewrite(self) -> None:
+        """Prepared statements: swap a P/B/D/C for its server-side form (or drop it)."""
+        step = self.step
+        msg, mend = step.msg, step.mend
+        t = step.cbuf[msg]
+        view = step.cview[msg:mend]
+        stmts, sstmts, batch = self.stmts, self.server.stmts, step.send + 1
+        if t == P:
+            new = stmts.rewrite_parse(view, sstmts, batch)
+        elif t == B:
+            new = stmts.rewrite_bind(view, sstmts, batch)
+        elif t == D:
+            new = stmts.rewrite_describe(view, sstmts, batch)
+        else:
+            new = stmts.rewrite_close(view, sstmts, batch)
+        if new is not None:
+            parts = self.parts
+            if parts is None:
+                parts = self.parts = []
+            parts.append(step.cut())
+            parts.append(new)
 
     def _borrow(self) -> None:
-        self.cbuf, self.cview = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
+        buf, view = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
+        self.step.set_cbuf(buf, view)
 
     def _give_back(self) -> None:
-        buf = self.cbuf
-        if buf is not None and len(buf) == CLIENT_BUF and len(_free_bufs) < MAX_FREE_BUFS:
-            _free_bufs.append((buf, self.cview))
-        self.cbuf = self.cview = None
+        step = self.step
+        buf = step.cbuf
+        if buf is not None:
+            if len(buf) == CLIENT_BUF and len(_free_bufs) < MAX_FREE_BUFS:
+                _free_bufs.append((buf, step.cview))
+            step.set_cbuf(None, None)
 
-    def _rewrite(self, t: int, msg: memoryview, srv: "ServerConn") -> bytes | None:
-        batch = self.send + 1     # the Sync that will close this batch
-        stmts = self.stmts
-        if t == protocol.P:
-            return stmts.rewrite_parse(msg, srv.stmts, batch)
-        if t == protocol.B:
-            return stmts.rewrite_bind(msg, srv.stmts, batch)
-        if t == protocol.D:
-            return stmts.rewrite_describe(msg, srv.stmts, batch)
-        return stmts.rewrite_close(msg, srv.stmts, batch)
+    def _grow_client_buf(self) -> None:
+        """A message larger than the buffer (a big Parse/Bind being rewritten)."""
+        step = self.step
+        buf, rest = step.cbuf, step.cend
+        need = 1 + unpack_i32(buf, 1)[0]
+        bigger = bytearray(max(need, 2 * len(buf)))
+        bigger[:rest] = buf
+        self._give_back()
+        step.set_cbuf(bigger, memoryview(bigger))
+
+    def _send_parts(self, sock, parts: list, again: int, gone: int) -> int:
+        """Gather-write without blocking; what the socket did not take becomes pending."""
+        try:
+            n = sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            return gone
+        total = sum(map(len, parts))
+        if n < total:
+            self.step.pending = b"".join(parts)[n:]
+            return again
+        return 0
 
     # -- server -> client ------------------------------------------------------
 
-    def on_server_data(self, n: int) -> None:
-        srv = self.server
-        buf = srv.buf
-        end = self.s_kept + n
-        pos = 0
-        skip = self.s_skip
-        if skip:
-            if skip >= end:
-                self.s_skip = skip - end
-                pos = end
+    def _server_end_or_event(self, ev: int) -> int:
+        step = self.step
+        while True:
+            if ev == EV_PARAM:
+                self.client.on_parameter_status(self.server, bytes(step.sview[step.msg + 5:step.mend]))
+            elif ev == EV_Z:
+                self.server.stmts.on_ready(step.recv)
+            elif ev == EV_ANSWER:
+                sstmts = self.server.stmts
+                if sstmts.expect and not sstmts.on_answer(step.sbuf[step.msg]):
+                    self._cut_server()
+            elif ev == EV_CC:
+                if is_forget_all(bytes(step.sview[step.msg + 5:step.mend])):
+                    self.server.stmts.clear()
+            elif ev == EV_REFUSE:
+                if self.stmts is not None:
+                    self.server.stmts.on_ready(step.recv)
+                self._cut_server()      # the client gets 'I' after the ROLLBACK, not this 'T'
+                self.refuse = True
+            elif ev >= EV_NONE and ev < F_AGAIN:
+                if ev == EV_NONE:
+                    return 0
+                if ev == EV_EOF:
+                    return J_LOST
+                if ev == EV_CLOSED:
+                    return J_END
+                raise protocol.ProtocolError("server sent an invalid message length")
             else:
-                pos = skip
-                self.s_skip = 0
-        seg = 0
-        parts: list | None = None
-        release = False
-        refuse = False
-        interest = self.interest
-        while end - pos >= 5:
-            t = buf[pos]
-            mend = pos + 1 + unpack_i32(buf, pos + 1)[0]
-            if interest[t]:
-                if mend > end:
-                    break
-                drop = False
-                if t == protocol.Z:
-                    self.recv += 1
-                    if self.qmask:
-                        self.qmask >>= 1
-                    status = buf[pos + 5]
-                    self.status = status
-                    self.stats.query_count += 1
-                    if self.stmts is not None:
-                        srv.stmts.on_ready(self.recv)
-                    if self.recv == self.send:
-                        now = time.monotonic()
-                        self.stats.query_time += now - self.query_start
-                        self.last_active = now
-                        if status == STATUS_IDLE:
-                            self.stats.xact_count += 1
-                            if self.mode != SESSION and not self.unsynced and not self.c_skip:
-                                release = True
-                        elif self.mode == STATEMENT:
-                            refuse = drop = True
-                elif t == 0x53:                      # 'S' ParameterStatus
-                    self.client.on_parameter_status(srv, bytes(buf[pos + 5:mend]))
-                elif t == 0x31 or t == 0x33:         # '1' / '3'
-                    if self.stmts is not None and srv.stmts.expect:
-                        drop = not srv.stmts.on_answer(t)
-                elif t == 0x43:                      # 'C'
-                    if self.stmts is not None and buf[pos + 5] == 0x44 and \
-                            is_forget_all(bytes(buf[pos + 5:mend])):
-                        srv.stmts.clear()
-                else:                                # 'G' CopyInResponse
-                    self.in_copy_in = True
-                    if self.send > self.recv and not self.qmask & 1:
-                        # COPY from an Execute whose Sync was already sent: the server
-                        # ignores Syncs during copy-in; the one after CopyDone counts.
-                        self.send -= 1
-                if drop:
-                    if parts is None:
-                        parts = []
-                    if pos > seg:
-                        parts.append(srv.view[seg:pos])
-                    seg = mend
-            if mend > end:
-                self.s_skip = mend - end
-                pos = end
-                break
-            pos = mend
-        cs = self.cs
-        if parts is None:
-            if pos > seg:
-                cs.sendall(srv.view[seg:pos])
-        else:
-            if pos > seg:
-                parts.append(srv.view[seg:pos])
-            if parts:
-                cs.sendmsg(parts)
-        self.stats.bytes_out += pos
-        rest = end - pos
-        if rest and pos:
-            buf[:rest] = bytes(srv.view[pos:end])
-        self.s_kept = rest
-        if refuse:
-            self._refuse_transaction(srv)
-        elif release and not rest and not self.s_skip:
-            self.unlink()
+                return self._server_end(ev)
+            ev = step.server_walk()
 
-    def _refuse_transaction(self, srv: "ServerConn") -> None:
+    def _cut_server(self) -> None:
+        parts = self.parts
+        if parts is None:
+            parts = self.parts = []
+        parts.append(self.step.cut())
+
+    def _server_end(self, ev: int) -> int:
+        step = self.step
+        job = 0
+        if ev & EV_HELD:
+            parts, self.parts = self.parts, None
+            parts.append(step.tail)
+            step.tail = None
+            job = self._send_parts(self.cs.sock, parts, J_FLUSH_C, J_END)
+        elif ev & F_AGAIN:
+            job = J_FLUSH_C
+        code = ev & END_MASK
+        if code:                         # EV_QDONE / EV_RELEASE: every request answered
+            now = monotonic()
+            self.stats.query_time += now - self.query_start
+            self.last_active = now
+            step.flush_stats(self.stats)
+            if self.refuse:
+                self.refuse = False
+                return job | J_REFUSE
+            if code == EV_RELEASE:
+                self._unlink(now)
+                return job
+        if step.skept == len(step.sbuf):
+            self._grow_server_buf()
+        return job
+
+    def _grow_server_buf(self) -> None:
+        """A message the step must see whole (ParameterStatus) is larger than the buffer."""
+        step, srv = self.step, self.server
+        rest = step.skept
+        need = 1 + unpack_i32(srv.buf, 1)[0]
+        bigger = bytearray(max(need, 2 * len(srv.buf)))
+        bigger[:rest] = srv.buf
+        srv.view.release()
+        srv.buf, srv.view = bigger, memoryview(bigger)
+        step.sbuf, step.sview = srv.buf, srv.view
+
+    def _refuse_transaction(self) -> None:
         """Statement mode: a statement opened a transaction. Roll it back, tell the client."""
+        srv = self.server
         try:
             srv.run("ROLLBACK")
         except Exception:
-            self.pool.discard(srv, "rollback failed in statement mode")
             self.server = None
+            self.step.unlink()
+            self.pool.discard(srv, "rollback failed in statement mode")
             raise ClientKill("08P01", "server connection lost while refusing a transaction")
-        self.status = STATUS_IDLE
+        self.step.status = STATUS_IDLE
         self.cs.sendall(protocol.error_response(
             "0A000", "transaction blocks not allowed in statement pooling mode") +
             protocol.ready_for_query(b"I"))
-        self.unlink()
+        self._unlink(monotonic())
 
     # -- linking ------------------------------------------------------------------
 
-    def link(self) -> "ServerConn":
-        """Get a server from the pool and bring its parameters in line with the client's."""
+    def _acquire(self) -> "ServerConn":
+        """Wait in the pool for a server and bring its parameters in line (greenlet only)."""
         client = self.client
         client.state = ClientState.WAITING
         srv = self.pool.acquire(client)
-        self.stats.server_assignment_count += 1
-        client.state = ClientState.ACTIVE
-        srv.client = client
+        self._sync(srv)
+        return srv
+
+    def _sync(self, srv: "ServerConn") -> None:
         try:
-            client.sync_parameters(srv)
+            self.client.sync_parameters(srv)
         except Exception as exc:
             self.pool.discard(srv, f"could not set client parameters: {exc}")
             raise PoolError("08P01", f"could not apply client parameters on server: {exc}") from exc
-        self.server = srv
-        self.dual.b = srv.stream.rw
-        self.send = self.recv = self.qmask = 0
-        self.unsynced = False
-        self.s_skip = 0
-        self.s_kept = 0
-        self.xact_start = self.query_start = time.monotonic()
-        return srv
 
-    def unlink(self) -> None:
+    def _link(self, srv: "ServerConn") -> None:
+        client = self.client
+        self.stats.server_assignment_count += 1
+        client.state = ClientState.ACTIVE
+        srv.client = client
+        self.server = srv
+        self.step.link(srv.stream.sock, srv.buf, srv.view)
+        self.xact_start = self.query_start = monotonic()
+
+    def _unlink(self, now: float) -> None:
         """Return a clean server to the pool (transaction / statement mode)."""
         srv = self.server
         self.server = None
+        self.step.unlink()
+        disarm(srv.stream.rw)
         self.client.state = ClientState.IDLE
-        now = time.monotonic()
         self.stats.xact_time += now - self.xact_start
         self.pool.release(srv, now)
 
     def unlink_at_exit(self) -> None:
         """The client is gone: reuse its server only if it is at a clean boundary."""
+        step = self.step
+        step.flush_stats(self.stats)
         srv = self.server
         if srv is None:
             return
         self.server = None
-        clean = (self.send == self.recv and self.status == STATUS_IDLE and not self.unsynced
-                 and not self.c_skip and not self.s_skip and not self.s_kept and not srv.closed)
+        step.unlink()
+        clean = (step.send == step.recv and step.status == STATUS_IDLE and not step.unsynced
+                 and not step.c_skip and not step.s_skip and not step.skept and not srv.closed
+                 and step.pending is None)
         if not clean:
-            if (self.send != self.recv or self.unsynced) and not srv.closed:
+            if (step.send != step.recv or step.unsynced) and not srv.closed:
                 srv.cancel()     # so the backend stops the abandoned query (query_timeout too)
             self.pool.discard(srv, "client disconnected while server was not ready")
             return
@@ -447,7 +543,9 @@ class Relay:
                 return
         self.pool.release(srv)
 
-    def _server_lost(self, srv: "ServerConn") -> None:
+    def _server_lost(self) -> None:
+        srv = self.server
         self.server = None
+        self.step.unlink()
         self.pool.discard(srv, "server conn crashed?")
         self.client.fatal("08006", "server conn crashed?")

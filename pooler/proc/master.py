@@ -30,6 +30,7 @@ from collections import deque
 
 from pooler import logs
 from pooler.proc import channel, shm
+from pooler.pooling import relaystep
 from pooler.logs import flush_and_exit
 from pooler.config.converters import ConfigError
 from pooler.config.load import load_config
@@ -89,8 +90,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         if args.user:
             switch_user(args.user)
-        log.info("listening on %s port %d (pool_mode=%s, workers=%d)", cfg.listen_addr,
-                 cfg.listen_port, cfg.pool_mode, cfg.effective_workers())
+        log.info("listening on %s port %d (pool_mode=%s, workers=%d, %s)", cfg.listen_addr,
+                 cfg.listen_port, cfg.pool_mode, cfg.effective_workers(), relaystep.describe())
         if cfg.effective_workers() == 1:
             return run_single(cfg, listeners, config_path, args.workers)
         arbiter = Arbiter(cfg, config_path, listeners, args.workers)
