@@ -13,10 +13,14 @@ GET  /drain     ?seconds=N (at most 120): wait, then 200; the preStop hook, so t
 POST /pause     PAUSE [db]      (?db=name; bearer token required)
 POST /resume    RESUME [db]     (?db=name; bearer token required)
 POST /reload    validate the config file, then RELOAD (bearer token required)
+                (the three take ?timeout=N, 0 < N <= 120 seconds: the wait for the
+                command, 504 when it expires; default --command-timeout)
 GET  /config    the effective settings (SHOW CONFIG; secrets are never in it)
 GET  /metrics   Prometheus text, pgbouncer_exporter and CloudNativePG names (also
                 alone on --metrics-port, if given: see metrics_server.py)
 GET  /pools     the pools API; /pools/<name> one entry
+POST /pools     create a pool; PATCH /pools/<name> (size, mode, user), DELETE
+                /pools/<name> (bearer token required; sidecar/pool_writes.py)
 
 State-changing endpoints need `Authorization: Bearer <token>`; with no token
 configured they are refused, never open.
@@ -36,9 +40,11 @@ from prometheus_client import CollectorRegistry
 from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file, load_config
 
-from . import pools
+from . import httperrors, pool_writes, pools
 from .console import Console, ConsoleError
 from .metrics_server import create_metrics_app, metrics_registry, metrics_response
+from .httperrors import Refusal
+from .pool_writes import PoolWriter
 from .settings import Settings, from_args, parser
 
 log = logging.getLogger("sidecar")
@@ -47,14 +53,18 @@ log = logging.getLogger("sidecar")
 _DB_RE = re.compile(r"[^\x00\"]{1,63}")
 # SHOW CONFIG never lists a secret; refuse to relay one even if a future key did.
 _SECRET_KEY_RE = re.compile(r"password|secret|token", re.I)
+MAX_COMMAND_TIMEOUT = 120       # ?timeout= on /pause, /resume, /reload
+MAX_BODY = 64 * 1024
 
 
 def create_app(settings: Settings, console: Console | None = None,
                registry: CollectorRegistry | None = None) -> Flask:
     app = Flask("sidecar")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY     # a pools request is a few fields
     console = console or Console(settings.target)
     registry = registry or metrics_registry(console)
     last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
+    httperrors.install(app)
 
     def current_config() -> Any:
         try:
@@ -124,21 +134,22 @@ def create_app(settings: Settings, console: Console | None = None,
     @app.post("/pause")
     @_needs_token(settings)
     def pause() -> tuple[Response, int]:
-        return _run_command(console, settings, "PAUSE", request.args.get("db"))
+        return _run_command(console, "PAUSE", request.args.get("db"), _timeout_arg(settings))
 
     @app.post("/resume")
     @_needs_token(settings)
     def resume() -> tuple[Response, int]:
-        return _run_command(console, settings, "RESUME", request.args.get("db"))
+        return _run_command(console, "RESUME", request.args.get("db"), _timeout_arg(settings))
 
     @app.post("/reload")
     @_needs_token(settings)
     def reload() -> tuple[Response, int]:
+        timeout = _timeout_arg(settings)
         # Validate first: an invalid file must not even be offered to the pooler.
         errors = check_config_file(settings.config_path)
         if errors:
             return jsonify(status="invalid", config=settings.config_path, errors=errors), 400
-        return _run_command(console, settings, "RELOAD", None)
+        return _run_command(console, "RELOAD", None, timeout)
 
     @app.get("/config")
     def config() -> tuple[Response, int]:
@@ -172,55 +183,127 @@ def create_app(settings: Settings, console: Console | None = None,
                 return jsonify(entry), 200
         return jsonify(status="not found", reason=f"no pool or database named {name!r}"), 404
 
+    writer = PoolWriter(settings.config_path, console, settings.command_timeout)
+
+    @app.post("/pools")
+    @_needs_token(settings)
+    def pool_create() -> tuple[Response, int]:
+        req = pool_writes.create_request(_json_body())
+        writer.create(req)
+        _audit("created", req["name"], req)
+        return pool_one_or_saved(req["name"], 201)
+
+    @app.patch("/pools/<name>")
+    @_needs_token(settings)
+    def pool_update(name: str) -> tuple[Response, int]:
+        changes = pool_writes.patch_request(_json_body())
+        writer.update(name, changes)
+        _audit("changed", name, changes)
+        return pool_one_or_saved(name, 200)
+
+    @app.delete("/pools/<name>")
+    @_needs_token(settings)
+    def pool_delete(name: str) -> tuple[Response, int]:
+        writer.delete(name)
+        _audit("deleted", name, {})
+        return jsonify(status="deleted", name=name), 200
+
+    def pool_one_or_saved(name: str, code: int) -> tuple[Response, int]:
+        resp, status = pool_one(name)
+        if status != 200:       # saved and reloaded, but the console cannot show it now
+            return jsonify(status="saved", name=name), code
+        return resp, code
+
     return app
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
+def _json_body() -> Any:
+    """The request's JSON (whatever its Content-Type); 400 if it is not JSON."""
+    body = request.get_json(force=True, silent=True)
+    if body is None:
+        raise Refusal(400, "the body must be a JSON object", field="body")
+    return body
+
+
+def _audit(verb: str, name: str, what: dict) -> None:
+    log.info("pool %r %s by %s: %s", name, verb, request.remote_addr,
+             ", ".join(f"{k}={v}" for k, v in sorted(what.items())) or "-")
+
+
 def _needs_token(settings: Settings) -> Callable:
-    """Refuse (403) when no token is configured, 401 without the right bearer token."""
+    """403 when no token is configured (never open by default), 401 without a bearer
+    token, 403 with a wrong one (it was offered and is refused: asking again won't help)."""
     def wrap(view: Callable) -> Callable:
         def guarded(*args: Any, **kwargs: Any) -> Any:
             if settings.current_token() is None:
                 return jsonify(status="forbidden",
                                reason="no token configured: state-changing endpoints are disabled"), 403
-            if not _authorized(settings):
-                resp = jsonify(status="unauthorized", reason="a valid bearer token is required")
+            offered = _offered_token()
+            if offered is None:
+                resp = jsonify(status="unauthorized", reason="a bearer token is required")
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="pooler-sidecar"'
                 return resp, 401
+            if not settings.token_matches(offered):
+                log.warning("refused %s %s from %s: wrong bearer token", request.method,
+                            request.path, request.remote_addr)
+                return jsonify(status="forbidden", reason="the bearer token is not valid"), 403
             return view(*args, **kwargs)
         guarded.__name__ = view.__name__
         return guarded
     return wrap
 
 
-def _authorized(settings: Settings) -> bool:
+def _offered_token() -> str | None:
     scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(offered.strip()) and \
-        settings.token_matches(offered.strip())
+    return offered.strip() if scheme.lower() == "bearer" and offered.strip() else None
 
 
-def _run_command(console: Console, settings: Settings, verb: str,
-                 db: str | None) -> tuple[Response, int]:
+def _authorized(settings: Settings) -> bool:
+    offered = _offered_token()
+    return offered is not None and settings.token_matches(offered)
+
+
+def _timeout_arg(settings: Settings) -> float:
+    """?timeout=N (seconds, 0 < N <= MAX_COMMAND_TIMEOUT): how long this request waits
+    for its command; --command-timeout without it."""
+    text = request.args.get("timeout")
+    if text is None:
+        return settings.command_timeout
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_COMMAND_TIMEOUT:        # also refuses nan
+        raise Refusal(400, f"a number of seconds, more than 0 and at most {MAX_COMMAND_TIMEOUT}",
+                      field="timeout")
+    return value
+
+
+def _run_command(console: Console, verb: str, db: str | None,
+                 timeout: float) -> tuple[Response, int]:
     if db is not None and not _DB_RE.fullmatch(db):
         return jsonify(status="invalid", reason="db must be 1 to 63 characters without '\"'"), 400
     sql = f'{verb} "{db}"' if db else verb
     try:
-        tag = console.command(sql, timeout=settings.command_timeout)
+        tag = console.command(sql, timeout=timeout)
     except ConsoleError as e:
         if e.timed_out and verb == "PAUSE":
             # The pooler keeps pausing (it waits for running transactions to end);
             # only our wait was cut short. RESUME cancels it.
             return jsonify(status="pending", command=verb, database=db,
                            reason=f"{e}; the pause stays in effect, POST /resume cancels it"), 504
+        if e.timed_out:
+            return jsonify(status="timeout", command=verb, database=db, reason=str(e)), 504
         if e.sqlstate is None:
             return _unavailable(e)
         # The console refused it (already paused, unknown database, not an admin...).
         code = 403 if e.sqlstate == "42501" else 404 if e.sqlstate == "3D000" else \
             400 if e.sqlstate == "F0000" else 409
         return jsonify(status="refused", sqlstate=e.sqlstate, reason=str(e), detail=e.detail), code
-    log.info("%s done", sql)
+    log.info("%s done (requested from %s)", sql, request.remote_addr)
     return jsonify(status="ok", command=tag, database=db), 200
 
 
@@ -235,8 +318,8 @@ def _pools(console: Console, settings: Settings,
     except ConsoleError as e:
         return _unavailable(e)
     reveal = _authorized(settings)
-    return [pools.with_connection(pools.with_counts(entry, live), cfg, settings.public_host,
-                                  settings.public_port, reveal)
+    at = pools.endpoint(cfg, settings.public_host, settings.public_port, settings.client_ca_file)
+    return [pools.with_connection(pools.with_counts(entry, live), cfg, at, reveal)
             for entry in pools.entries(cfg)]
 
 

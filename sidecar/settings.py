@@ -38,6 +38,7 @@ class Settings:
     token: str | None = None            # a fixed token (env); None: see token_file
     token_file: str | None = None       # re-read on use, so a rotated Secret takes effect
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    client_ca_file: str | None = None   # CONNECTIONPOOL_CA_CERT (pools API); see pools.endpoint
 
     def current_token(self) -> str | None:
         """The configured token, or None: then state-changing endpoints are refused."""
@@ -76,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--public-host", help="host clients use, in the pools API "
                                          "(default: env POOLER_PUBLIC_HOST, else the pooler's address)")
     p.add_argument("--public-port", type=int, help="port clients use (default: the pooler's port)")
+    p.add_argument("--client-ca-file",
+                   help="PEM file of the CA that signed the pooler's client TLS certificate, "
+                        "given as CONNECTIONPOOL_CA_CERT (default: client_tls_cert_file "
+                        "when client TLS is on)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help=f"seconds to wait for the admin console (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--command-timeout", type=float, default=DEFAULT_COMMAND_TIMEOUT,
@@ -109,7 +114,9 @@ def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Se
                     public_host=args.public_host or env.get("POOLER_PUBLIC_HOST") or host,
                     public_port=args.public_port or port,
                     token=None if args.token_file else env.get("POOLER_SIDECAR_TOKEN"),
-                    token_file=args.token_file, command_timeout=args.command_timeout)
+                    token_file=args.token_file, command_timeout=args.command_timeout,
+                    client_ca_file=os.path.abspath(args.client_ca_file) if args.client_ca_file
+                    else None)
 
 
 def console_host(cfg: Config) -> str:

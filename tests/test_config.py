@@ -459,3 +459,65 @@ def test_restart_only_settings_refused_by_set_kept_by_reload(tmp_path, caplog):
     assert (new.pidfile, new.log_format) == ("", "json")
     assert "RELOAD: pidfile changed; it takes effect after a restart" in caplog.text
     assert "log_format" not in caplog.text
+
+
+# --------------------------------------------------------------------------- overlay
+
+
+def _write(path, data) -> None:
+    import yaml
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_overlay_replaces_adds_and_removes_entries(tmp_path):
+    main = tmp_path / "pooler.yaml"
+    _write(main, {"auth": {"type": "trust"},
+                  "databases": {"app": {"host": "127.0.0.1", "port": 5432},
+                                "old": {"host": "127.0.0.1", "port": 5432}},
+                  "pools": {"keep": {"database": "app", "size": 2},
+                            "swap": {"database": "app", "size": 3, "user": "u1"},
+                            "gone": {"database": "app"}}})
+    assert load_config(str(main)).pools["swap"].size == 3      # no overlay: main file only
+    overlay = tmp_path / "pooler.pools.yaml"
+    _write(overlay, {"pools": {"swap": {"database": "app", "size": 7}, "gone": None,
+                               "added": {"database": "app", "mode": "session"}},
+                     "databases": {"old": None}})
+    cfg = load_config(str(main))
+    assert set(cfg.pools) == {"keep", "swap", "added"}
+    assert cfg.pools["keep"].size == 2
+    # An overlay entry replaces the main entry whole: its user is gone with it.
+    assert (cfg.pools["swap"].size, cfg.pools["swap"].user) == (7, None)
+    assert cfg.pools["added"].mode == "session"
+    assert set(cfg.databases) == {"app"}
+    assert check_config_file(str(main)) == []
+
+
+def test_overlay_errors_name_the_overlay_file(tmp_path):
+    main = tmp_path / "pooler.yaml"
+    _write(main, {"auth": {"type": "trust"},
+                  "databases": {"app": {"host": "127.0.0.1", "port": 5432}}})
+    overlay = tmp_path / "pooler.pools.yaml"
+    _write(overlay, {"pools": {"bad": {"database": "app", "size": 0}}})
+    with pytest.raises(ConfigError) as e:
+        load_config(str(main))
+    assert e.value.errors == [f"{overlay}: pools.bad.size: 0 is not valid: "
+                              "an integer from 1 to 10000"]
+    _write(overlay, {"pools": {"x": "size=3"}, "listen_port": 1})
+    errors = check_config_file(str(main))
+    assert f"{overlay}: listen_port: unknown key (an overlay holds only pools and databases)" \
+        in errors
+    assert any(err.startswith(f"{overlay}: pools.x: is not valid") for err in errors)
+    overlay.write_text("pools: [")
+    assert check_config_file(str(main))[0].startswith(f"{overlay}: YAML syntax error")
+    overlay.write_text("")
+    assert check_config_file(str(main)) == []                 # empty: nothing to merge
+
+
+def test_overlay_path_and_ini_has_none(tmp_path):
+    from pooler.config.load import overlay_path
+    assert overlay_path(str(tmp_path / "pooler.yaml")) == str(tmp_path / "pooler.pools.yaml")
+    assert overlay_path(str(tmp_path / "conf.yml")) == str(tmp_path / "conf.pools.yaml")
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text("[databases]\napp = host=127.0.0.1 port=5432\n[pgbouncer]\nauth_type = trust\n")
+    (tmp_path / "pgbouncer.pools.yaml").write_text("pools: {p1: {database: nope}}\n")
+    assert load_config(str(ini)).pools == {}                 # an ini config reads no overlay

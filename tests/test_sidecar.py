@@ -7,6 +7,7 @@ with gevent and psycogreen, over HTTP.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,9 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import psycopg2
 import pytest
@@ -24,9 +23,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER, REPO_ROOT, wait_until
-from pooler.dev.devcluster import free_port
+from pooler.config.model import Config
+from pooler.dev.devcluster import find_pg_bindir, free_port
 from sidecar import pools
 from sidecar.app import create_app
+from sidecar.console import Console
 from sidecar.settings import from_args, parser
 
 ADMIN, ADMIN_PASSWORD = "admin", "adminpass"
@@ -163,9 +164,10 @@ def test_state_changes_need_a_token(pooler):
     client = make_client(pooler)
     for path in ("/pause", "/resume", "/reload"):
         assert client.post(path).status_code == 401
+        missing = client.post(path)
+        assert missing.headers["WWW-Authenticate"].startswith("Bearer")
         wrong = client.post(path, headers=bearer("not-the-token"))
-        assert wrong.status_code == 401
-        assert wrong.headers["WWW-Authenticate"].startswith("Bearer")
+        assert wrong.status_code == 403 and wrong.json["status"] == "forbidden"
     assert client.get("/readyz").status_code == 200               # nothing was paused
 
 
@@ -175,7 +177,7 @@ def test_token_file_is_read_on_use(pooler, tmp_path: Path):
     client = make_client(pooler, None, "--token-file", str(token_file))
     assert client.post("/pause", headers=bearer("first")).status_code == 200
     token_file.write_text("second\n")                             # a rotated Secret
-    assert client.post("/resume", headers=bearer("first")).status_code == 401
+    assert client.post("/resume", headers=bearer("first")).status_code == 403
     assert client.post("/resume", headers=bearer("second")).status_code == 200
 
 
@@ -259,7 +261,8 @@ def test_pools_api_gives_a_uri_that_connects(pooler):
     assert anonymous["database"] == APP_DB and anonymous["user"] == APP_USER
     assert anonymous["mode"] == "transaction" and anonymous["size"] == 3
     keys = anonymous["connection"]
-    assert "CONNECTIONPOOL_PASSWORD" not in keys and APP_PASSWORD not in anonymous["uri"]
+    assert "CONNECTIONPOOL_PASSWORD" not in keys and APP_PASSWORD not in anonymous["connection_uri"]
+    assert keys["CONNECTIONPOOL_NAME"] == POOL
     assert keys["CONNECTIONPOOL_HOST"] == pooler.host
     assert keys["CONNECTIONPOOL_PORT"] == str(pooler.port)
     assert keys["CONNECTIONPOOL_DATABASE"] == POOL and keys["CONNECTIONPOOL_SSLMODE"] == "disable"
@@ -267,8 +270,8 @@ def test_pools_api_gives_a_uri_that_connects(pooler):
 
     entry = client.get(f"/pools/{POOL}", headers=bearer()).json
     assert entry["connection"]["CONNECTIONPOOL_PASSWORD"] == APP_PASSWORD
-    assert entry["connection"]["CONNECTIONPOOL_DATABASE_URI"] == entry["uri"]
-    conn = psycopg2.connect(entry["uri"], connect_timeout=10)
+    assert entry["connection"]["CONNECTIONPOOL_DATABASE_URI"] == entry["connection_uri"]
+    conn = psycopg2.connect(entry["connection_uri"], connect_timeout=10)
     with conn.cursor() as cur:
         cur.execute("SELECT current_database(), current_user")
         assert cur.fetchone() == (APP_DB, APP_USER)
@@ -293,6 +296,96 @@ def test_connection_uri_escapes_and_brackets():
     uri = pools.connection_uri("::1", 6432, "my db", "us@r", "p:w/d")
     assert uri == "postgresql://us%40r:p%3Aw%2Fd@[::1]:6432/my%20db?sslmode=disable"
     assert pools.connection_uri("h", 1, "d", "", None) == "postgresql://h:1/d?sslmode=disable"
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory) -> dict[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1 (its own CA) and its key."""
+    d = tmp_path_factory.mktemp("sidecar-tls")
+    cp = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                         "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "pooler.key",
+                         "-out", "pooler.crt", "-days", "2", "-sha256", "-subj", "/CN=localhost",
+                         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                        cwd=d, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    os.chmod(d / "pooler.key", 0o600)
+    return {"cert": str(d / "pooler.crt"), "key": str(d / "pooler.key"), "dir": str(d)}
+
+
+def psql(uri: str, *extra: str) -> subprocess.CompletedProcess:
+    """`psql <uri> -c <query>` with no password prompt and no ~/.psqlrc."""
+    cmd = [os.path.join(find_pg_bindir(), "psql"), uri, "-X", "-w", "-At", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
+
+
+def test_uri_follows_client_tls_require_and_psql_connects(pooler_factory, pooler_config,
+                                                         app_userlist, self_signed,
+                                                         tmp_path: Path):
+    cfg = pooler_config(admin_users=[ADMIN], client_tls_sslmode="require",
+                        client_tls_cert_file=self_signed["cert"],
+                        client_tls_key_file=self_signed["key"],
+                        pools={POOL: {"database": APP_DB, "user": APP_USER, "size": 2}})
+    tls_pooler = pooler_factory(cfg, userlist={**app_userlist, ADMIN: ADMIN_PASSWORD})
+    entry = make_client(tls_pooler).get(f"/pools/{POOL}", headers=bearer()).json
+    keys = entry["connection"]
+    assert keys["CONNECTIONPOOL_SSLMODE"] == "require"
+    assert entry["connection_uri"].endswith("?sslmode=require")
+    assert keys["CONNECTIONPOOL_CA_CERT"] == Path(self_signed["cert"]).read_text()
+    done = psql(entry["connection_uri"], "-c", "SELECT current_user")
+    assert done.returncode == 0 and done.stdout.strip() == APP_USER, done.stderr
+    # CA_CERT is enough to verify the pooler's certificate, host name included.
+    ca = tmp_path / "ca.pem"
+    ca.write_text(keys["CONNECTIONPOOL_CA_CERT"])
+    verified = entry["connection_uri"].replace("sslmode=require",
+                                               f"sslmode=verify-full&sslrootcert={ca}")
+    done = psql(verified, "-c", "SELECT 1")
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
+    # The old hard-coded sslmode=disable is refused by this pooler: the mode matters.
+    plain = psql(entry["connection_uri"].replace("sslmode=require", "sslmode=disable"),
+                 "-c", "SELECT 1")
+    assert plain.returncode != 0
+
+    # --client-ca-file, when given, is the CA_CERT handed out instead.
+    other = tmp_path / "issuer.pem"
+    other.write_text("-----BEGIN CERTIFICATE-----\nissuer\n-----END CERTIFICATE-----\n")
+    given = make_client(tls_pooler, TOKEN, "--client-ca-file", str(other))
+    assert given.get(f"/pools/{POOL}").json["connection"]["CONNECTIONPOOL_CA_CERT"] == \
+        other.read_text()
+
+
+def test_sslmode_follows_each_client_tls_mode(self_signed):
+    expected = {"disable": "disable", "allow": "prefer", "prefer": "prefer",
+                "require": "require", "verify-ca": "require", "verify-full": "require"}
+    for mode, sslmode in expected.items():
+        cfg = Config(client_tls_sslmode=mode, client_tls_cert_file=self_signed["cert"])
+        at = pools.endpoint(cfg, "127.0.0.1", 6432)
+        assert at.sslmode == sslmode, mode
+        # CA_CERT only when clients can use TLS at all.
+        assert bool(at.ca_cert) == (mode != "disable"), mode
+
+
+def test_http_errors_are_json(pooler):
+    client = make_client(pooler)
+    missing = client.get("/no/such/page")
+    assert missing.status_code == 404 and missing.is_json
+    assert missing.json["status"] == "not found" and missing.json["reason"]
+    for method, path in (("DELETE", "/healthz"), ("PUT", "/pools"), ("GET", "/pause")):
+        resp = client.open(path, method=method)
+        assert resp.status_code == 405 and resp.is_json, (method, path, resp.data)
+        assert resp.json["status"] == "method not allowed" and "Allow" in resp.headers
+        assert b"<html" not in resp.data.lower() and b"<!doctype" not in resp.data.lower()
+
+
+def test_an_unhandled_error_answers_json(pooler):
+    class Broken(Console):
+        def show_many(self, whats):
+            raise RuntimeError("boom")
+    settings = from_args(parser().parse_args(["--config", str(pooler.config_path)]), env={})
+    client = create_app(settings, Broken(settings.target)).test_client()
+    resp = client.get("/config")
+    assert resp.status_code == 500 and resp.is_json
+    assert resp.json == {"status": "error", "reason": "internal error: RuntimeError"}
 
 
 def test_admin_password_comes_from_a_plain_userlist_only(tmp_path: Path):
@@ -328,17 +421,16 @@ def http(method: str, url: str, token: str | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-@contextmanager
-def running_sidecar(pooler, tmp_path: Path, *extra: str) -> Iterator[str]:
+@contextlib.contextmanager
+def running_sidecar(pooler, log_dir: Path, *extra: str):
     """`python -m sidecar.app` for `pooler` on a free port; yields its base URL."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "POOLER_SIDECAR_TOKEN": TOKEN}
-    log_path = tmp_path / "sidecar.log"
+    log_path = log_dir / f"sidecar-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "sidecar.app", "--config",
-                                 str(pooler.config_path), "--port", str(port),
-                                 "--command-timeout", "1", *extra],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                                 str(pooler.config_path), "--port", str(port), *extra],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -361,7 +453,7 @@ def running_sidecar(pooler, tmp_path: Path, *extra: str) -> Iterator[str]:
 
 @pytest.fixture
 def sidecar_process(pooler, tmp_path: Path):
-    with running_sidecar(pooler, tmp_path) as base:
+    with running_sidecar(pooler, tmp_path, "--command-timeout", "1") as base:
         yield base
 
 
@@ -435,6 +527,40 @@ def test_metrics_port_is_checked(pooler):
                            str(pooler.config_path), "--port", "8099", "--metrics-port", "8099"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "must differ" in proc.stderr
+
+
+def test_pause_timeout_parameter_bounds_the_wait(pooler_factory, pooler_config, app_userlist,
+                                               tmp_path: Path):
+    # Session mode: a client in a transaction keeps its server, so PAUSE cannot finish.
+    cfg = pooler_config(admin_users=[ADMIN], pool_mode="session")
+    session = pooler_factory(cfg, userlist={**app_userlist, ADMIN: ADMIN_PASSWORD})
+    holder = session.connect()
+    with holder.cursor() as cur:
+        cur.execute("SELECT 1")                  # BEGIN ... left open
+    with running_sidecar(session, tmp_path) as base:     # --command-timeout: 30 s
+        started = time.monotonic()
+        status, body = http("POST", base + "/pause?timeout=1", TOKEN)
+        took = time.monotonic() - started
+        assert status == 504, body
+        assert json.loads(body)["status"] == "pending"
+        assert 1 <= took < 3, took
+        assert http_get(base + "/healthz")[0] == 200     # the sidecar itself is not stuck
+        holder.rollback()
+        holder.close()                           # the server is free: the pause completes
+        assert http("POST", base + "/resume?timeout=5", TOKEN)[0] == 200
+        assert http("POST", base + "/reload?timeout=5", TOKEN)[0] == 200
+    run_queries(session, 1)
+
+
+def test_timeout_parameter_is_validated(pooler):
+    client = make_client(pooler)
+    for path in ("/pause", "/resume", "/reload"):
+        for bad in ("0", "-1", "121", "x", "nan", ""):
+            resp = client.post(f"{path}?timeout={bad}", headers=bearer())
+            assert resp.status_code == 400, (path, bad, resp.json)
+            assert resp.json["field"] == "timeout" and "120" in resp.json["reason"]
+    assert client.post("/pause?timeout=120", headers=bearer()).status_code == 200
+    assert client.post("/resume?timeout=0.5", headers=bearer()).status_code == 200
 
 
 def _parallel(fn, items: list) -> list:
