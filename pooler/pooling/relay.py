@@ -14,6 +14,8 @@ for work that may block:
   J_REFUSE  statement mode: roll back a transaction the client opened
   J_LOST    the server went away mid-transaction
   J_RAISE   a callback failed: raise its exception in the greenlet
+  J_BAD     the client sent a message the pooler refuses: let the server finish
+            what it was sent (so it stays pooled), then close the client (08P01)
   J_END     the client left (Terminate, EOF)
 
 A callback that hands work over stops (disarms) both watchers first and
@@ -29,6 +31,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import gevent
 from gevent import getcurrent
 from gevent.hub import get_hub
 
@@ -37,7 +40,7 @@ from pooler.wire.netio import ConnectionClosed, disarm
 from pooler.pooling import relaystep
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
-    EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
+    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
 from pooler.errors import PoolerError
@@ -64,8 +67,9 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
          STATEMENT: relaystep.STATEMENT}
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
-J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE = (
-    1, 2, 4, 8, 16, 32, 64, 128)
+J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD = (
+    1, 2, 4, 8, 16, 32, 64, 128, 256)
+SETTLE_TIMEOUT = 5.0          # seconds a server may take to finish before a bad client goes
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -197,6 +201,8 @@ class Relay:
         if job & J_LOST:
             self._server_lost()
             return J_END
+        if job & J_BAD:
+            self._refuse_input()
         if job & J_END:
             return J_END
         if job & J_LINK:
@@ -325,8 +331,11 @@ class Relay:
             job = self._send_parts(self.server.stream.sock, parts, J_FLUSH_S, J_LOST)
         elif ev & F_AGAIN:
             job = J_FLUSH_S
-        if ev & END_MASK == EV_TERMINATE:
+        end = ev & END_MASK
+        if end == EV_TERMINATE:
             return job | J_END
+        if end == EV_BAD:
+            return job | J_BAD
         cend = step.cend
         if not cend:
             self._give_back()
@@ -486,6 +495,51 @@ class Relay:
             "0A000", "transaction blocks not allowed in statement pooling mode") +
             protocol.ready_for_query(b"I"))
         self._unlink(monotonic())
+
+    # -- bad client input -----------------------------------------------------------
+
+    def _refuse_input(self) -> None:
+        """The step stopped before a message the pooler will not forward (issue 14.5):
+        an unknown type, or a length PostgreSQL would refuse. The server never saw it:
+        let it finish what it was sent, then close this client with 08P01."""
+        buf = self.step.cbuf
+        t, ln = buf[0], unpack_i32(buf, 1)[0]
+        client = self.client
+        if relaystep.valid_client_type(t):
+            message = f"invalid message length {ln} for message type {chr(t)!r}"
+        else:
+            message = "unknown pkt"
+        log.warning("C-%d %s closing because: %s from client (type %d/0x%x)", client.id,
+                    client._who(), message, t, t)
+        self._settle()
+        raise protocol.ProtocolError(message)
+
+    def _settle(self) -> None:
+        """End what the server was sent (CopyFail for a COPY IN, Sync for an open
+        extended batch, ROLLBACK of an open transaction), forwarding its answers,
+        so it goes back to the pool clean; on timeout unlink_at_exit closes it."""
+        srv, step = self.server, self.step
+        if srv is None or srv.closed:
+            return
+        with gevent.Timeout(SETTLE_TIMEOUT, False):
+            if step.in_copy_in:
+                srv.stream.sendall(protocol.message(b"f", b"client sent an invalid message\0"))
+                step.in_copy_in = False
+            if step.unsynced:
+                srv.stream.sendall(protocol.message(b"S"))
+                step.send += 1
+                step.unsynced = False
+            while self.server is not None and step.send != step.recv:
+                srv.stream.wait_readable()
+                job = self._server_end_or_event(step.server_in())
+                if job & J_FLUSH_C:
+                    data, step.pending = step.pending, None
+                    self.cs.sendall(data)
+                elif job:
+                    return
+            if self.server is not None and step.status != STATUS_IDLE and not step.skept:
+                srv.run("ROLLBACK")
+                step.status = STATUS_IDLE
 
     # -- linking ------------------------------------------------------------------
 
