@@ -162,6 +162,11 @@ cdef class Step:
         self._release = self._qdone = self._client_side = False
 
     @property
+    def end(self):
+        """Bytes in the buffer of the walk in progress (cend is set when it ends)."""
+        return self._end
+
+    @property
     def qmask(self):
         return self._qmask
 

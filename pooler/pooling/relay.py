@@ -12,10 +12,12 @@ for work that may block:
   J_SYNC    the idle server needs the client's parameters SET first
   J_FLUSH_* a socket took only part of a chunk: send the rest
   J_REFUSE  statement mode: roll back a transaction the client opened
-  J_LOST    the server went away mid-transaction
+  J_LOST    the server went away mid-transaction (relayfaults.server_lost)
   J_RAISE   a callback failed: raise its exception in the greenlet
   J_BAD     the client sent a message the pooler refuses: let the server finish
             what it was sent (so it stays pooled), then close the client (08P01)
+  J_FAILED  the server died in a transaction block: the pooler answers the
+            client until it ends the block (relayfaults.feed_failed)
   J_END     the client left (Terminate, EOF)
 
 A callback that hands work over stops (disarms) both watchers first and
@@ -37,7 +39,7 @@ from gevent.hub import get_hub
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import relaystep
+from pooler.pooling import relayfaults, relaystep
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
@@ -67,9 +69,8 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
          STATEMENT: relaystep.STATEMENT}
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
-J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD = (
-    1, 2, 4, 8, 16, 32, 64, 128, 256)
-SETTLE_TIMEOUT = 5.0          # seconds a server may take to finish before a bad client goes
+J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED = (
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -82,7 +83,7 @@ class Relay:
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
-                 "exc", "synced", "waiter", "ended", "on_client_cb", "on_server_cb",
+                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
                  "on_handed_cb")
 
     def __init__(self, client: "Client") -> None:
@@ -108,6 +109,7 @@ class Relay:
         self.synced: ServerConn | None = None   # a fast-acquired server awaiting SETs
         self.waiter = None       # queued in the pool as a callback waiter (pool.enqueue)
         self.ended = False
+        self.failed = None       # lostserver.FailedBlock after a server died mid-block
         # Bound once: a watcher started with the same callback object costs no allocation.
         self.on_client_cb = self._on_client
         self.on_server_cb = self._on_server
@@ -138,7 +140,7 @@ class Relay:
                 self._borrow()
                 self.step.cbuf[:len(early)] = early
                 self.step.cend = len(early)
-                job = self._client_end_or_event(self.step.client_start())
+                job = self.client_events(self.step.client_start())
             while True:
                 while job:
                     job = self._do(job)
@@ -158,7 +160,7 @@ class Relay:
             self._leave_queue()
             self._disarm()
             self.step.cend = 0
-            self._give_back()
+            self.give_back()
             if self.synced is not None:
                 self.pool.release(self.synced)
                 self.synced = None
@@ -199,20 +201,24 @@ class Relay:
             self._refuse_transaction()
             job &= ~J_REFUSE
         if job & J_LOST:
-            self._server_lost()
-            return J_END
+            if not relayfaults.server_lost(self):
+                return J_END
+            job &= ~J_LOST
         if job & J_BAD:
-            self._refuse_input()
+            relayfaults.refuse_input(self)
         if job & J_END:
             return J_END
+        if job & J_FAILED:
+            nxt = relayfaults.feed_failed(self)
+            return J_END if nxt is None else nxt
         if job & J_LINK:
             self._link(self._acquire())
-            return self._client_end_or_event(step.client_walk())
+            return self.client_events(step.client_walk())
         if job & J_SYNC:
             srv, self.synced = self.synced, None
             self._sync(srv)
             self._link(srv)
-            return self._client_end_or_event(step.client_walk())
+            return self.client_events(step.client_walk())
         return job
 
     # -- callbacks: the steady state ---------------------------------------------
@@ -225,7 +231,7 @@ class Relay:
                     step.set_cbuf(*_free_bufs.pop())
                 else:
                     self._borrow()
-            job = self._client_end_or_event(step.client_in())
+            job = self.client_events(step.client_in())
         except Exception as exc:         # raised in the greenlet, where the handlers are
             self.exc = exc
             job = J_RAISE
@@ -261,7 +267,7 @@ class Relay:
                 self._link(srv)
                 self.cs.rw.start(self.on_client_cb)
                 srv.stream.rw.start(self.on_server_cb)
-                job = self._client_end_or_event(self.step.client_walk())
+                job = self.client_events(self.step.client_walk())
         except Exception as exc:
             self.exc = exc
             job = J_RAISE
@@ -280,11 +286,13 @@ class Relay:
 
     # -- client -> server ------------------------------------------------------
 
-    def _client_end_or_event(self, ev: int) -> int:
+    def client_events(self, ev: int) -> int:
         """Act on the client walk's events until it ends; returns a job or 0."""
         step = self.step
         while True:
             if ev == EV_LINK:
+                if self.failed is not None:
+                    return J_FAILED
                 pool = self.pool
                 srv = pool.acquire_nowait()
                 if srv is None:
@@ -338,9 +346,9 @@ class Relay:
             return job | J_BAD
         cend = step.cend
         if not cend:
-            self._give_back()
+            self.give_back()
         elif cend == len(step.cbuf) and cend >= 5:
-            self._grow_client_buf()
+            self.grow_client_buf()
         return job
 
     def _rewrite(self) -> None:
@@ -370,7 +378,7 @@ class Relay:
         buf, view = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
         self.step.set_cbuf(buf, view)
 
-    def _give_back(self) -> None:
+    def give_back(self) -> None:
         step = self.step
         buf = step.cbuf
         if buf is not None:
@@ -378,14 +386,14 @@ class Relay:
                 _free_bufs.append((buf, step.cview))
             step.set_cbuf(None, None)
 
-    def _grow_client_buf(self) -> None:
+    def grow_client_buf(self) -> None:
         """A message larger than the buffer (a big Parse/Bind being rewritten)."""
         step = self.step
         buf, rest = step.cbuf, step.cend
         need = 1 + unpack_i32(buf, 1)[0]
         bigger = bytearray(max(need, 2 * len(buf)))
         bigger[:rest] = buf
-        self._give_back()
+        self.give_back()
         step.set_cbuf(bigger, memoryview(bigger))
 
     def _send_parts(self, sock, parts: list, again: int, gone: int) -> int:
@@ -436,6 +444,16 @@ class Relay:
             else:
                 return self._server_end(ev)
             ev = step.server_walk()
+
+    def settle_read(self) -> bool:
+        """One read of the server while settling it (relayfaults.settle); False: stop."""
+        step = self.step
+        job = self._server_end_or_event(step.server_in())
+        if job & J_FLUSH_C:
+            data, step.pending = step.pending, None
+            self.cs.sendall(data)
+            job &= ~J_FLUSH_C
+        return not job
 
     def _cut_server(self) -> None:
         parts = self.parts
@@ -495,51 +513,6 @@ class Relay:
             "0A000", "transaction blocks not allowed in statement pooling mode") +
             protocol.ready_for_query(b"I"))
         self._unlink(monotonic())
-
-    # -- bad client input -----------------------------------------------------------
-
-    def _refuse_input(self) -> None:
-        """The step stopped before a message the pooler will not forward (issue 14.5):
-        an unknown type, or a length PostgreSQL would refuse. The server never saw it:
-        let it finish what it was sent, then close this client with 08P01."""
-        buf = self.step.cbuf
-        t, ln = buf[0], unpack_i32(buf, 1)[0]
-        client = self.client
-        if relaystep.valid_client_type(t):
-            message = f"invalid message length {ln} for message type {chr(t)!r}"
-        else:
-            message = "unknown pkt"
-        log.warning("C-%d %s closing because: %s from client (type %d/0x%x)", client.id,
-                    client._who(), message, t, t)
-        self._settle()
-        raise protocol.ProtocolError(message)
-
-    def _settle(self) -> None:
-        """End what the server was sent (CopyFail for a COPY IN, Sync for an open
-        extended batch, ROLLBACK of an open transaction), forwarding its answers,
-        so it goes back to the pool clean; on timeout unlink_at_exit closes it."""
-        srv, step = self.server, self.step
-        if srv is None or srv.closed:
-            return
-        with gevent.Timeout(SETTLE_TIMEOUT, False):
-            if step.in_copy_in:
-                srv.stream.sendall(protocol.message(b"f", b"client sent an invalid message\0"))
-                step.in_copy_in = False
-            if step.unsynced:
-                srv.stream.sendall(protocol.message(b"S"))
-                step.send += 1
-                step.unsynced = False
-            while self.server is not None and step.send != step.recv:
-                srv.stream.wait_readable()
-                job = self._server_end_or_event(step.server_in())
-                if job & J_FLUSH_C:
-                    data, step.pending = step.pending, None
-                    self.cs.sendall(data)
-                elif job:
-                    return
-            if self.server is not None and step.status != STATUS_IDLE and not step.skept:
-                srv.run("ROLLBACK")
-                step.status = STATUS_IDLE
 
     # -- linking ------------------------------------------------------------------
 
@@ -606,10 +579,3 @@ class Relay:
                 self.pool.discard(srv, f"server_reset_query failed: {exc}")
                 return
         self.pool.release(srv)
-
-    def _server_lost(self) -> None:
-        srv = self.server
-        self.server = None
-        self.step.unlink()
-        self.pool.discard(srv, "server conn crashed?")
-        self.client.fatal("08006", "server conn crashed?")

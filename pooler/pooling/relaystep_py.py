@@ -137,6 +137,11 @@ class Step:
         self._pos = self._seg = self._end = 0
         self._release = self._qdone = False
 
+    @property
+    def end(self) -> int:
+        """Bytes in the buffer of the walk in progress (cend is set when it ends)."""
+        return self._end
+
     # -- linking ----------------------------------------------------------------
 
     def link(self, sock: socket, buf: bytearray, view: memoryview) -> None:
