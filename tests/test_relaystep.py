@@ -221,8 +221,37 @@ def test_terminate_without_a_server(mk, impl):
 def test_invalid_length_is_a_protocol_error(mk, impl):
     link = mk()
     link.link()
-    assert link.client(b"Q\0\0\0\x02") == impl.EV_PROTO
+    assert link.client(b"Q\0\0\0\x02") == impl.EV_BAD
     assert link.server(b"Z\xff\xff\xff\xff") == impl.EV_PROTO
+
+
+@pytest.mark.parametrize("bad", [
+    m(b"Y", b"x"),                                   # no such frontend message
+    m(b"p", b"secret\0"),                            # a password message after login
+    b"Q" + struct.pack("!i", 0x3fffffff),            # longer than PostgreSQL accepts
+    b"S" + struct.pack("!i", 10001),                 # a Sync is small
+])
+def test_refused_client_messages_stop_the_walk_before_them(mk, impl, bad):
+    link = mk()
+    link.link()
+    ev = link.client(Q + bad)
+    assert ev == impl.EV_BAD
+    assert link.at_server() == Q                     # what came before went through
+    st = link.step
+    assert st.send == 1 and st.cend == len(bad) and bytes(link.cbuf[:5]) == bad[:5]
+
+
+def test_a_refused_message_needs_no_server(mk, impl):
+    link = mk()
+    assert link.client(m(b"Y")) == impl.EV_BAD       # not EV_LINK: no server is taken
+
+
+def test_copy_data_and_large_messages_pass(mk, impl):
+    link = mk()
+    link.link()
+    big = m(b"d", b"x" * 20000) + m(b"c")
+    assert link.client(big) == impl.EV_DONE
+    assert link.at_server() == big
 
 
 def test_eof_and_nothing_to_read(mk, impl):

@@ -2,7 +2,15 @@
 never handed to the next client (issue 14, item 1)."""
 from __future__ import annotations
 
-from conftest import APP_DB, APP_USER, backend_count, superuser_conn, wait_until
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from conftest import (APP_DB, APP_PASSWORD, APP_USER, backend_count, raw_client,
+                      superuser_conn, wait_until)
+from rawpg import bind, describe, error_fields, execute, message, parse, query, rows_of
 
 N = 5
 
@@ -66,3 +74,105 @@ def test_a_server_closed_while_idle_frees_its_slot_for_a_waiting_client(
         cur.execute("SELECT 1")
     for c in (first, second):
         c.close()
+
+
+def _terminate_soon(pg, delay: float) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        _terminate_app_backends(pg)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_server_lost_mid_query_costs_the_transaction_not_the_connection(
+        pg, pooler_factory, pooler_config, app_userlist):
+    """Transaction pooling: the backend dies during a statement. The client gets an
+    error with a SQLSTATE, keeps its connection, and its next statement works."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    conn = p.connect()
+    conn.autocommit = True
+    killer = _terminate_soon(pg, 0.5)
+    with conn.cursor() as cur:
+        with pytest.raises(psycopg2.Error) as err:
+            cur.execute("SELECT pg_sleep(10)")
+    killer.join()
+    assert err.value.pgcode in ("57P01", "08006"), err.value.pgerror
+    assert conn.closed == 0
+    with conn.cursor() as cur:
+        cur.execute("SELECT 41 + 1")
+        assert cur.fetchone()[0] == 42
+    conn.close()
+
+
+def test_a_server_lost_in_a_transaction_block_fails_the_block_until_rollback(
+        pg, pooler_factory, pooler_config, app_userlist):
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    conn = p.connect()                      # psycopg2: BEGIN before the first statement
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert _terminate_app_backends(pg) == 1
+        wait_until(lambda: "server conn crashed?" in p.log())
+        with pytest.raises(psycopg2.Error) as err:
+            cur.execute("SELECT 2")
+        assert err.value.pgcode in ("57P01", "08006"), err.value.pgerror
+        with pytest.raises(psycopg2.Error) as err:
+            cur.execute("SELECT 3")          # still in the failed block
+        assert err.value.pgcode == "25P02"
+    conn.rollback()                          # answered by the pooler
+    assert conn.closed == 0
+    with conn.cursor() as cur:
+        cur.execute("SELECT 4")
+        assert cur.fetchone()[0] == 4
+    conn.commit()
+    conn.close()
+
+
+def test_commit_of_a_failed_block_reports_rollback(pg, pooler_factory, pooler_config,
+                                                   app_userlist):
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    c = raw_client(p.port, APP_USER, APP_DB, APP_PASSWORD)
+    c.exchange(query("BEGIN"))
+    c.exchange(query("SELECT 1"))
+    assert _terminate_app_backends(pg) == 1
+    wait_until(lambda: "server conn crashed?" in p.log())
+    answers = c.exchange(query("SELECT 2"))
+    codes = [error_fields(body)["C"] for t, body in answers if t == "E"]
+    # PostgreSQL's own FATAL came first (passed through as it was sent), then ours.
+    assert codes == ["57P01", "08006"] and c.status == "E"
+    answers = c.exchange(query("COMMIT"))
+    assert ("C", b"ROLLBACK\0") in answers and c.status == "I"
+    assert rows_of(c.exchange(query("SELECT 5"))) == [["5"]]
+    c.close()
+
+
+def test_server_loss_closes_client_restores_pgbouncers_behaviour(
+        pg, pooler_factory, pooler_config, app_userlist):
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2,
+                                     server_loss_closes_client=True), app_userlist)
+    conn = p.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert _terminate_app_backends(pg) == 1
+        wait_until(lambda: "server conn crashed?" in p.log())
+        with pytest.raises(psycopg2.Error):
+            cur.execute("SELECT 2")
+    assert conn.closed != 0
+
+
+def test_a_failed_block_over_the_extended_protocol(pg, pooler_factory, pooler_config,
+                                                   app_userlist):
+    """Drivers that ROLLBACK with Parse/Bind/Execute/Sync (pgjdbc, asyncpg) get their
+    answers from the pooler too."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    c = raw_client(p.port, APP_USER, APP_DB, APP_PASSWORD)
+    c.exchange(query("BEGIN"))
+    assert _terminate_app_backends(pg) == 1
+    wait_until(lambda: "server conn crashed?" in p.log())
+    answers = c.exchange(parse("", "SELECT 1") + bind("") + execute() + message(b"S"))
+    codes = [error_fields(body)["C"] for t, body in answers if t == "E"]
+    assert codes[-1] == "08006" and c.status == "E"
+    answers = c.exchange(parse("", "ROLLBACK") + bind("") + describe("P", "") + execute() + message(b"S"))
+    assert [t for t, _ in answers] == ["1", "2", "n", "C", "Z"] and c.status == "I"
+    assert rows_of(c.exchange(query("SELECT 6"))) == [["6"]]
+    c.close()

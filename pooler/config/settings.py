@@ -92,6 +92,9 @@ GLOBAL: tuple[Key, ...] = (
     Key("server_connect_timeout", float, c.duration, 15.0),
     Key("server_login_retry", float, c.duration, 15.0),
     Key("server_round_robin", bool, c.boolean, False),
+    # ours: a server lost under a client in transaction/statement pooling costs the
+    # client its transaction, not its connection (relayfaults.py); true: close it (PgBouncer)
+    Key("server_loss_closes_client", bool, c.boolean, False),
     Key("query_timeout", float, c.duration, 0.0),
     Key("query_wait_timeout", float, c.duration, 120.0),
     Key("client_idle_timeout", float, c.duration, 0.0),

@@ -27,6 +27,7 @@ DEF C_EV_DONE = 0
 DEF C_EV_QDONE = 1
 DEF C_EV_RELEASE = 2
 DEF C_EV_TERMINATE = 3
+DEF C_EV_BAD = 4
 DEF C_EV_LINK = 8
 DEF C_EV_REWRITE = 9
 DEF C_EV_PARAM = 10
@@ -41,7 +42,7 @@ DEF C_EV_PROTO = 19
 DEF C_F_AGAIN = 32
 DEF C_EV_HELD = 64
 
-EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE = 0, 1, 2, 3
+EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE, EV_BAD = 0, 1, 2, 3, 4
 EV_LINK, EV_REWRITE, EV_PARAM, EV_ANSWER, EV_CC, EV_Z, EV_REFUSE = 8, 9, 10, 11, 12, 13, 14
 EV_NONE, EV_EOF, EV_CLOSED, EV_PROTO = 16, 17, 18, 19
 F_AGAIN, EV_HELD = 32, 64
@@ -54,17 +55,26 @@ DEF K_SYNC = 2
 DEF K_EXT = 3
 DEF K_TERMINATE = 4
 DEF K_COPY_END = 5
+DEF K_BAD = 6
+DEF SMALL_LIMIT = 10000
+DEF LARGE_LIMIT = 0x3ffffffe
 
 cdef unsigned char CLIENT_KIND[256]
+cdef int64_t CLIENT_LIMIT[256]
 cdef unsigned char REWRITE_KIND[256]
 cdef unsigned char INTEREST[256]
 cdef unsigned char INTEREST_PS[256]
 cdef int _i
 for _i in range(256):
-    CLIENT_KIND[_i] = K_OTHER
+    CLIENT_KIND[_i] = K_BAD
+    CLIENT_LIMIT[_i] = LARGE_LIMIT
     REWRITE_KIND[_i] = 0
     INTEREST[_i] = 0
     INTEREST_PS[_i] = 0
+for _i in b"df":
+    CLIENT_KIND[_i] = K_OTHER
+for _i in b"XSCDEHc":
+    CLIENT_LIMIT[_i] = SMALL_LIMIT
 for _i in b"QF":
     CLIENT_KIND[_i] = K_COUNTED
 CLIENT_KIND[ord("S")] = K_SYNC
@@ -150,6 +160,11 @@ cdef class Step:
         self.queries = self.xacts = self.bytes_in = self.bytes_out = 0
         self._pos = self._seg = self._end = 0
         self._release = self._qdone = self._client_side = False
+
+    @property
+    def end(self):
+        """Bytes in the buffer of the walk in progress (cend is set when it ends)."""
+        return self._end
 
     @property
     def qmask(self):
@@ -243,10 +258,11 @@ cdef class Step:
         while end - pos >= 5:
             t = buf[pos]
             ln = rd32(buf + pos + 1)
-            if ln < 4:
-                return C_EV_PROTO
-            mend = pos + 1 + ln
             kind = CLIENT_KIND[t]
+            if kind == K_BAD or ln < 4 or ln > CLIENT_LIMIT[t]:
+                code = C_EV_BAD          # refused: nothing of it is forwarded
+                break
+            mend = pos + 1 + ln
             if kind == K_TERMINATE:
                 code = C_EV_TERMINATE
                 break

@@ -12,8 +12,12 @@ for work that may block:
   J_SYNC    the idle server needs the client's parameters SET first
   J_FLUSH_* a socket took only part of a chunk: send the rest
   J_REFUSE  statement mode: roll back a transaction the client opened
-  J_LOST    the server went away mid-transaction
+  J_LOST    the server went away mid-transaction (relayfaults.server_lost)
   J_RAISE   a callback failed: raise its exception in the greenlet
+  J_BAD     the client sent a message the pooler refuses: let the server finish
+            what it was sent (so it stays pooled), then close the client (08P01)
+  J_FAILED  the server died in a transaction block: the pooler answers the
+            client until it ends the block (relayfaults.feed_failed)
   J_END     the client left (Terminate, EOF)
 
 A callback that hands work over stops (disarms) both watchers first and
@@ -29,15 +33,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import gevent
 from gevent import getcurrent
 from gevent.hub import get_hub
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import relaystep
+from pooler.pooling import relayfaults, relaystep
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
-    EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
+    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
 from pooler.errors import PoolerError
@@ -64,8 +69,8 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
          STATEMENT: relaystep.STATEMENT}
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
-J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE = (
-    1, 2, 4, 8, 16, 32, 64, 128)
+J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED = (
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -78,7 +83,7 @@ class Relay:
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
-                 "exc", "synced", "waiter", "ended", "on_client_cb", "on_server_cb",
+                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
                  "on_handed_cb")
 
     def __init__(self, client: "Client") -> None:
@@ -104,6 +109,7 @@ class Relay:
         self.synced: ServerConn | None = None   # a fast-acquired server awaiting SETs
         self.waiter = None       # queued in the pool as a callback waiter (pool.enqueue)
         self.ended = False
+        self.failed = None       # lostserver.FailedBlock after a server died mid-block
         # Bound once: a watcher started with the same callback object costs no allocation.
         self.on_client_cb = self._on_client
         self.on_server_cb = self._on_server
@@ -134,7 +140,7 @@ class Relay:
                 self._borrow()
                 self.step.cbuf[:len(early)] = early
                 self.step.cend = len(early)
-                job = self._client_end_or_event(self.step.client_start())
+                job = self.client_events(self.step.client_start())
             while True:
                 while job:
                     job = self._do(job)
@@ -154,7 +160,7 @@ class Relay:
             self._leave_queue()
             self._disarm()
             self.step.cend = 0
-            self._give_back()
+            self.give_back()
             if self.synced is not None:
                 self.pool.release(self.synced)
                 self.synced = None
@@ -195,18 +201,24 @@ class Relay:
             self._refuse_transaction()
             job &= ~J_REFUSE
         if job & J_LOST:
-            self._server_lost()
-            return J_END
+            if not relayfaults.server_lost(self):
+                return J_END
+            job &= ~J_LOST
+        if job & J_BAD:
+            relayfaults.refuse_input(self)
         if job & J_END:
             return J_END
+        if job & J_FAILED:
+            nxt = relayfaults.feed_failed(self)
+            return J_END if nxt is None else nxt
         if job & J_LINK:
             self._link(self._acquire())
-            return self._client_end_or_event(step.client_walk())
+            return self.client_events(step.client_walk())
         if job & J_SYNC:
             srv, self.synced = self.synced, None
             self._sync(srv)
             self._link(srv)
-            return self._client_end_or_event(step.client_walk())
+            return self.client_events(step.client_walk())
         return job
 
     # -- callbacks: the steady state ---------------------------------------------
@@ -219,7 +231,7 @@ class Relay:
                     step.set_cbuf(*_free_bufs.pop())
                 else:
                     self._borrow()
-            job = self._client_end_or_event(step.client_in())
+            job = self.client_events(step.client_in())
         except Exception as exc:         # raised in the greenlet, where the handlers are
             self.exc = exc
             job = J_RAISE
@@ -255,7 +267,7 @@ class Relay:
                 self._link(srv)
                 self.cs.rw.start(self.on_client_cb)
                 srv.stream.rw.start(self.on_server_cb)
-                job = self._client_end_or_event(self.step.client_walk())
+                job = self.client_events(self.step.client_walk())
         except Exception as exc:
             self.exc = exc
             job = J_RAISE
@@ -274,11 +286,13 @@ class Relay:
 
     # -- client -> server ------------------------------------------------------
 
-    def _client_end_or_event(self, ev: int) -> int:
+    def client_events(self, ev: int) -> int:
         """Act on the client walk's events until it ends; returns a job or 0."""
         step = self.step
         while True:
             if ev == EV_LINK:
+                if self.failed is not None:
+                    return J_FAILED
                 pool = self.pool
                 srv = pool.acquire_nowait()
                 if srv is None:
@@ -325,13 +339,16 @@ class Relay:
             job = self._send_parts(self.server.stream.sock, parts, J_FLUSH_S, J_LOST)
         elif ev & F_AGAIN:
             job = J_FLUSH_S
-        if ev & END_MASK == EV_TERMINATE:
+        end = ev & END_MASK
+        if end == EV_TERMINATE:
             return job | J_END
+        if end == EV_BAD:
+            return job | J_BAD
         cend = step.cend
         if not cend:
-            self._give_back()
+            self.give_back()
         elif cend == len(step.cbuf) and cend >= 5:
-            self._grow_client_buf()
+            self.grow_client_buf()
         return job
 
     def _rewrite(self) -> None:
@@ -361,7 +378,7 @@ class Relay:
         buf, view = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
         self.step.set_cbuf(buf, view)
 
-    def _give_back(self) -> None:
+    def give_back(self) -> None:
         step = self.step
         buf = step.cbuf
         if buf is not None:
@@ -369,14 +386,14 @@ class Relay:
                 _free_bufs.append((buf, step.cview))
             step.set_cbuf(None, None)
 
-    def _grow_client_buf(self) -> None:
+    def grow_client_buf(self) -> None:
         """A message larger than the buffer (a big Parse/Bind being rewritten)."""
         step = self.step
         buf, rest = step.cbuf, step.cend
         need = 1 + unpack_i32(buf, 1)[0]
         bigger = bytearray(max(need, 2 * len(buf)))
         bigger[:rest] = buf
-        self._give_back()
+        self.give_back()
         step.set_cbuf(bigger, memoryview(bigger))
 
     def _send_parts(self, sock, parts: list, again: int, gone: int) -> int:
@@ -427,6 +444,16 @@ class Relay:
             else:
                 return self._server_end(ev)
             ev = step.server_walk()
+
+    def settle_read(self) -> bool:
+        """One read of the server while settling it (relayfaults.settle); False: stop."""
+        step = self.step
+        job = self._server_end_or_event(step.server_in())
+        if job & J_FLUSH_C:
+            data, step.pending = step.pending, None
+            self.cs.sendall(data)
+            job &= ~J_FLUSH_C
+        return not job
 
     def _cut_server(self) -> None:
         parts = self.parts
@@ -552,10 +579,3 @@ class Relay:
                 self.pool.discard(srv, f"server_reset_query failed: {exc}")
                 return
         self.pool.release(srv)
-
-    def _server_lost(self) -> None:
-        srv = self.server
-        self.server = None
-        self.step.unlink()
-        self.pool.discard(srv, "server conn crashed?")
-        self.client.fatal("08006", "server conn crashed?")

@@ -18,11 +18,20 @@ else:
 Step = impl.Step
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE = impl.EV_DONE, impl.EV_QDONE, impl.EV_RELEASE, impl.EV_TERMINATE
+EV_BAD = impl.EV_BAD
 EV_LINK, EV_REWRITE, EV_PARAM, EV_ANSWER = impl.EV_LINK, impl.EV_REWRITE, impl.EV_PARAM, impl.EV_ANSWER
 EV_CC, EV_Z, EV_REFUSE = impl.EV_CC, impl.EV_Z, impl.EV_REFUSE
 EV_NONE, EV_EOF, EV_CLOSED, EV_PROTO = impl.EV_NONE, impl.EV_EOF, impl.EV_CLOSED, impl.EV_PROTO
 F_AGAIN, EV_HELD, END_MASK = impl.F_AGAIN, impl.EV_HELD, impl.END_MASK
 SESSION, TRANSACTION, STATEMENT = impl.SESSION, impl.TRANSACTION, impl.STATEMENT
+
+
+_VALID_CLIENT_TYPES = frozenset(b"QFSPBDCEHXdcf")
+
+
+def valid_client_type(t: int) -> bool:
+    """A frontend message type the relay forwards (the others are refused: EV_BAD)."""
+    return t in _VALID_CLIENT_TYPES
 
 
 def describe() -> str:

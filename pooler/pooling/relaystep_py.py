@@ -14,6 +14,10 @@ end of a walk (the buffer is compacted; `cend` / `skept` say what is kept)
   EV_QDONE      every counted request was answered in this chunk (server side)
   EV_RELEASE    ... and the server is at a release point
   EV_TERMINATE  the client sent Terminate (not forwarded)
+  EV_BAD        the client sent a message the pooler refuses: an unknown type,
+                a length under 4 or over PostgreSQL's limit for its type; the
+                walk stopped before it (what came before was sent) and its
+                header is at cbuf[0:5]
   F_AGAIN       the socket took only part: `pending` holds the rest, the
                 relay must send it before reading that direction again
   EV_HELD       (with EV_* bits) `hold` was set: nothing was sent; `tail` holds
@@ -42,7 +46,7 @@ from pooler.wire.protocol import unpack_i32
 
 IMPLEMENTATION = "python"
 
-EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE = 0, 1, 2, 3
+EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE, EV_BAD = 0, 1, 2, 3, 4
 EV_LINK, EV_REWRITE, EV_PARAM, EV_ANSWER, EV_CC, EV_Z, EV_REFUSE = 8, 9, 10, 11, 12, 13, 14
 EV_NONE, EV_EOF, EV_CLOSED, EV_PROTO = 16, 17, 18, 19
 F_AGAIN, EV_HELD = 32, 64
@@ -51,8 +55,16 @@ END_MASK = 7
 SESSION, TRANSACTION, STATEMENT = 0, 1, 2
 QMASK_BITS = 64                    # pipelined Queries tracked for COPY (as in the C twin)
 
-K_OTHER, K_COUNTED, K_SYNC, K_EXT, K_TERMINATE, K_COPY_END = range(6)
-CLIENT_KIND = bytearray(256)
+K_OTHER, K_COUNTED, K_SYNC, K_EXT, K_TERMINATE, K_COPY_END, K_BAD = range(7)
+CLIENT_KIND = bytearray([K_BAD]) * 256
+for _t in b"df":
+    CLIENT_KIND[_t] = K_OTHER
+# PostgreSQL's own limits on a frontend message's length (pq_getmessage's maxlen):
+# 10,000 bytes for the small control messages, MaxAllocSize - 1 for the others.
+SMALL_LIMIT, LARGE_LIMIT = 10000, 0x3ffffffe
+CLIENT_LIMIT = [LARGE_LIMIT] * 256
+for _t in b"XSCDEHc":
+    CLIENT_LIMIT[_t] = SMALL_LIMIT
 for _t in b"QF":
     CLIENT_KIND[_t] = K_COUNTED
 CLIENT_KIND[ord("S")] = K_SYNC
@@ -124,6 +136,11 @@ class Step:
         self.queries = self.xacts = self.bytes_in = self.bytes_out = 0
         self._pos = self._seg = self._end = 0
         self._release = self._qdone = False
+
+    @property
+    def end(self) -> int:
+        """Bytes in the buffer of the walk in progress (cend is set when it ends)."""
+        return self._end
 
     # -- linking ----------------------------------------------------------------
 
@@ -205,10 +222,11 @@ class Step:
         while end - pos >= 5:
             t = buf[pos]
             ln = unpack_i32(buf, pos + 1)[0]
-            if ln < 4:
-                return EV_PROTO
-            mend = pos + 1 + ln
             kind = kinds[t]
+            if kind == K_BAD or ln < 4 or ln > CLIENT_LIMIT[t]:
+                code = EV_BAD            # refused: nothing of it is forwarded
+                break
+            mend = pos + 1 + ln
             if kind == K_TERMINATE:
                 code = EV_TERMINATE
                 break

@@ -1,0 +1,82 @@
+"""What a client hears when its server dies under it in transaction or statement
+pooling (issue 14, item 3): an ErrorResponse with a SQLSTATE and the connection
+kept. A client that was inside a transaction block is told the block failed
+(ReadyForQuery 'E'), and the pooler itself answers what the client sends until
+it ends the block, as PostgreSQL would: ROLLBACK (and COMMIT or END, which
+report ROLLBACK) leave the block, anything else is refused with 25P02.
+
+`FailedBlock.consume` is fed the client's whole messages; nothing here touches a
+server or blocks. PgBouncer closes the client instead; `server_loss_closes_client`
+asks for that.
+"""
+from __future__ import annotations
+
+import re
+
+from pooler.wire import protocol
+
+LOST_SQLSTATE = "08006"
+LOST_MESSAGE = "server connection lost; the transaction was rolled back"
+ABORTED = ("25P02", "current transaction is aborted, commands ignored until end of "
+           "transaction block")
+# Statements that end a failed block. COMMIT of a failed block reports ROLLBACK.
+_ENDS_BLOCK = re.compile(rb"\s*(ROLLBACK|ABORT|COMMIT|END)(\s+(WORK|TRANSACTION))?\s*;?\s*\0?$",
+                         re.I)
+
+
+def lost_error() -> bytes:
+    return protocol.error_response(LOST_SQLSTATE, LOST_MESSAGE)
+
+
+def ends_block(sql: bytes) -> bool:
+    """ROLLBACK / ABORT / COMMIT / END [WORK | TRANSACTION], alone in the text."""
+    return _ENDS_BLOCK.match(sql) is not None
+
+
+class FailedBlock:
+    """The pooler's side of a failed transaction block whose server is gone."""
+
+    __slots__ = ("first", "skipping", "ending", "in_block")
+
+    def __init__(self, first: bool, in_block: bool, skipping: bool) -> None:
+        self.first = first          # the loss is not reported yet: the next error says so
+        self.skipping = skipping    # extended protocol: an error was sent, skip to Sync
+        self.ending = False         # extended protocol: this batch's statement ends the block
+        self.in_block = in_block    # False: only the rest of a lost batch is owed
+
+    def _error(self) -> bytes:
+        if self.first:
+            self.first = False
+            return lost_error()
+        return protocol.error_response(*ABORTED)
+
+    def consume(self, t: int, body: bytes) -> tuple[bytes, bool]:
+        """Answer one client message; returns (bytes for the client, block still failed)."""
+        if t == protocol.S:
+            ended = self.ending or not self.in_block
+            self.ending = self.skipping = False
+            return protocol.ready_for_query(b"I" if ended else b"E"), not ended
+        if self.skipping:               # after an error PostgreSQL ignores all until Sync
+            return b"", True
+        if t == protocol.Q:
+            if ends_block(body):
+                return protocol.command_complete("ROLLBACK") + protocol.ready_for_query(b"I"), False
+            return self._error() + protocol.ready_for_query(b"E"), True
+        if t == protocol.P:
+            sql = body[body.index(b"\0") + 1:]
+            sql = sql[:sql.index(b"\0")]
+            if ends_block(sql):
+                self.ending = True
+                return protocol.message(b"1"), True
+            self.skipping = True
+            return self._error(), True
+        if t == protocol.B:
+            return protocol.message(b"2"), True
+        if t == protocol.D:
+            return protocol.message(b"n"), True
+        if t == protocol.E and self.ending:
+            return protocol.command_complete("ROLLBACK"), True
+        if t == 0x48:                 # 'H' Flush: nothing to flush
+            return b"", True
+        self.skipping = True          # Execute, Close, FunctionCall, COPY: refused
+        return self._error(), True
