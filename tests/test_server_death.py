@@ -176,3 +176,39 @@ def test_a_failed_block_over_the_extended_protocol(pg, pooler_factory, pooler_co
     assert [t for t, _ in answers] == ["1", "2", "n", "C", "Z"] and c.status == "I"
     assert rows_of(c.exchange(query("SELECT 6"))) == [["6"]]
     c.close()
+
+
+def test_clients_wait_out_a_postgres_restart(pg, pooler_factory, pooler_config, app_userlist):
+    """PostgreSQL is down for a while: clients whose transactions start meanwhile wait
+    (one login attempt per server_login_retry) and are served once it is back."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=3,
+                                     server_login_retry=0.3), app_userlist)
+    conns = [p.connect() for _ in range(6)]
+    for c in conns:
+        c.autocommit = True
+        with c.cursor() as cur:
+            cur.execute("SELECT 1")
+    restarter = threading.Thread(target=pg.restart, kwargs={"mode": "fast", "down_for": 2.0})
+    restarter.start()
+    wait_until(lambda: "while idle" in p.log() or "server conn crashed" in p.log(), timeout=20)
+    time.sleep(0.5)                           # PostgreSQL is down now
+    results: list = []
+
+    def query(c) -> None:
+        try:
+            with c.cursor() as cur:
+                cur.execute("SELECT 7")
+                results.append(cur.fetchone()[0])
+        except psycopg2.Error as exc:
+            results.append(f"{exc.pgcode}: {exc}")
+    threads = [threading.Thread(target=query, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    restarter.join(60)
+    assert results == [7] * len(conns), results
+    attempts = p.log().count("server login failed")
+    assert 1 <= attempts <= 2.0 / 0.3 + 4, attempts      # paced, not one per client per retry
+    for c in conns:
+        c.close()

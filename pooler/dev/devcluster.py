@@ -303,6 +303,19 @@ class TempPostgres:
         """Re-read postgresql.conf / pg_hba.conf (pg_ctl reload)."""
         self._run([self._bin("pg_ctl"), "-D", self.datadir, "reload"], as_server=True)
 
+    def restart(self, mode: str = "fast", down_for: float = 0.0) -> None:
+        """Stop the server (`mode`: fast or immediate, as pg_ctl), stay down `down_for`
+        seconds, start it again on the same port with the same data (fault tests)."""
+        cp = self._run([self._bin("pg_ctl"), "-D", self.datadir, "-m", mode, "-w", "-t", "30",
+                        "stop"], as_server=True, timeout=40, check=False)
+        if cp.returncode != 0:
+            raise PostgresError(f"pg_ctl stop -m {mode} failed: {cp.stderr}")
+        time.sleep(down_for)
+        if not self._pg_ctl_start():
+            raise PostgresError(f"PostgreSQL did not start again on port {self.port}; "
+                                f"server log:\n{self.server_log()[-4000:]}")
+        self._wait_ready()
+
     def stop(self) -> None:
         """Stop the server (fast, then immediate, then SIGKILL) and remove its directory.
         Idempotent; a no-op in a forked child of the process that started it."""

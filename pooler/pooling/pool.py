@@ -135,6 +135,7 @@ class Pool:
         self.stats = Stats()
         self.welcome: dict[str, str] | None = None   # server ParameterStatus values for new clients
         self.last_login_failure: tuple[float, str] | None = None
+        self.login_down = False     # that failure passes (PostgreSQL down/restarting)
         self.paused = False
         self.hub = get_hub()
         self.scram_keys: tuple | None = None
@@ -218,14 +219,37 @@ class Pool:
             srv = None if self.paused else self._pop_idle()
             if srv is not None:
                 return self._checked_out(srv)
+            if self.login_down and self._ride_out_restart(client, since or time.monotonic()):
+                since = since or time.monotonic()
+                continue
             if self._may_open(since):
-                return self._open()
+                try:
+                    return self._open()
+                except PoolError:
+                    if not self.login_down:
+                        raise
+                    since = since or time.monotonic()
+                    continue                 # PostgreSQL is down: wait, then retry
             if self._evict_for_caps() and self._may_open(since):
                 return self._open()
             since = since or time.monotonic()
             srv = self._wait(client, since)
             if srv is not None:
                 return self._checked_out(srv)
+
+    def _ride_out_restart(self, client, since: float) -> bool:
+        """PostgreSQL refused or could not take a login for a reason that passes
+        (down, starting up, shutting down, out of connection slots): wait, as a queued
+        client, for a released server or the next attempt, one per server_login_retry
+        and one at a time, up to query_wait_timeout (the janitor). True: waited; the
+        caller looks again. False: an attempt may be made now."""
+        left = self.last_login_failure[0] + self.cfg.server_login_retry - time.monotonic() \
+            if self.last_login_failure else 0.0
+        if left <= 0 and not self.connecting:
+            return False
+        self._wait(client, since, timeout=max(left, 0.05) if left > 0 else
+                   self.cfg.server_login_retry)
+        return True
 
     def _pop_idle(self) -> ServerConn | None:
         idle = self.idle
@@ -321,6 +345,12 @@ class Pool:
             self.worker.quota.release(self._quota_keys)
             if isinstance(exc, ServerError):
                 self.last_login_failure = (time.monotonic(), str(exc))
+                # A server that worked and is down or restarting (no answer, 57P03
+                # starting up / shutting down, 53300 no slots): clients wait it out.
+                # One never reached, or a refusal for good (a bad password, no such
+                # database), fails them at once, as PgBouncer's fast fail does.
+                self.login_down = self.welcome is not None and (
+                    not exc.fields or exc.sqlstate in ("57P03", "53300"))
                 log.warning("%s@%s server login failed: %s", self.server_user, self.name, exc)
                 self._wake_next_waiter()
                 if exc.fields:
@@ -331,20 +361,28 @@ class Pool:
                 raise PoolError(sqlstate, f"server login failed: {exc}") from exc
             raise
         self.connecting -= 1
-        self.last_login_failure = None
+        if self.last_login_failure is not None:
+            self.last_login_failure = None
+            self.login_down = False
+            self.wake_waiters(len(self.waiters))     # back up: everyone waiting retries
         if self.welcome is None:
             self.welcome = dict(srv.params)
         log.info("S-%d %s@%s new connection to server (%s)", srv.id, self.server_user, self.name, srv.addr)
         self.active.add(srv)
         return srv
 
-    def _wait(self, client, since: float = 0.0) -> ServerConn | None:
-        """Park until a server is handed over (or a slot frees up: then None)."""
+    def _wait(self, client, since: float = 0.0, timeout: float = 0.0) -> ServerConn | None:
+        """Park until a server is handed over (or a slot frees up, or `timeout` passes:
+        then None)."""
         w = Waiter(client)
         t0 = w.since
         if since:
             w.since = since         # query_wait_timeout / reserve count from the first wait
         self.waiters.append(w)
+        timer = None
+        if timeout:
+            timer = self.hub.loop.timer(timeout)
+            timer.start(self._wake_waiter, w)
         try:
             return self.hub.switch()
         except BaseException:
@@ -356,8 +394,21 @@ class Pool:
                 pass
             raise
         finally:
+            if timer is not None:
+                timer.close()
             w.done = True
             self.stats.wait_time += time.monotonic() - t0
+
+    def _wake_waiter(self, w: Waiter) -> None:
+        """A timed wait is over: the waiter looks again (None), unless already served."""
+        if w.done:
+            return
+        w.done = True
+        try:
+            self.waiters.remove(w)
+        except ValueError:
+            pass
+        w.glet.switch(None)
 
     def _hand_over(self, srv: ServerConn | None) -> bool:
         """Give `srv` (or, with None, the right to retry) to the oldest waiter."""
