@@ -10,6 +10,7 @@ import pytest
 
 from conftest import (APP_DB, APP_PASSWORD, APP_USER, backend_count, raw_client,
                       superuser_conn, wait_until)
+from pooler.dev.devcluster import TempPostgres
 from rawpg import bind, describe, error_fields, execute, message, parse, query, rows_of
 
 N = 5
@@ -178,11 +179,26 @@ def test_a_failed_block_over_the_extended_protocol(pg, pooler_factory, pooler_co
     c.close()
 
 
-def test_clients_wait_out_a_postgres_restart(pg, pooler_factory, pooler_config, app_userlist):
+@pytest.fixture
+def own_pg():
+    """A cluster of this test's own: restarting the shared one would cut the other
+    tests' cached connections to it."""
+    cluster = TempPostgres().start()
+    try:
+        cluster.create_role(APP_USER, APP_PASSWORD)
+        cluster.create_database(APP_DB, owner=APP_USER)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_clients_wait_out_a_postgres_restart(own_pg, pooler_factory, app_userlist):
     """PostgreSQL is down for a while: clients whose transactions start meanwhile wait
     (one login attempt per server_login_retry) and are served once it is back."""
-    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=3,
-                                     server_login_retry=0.3), app_userlist)
+    pg = own_pg
+    cfg = {"databases": {APP_DB: {"host": pg.host, "port": pg.port, "dbname": APP_DB}},
+           "pool_mode": "transaction", "default_pool_size": 3, "server_login_retry": 0.3}
+    p = pooler_factory(cfg, app_userlist)
     conns = [p.connect() for _ in range(6)]
     for c in conns:
         c.autocommit = True
