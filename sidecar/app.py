@@ -62,7 +62,7 @@ def create_app(settings: Settings, console: Console | None = None,
     app = Flask("sidecar")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY     # a pools request is a few fields
     console = console or Console(settings.target)
-    registry = registry or metrics_registry(console)
+    registry = registry or metrics_registry(console, settings.legacy_metrics)
     last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
     httperrors.install(app)
 
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.current_token() is None:
         log.warning("no token configured: /pause, /resume and /reload are disabled")
     console = Console(settings.target)
-    registry = metrics_registry(console)
+    registry = metrics_registry(console, settings.legacy_metrics)
     app = create_app(settings, console, registry)
     if args.paused_file:
         import gevent
