@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from conftest import APP_DB, APP_PASSWORD, APP_USER, wait_until
 from test_sidecar import (ADMIN, ADMIN_PASSWORD, POOL, make_client,  # noqa: F401
                           pooler, run_queries, samples)
 
@@ -127,6 +127,11 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
+def per_process(got: dict) -> dict[tuple[str, str], float]:
+    return {(dict(k)["role"], dict(k)["worker"]): v for (n, k), v in got.items()
+            if n == "pooler_process_cpu_seconds_total"}
+
+
 @pytest.fixture
 def prefork(pooler_factory, pooler_config, app_userlist):
     cfg = pooler_config(admin_users=[ADMIN], pool_mode="transaction", workers=2)
@@ -135,11 +140,12 @@ def prefork(pooler_factory, pooler_config, app_userlist):
 
 def test_process_metrics_are_the_poolers_master_and_workers(prefork):
     client = make_client(prefork)
+    # The port listens before both workers are forked and answer snapshots.
+    wait_until(lambda: len(children(prefork.pid)) == 2 and len(per_process(scrape(client))) == 3,
+               timeout=20, interval=0.2, message="two workers in SHOW PROCESSES")
     workers = children(prefork.pid)
-    assert len(workers) == 2
     first = scrape(client)
-    per = {(dict(k)["role"], dict(k)["worker"]): v for (n, k), v in first.items()
-           if n == "pooler_process_cpu_seconds_total"}
+    per = per_process(first)
     assert set(per) == {("master", ""), ("worker", "0"), ("worker", "1")}, per
     total = first[("pgbouncer_process_cpu_seconds_total", ())]
     assert total == pytest.approx(sum(per.values()), abs=0.05)
