@@ -17,7 +17,8 @@ from pooler.config import capacity
 from pooler.config.load import load_config
 from pooler.dev.devcluster import free_port
 from test_sidecar import (ADMIN, ADMIN_PASSWORD, POOL, bearer, make_client,  # noqa: F401
-                          pooler)
+                          pooler, running_sidecar)
+from test_sidecar_pools import post_json
 
 NEW = "big_pool"
 
@@ -104,6 +105,16 @@ def test_pools_api_refuses_a_size_over_capacity_with_the_numbers(pooler, server_
     assert other.status_code == 422 and other.json["field"] == "size"
     assert client.patch(f"/pools/{NEW}", headers=bearer(), json={"size": 5}).status_code == 200
     assert client.patch(f"/pools/{POOL}", headers=bearer(), json={"size": 4}).status_code == 200
+
+
+def test_the_sidecar_process_reads_the_server_under_gevent(pooler, server_allows, tmp_path):
+    # As deployed: gevent and psycogreen, the server read cooperatively.
+    with running_sidecar(pooler, tmp_path) as base:
+        code, body = post_json(base + "/pools", {"name": NEW, "db": APP_DB, "user": APP_USER,
+                                                 "size": server_allows})
+        assert code == 422 and body["capacity"]["max_connections"] == 300, body
+        code, body = post_json(base + "/pools", {"name": NEW, "db": APP_DB, "size": 20})
+        assert code == 201 and "warnings" not in body, body
 
 
 def pooler_backend(pooler) -> str:

@@ -464,6 +464,8 @@ def test_sidecar_process_serves_health_and_metrics(pooler, sidecar_process: str)
     got = samples(text)
     assert got[("pgbouncer_up", ())] == 1
     assert got[("pgbouncer_stats_totals_queries_pooled_total", (("database", APP_DB),))] >= 2
+    assert got[("pgbouncer_process_resident_memory_bytes", ())] > 0     # the pooler's
+    assert got[("process_resident_memory_bytes", ())] > 0               # the sidecar's
     assert ADMIN_PASSWORD not in text
     assert http_get(base + "/readyz")[0] == 200
     # Several requests at once: each waits on the console cooperatively.
