@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pooler.config import capacity
 from pooler.config.converters import ConfigError
-from pooler.config.load import check_config_file
+from pooler.config.load import check_config_file, load_config
+from pooler.config.model import Config
 from pooler.version import version_line
 from pooler.pooling import relaystep
 
@@ -48,8 +50,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_check_config(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="pooler check-config", description="Validate a config file.")
+    p = argparse.ArgumentParser(
+        prog="pooler check-config",
+        description="Validate a config file, then check that its pools fit the PostgreSQL "
+                    "servers' max_connections (read from each server, or given).")
     p.add_argument("config")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="check the pools against this max_connections instead of asking "
+                        "the servers (no connection is made)")
+    p.add_argument("--superuser-reserved", type=int, default=3, metavar="N",
+                   help="superuser_reserved_connections with --max-connections (default 3, "
+                        "PostgreSQL's)")
+    p.add_argument("--no-connect", action="store_true",
+                   help="skip the capacity check when no --max-connections is given")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when the pools do not fit (default: a warning)")
     args = p.parse_args(argv)
     errors = check_config_file(args.config)
     if errors:
@@ -57,8 +72,36 @@ def cmd_check_config(argv: list[str]) -> int:
             print(e, file=sys.stderr)
         print(f"{args.config}: {len(errors)} error(s)", file=sys.stderr)
         return 1
+    overflows = 0
+    if args.max_connections is not None or not args.no_connect:
+        overflows = check_capacity(load_config(args.config), args.max_connections,
+                                   args.superuser_reserved)
     print(f"{args.config}: OK")
-    return 0
+    return 1 if overflows and args.strict else 0
+
+
+def check_capacity(cfg: Config, max_connections: int | None, reserved: int) -> int:
+    """Print (stderr) how each server's pools fit; the number that do not."""
+    overflows = 0
+    for server, need in sorted(capacity.demand(cfg).items()):
+        where = capacity.server_name(server)
+        if max_connections is not None:
+            limits = capacity.Limits(max_connections, reserved, cfg.capacity_headroom)
+        else:
+            try:
+                limits = capacity.read_limits(server, capacity.logins(cfg, server),
+                                              cfg.capacity_headroom)
+            except capacity.Unreachable as e:
+                print(f"capacity of {where} not checked: {e}", file=sys.stderr)
+                continue
+        problem = capacity.overflow(need, limits)
+        if problem:
+            overflows += 1
+            print(f"warning: {problem}", file=sys.stderr)
+        else:
+            print(f"capacity of {where}: the pools may open {need.total} of the "
+                  f"{limits.available} server connections it allows", file=sys.stderr)
+    return overflows
 
 
 __all__ = ["main", "ConfigError"]

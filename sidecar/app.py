@@ -62,7 +62,7 @@ def create_app(settings: Settings, console: Console | None = None,
     app = Flask("sidecar")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY     # a pools request is a few fields
     console = console or Console(settings.target)
-    registry = registry or metrics_registry(console)
+    registry = registry or metrics_registry(console, settings.legacy_metrics)
     last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
     httperrors.install(app)
 
@@ -189,17 +189,17 @@ def create_app(settings: Settings, console: Console | None = None,
     @_needs_token(settings)
     def pool_create() -> tuple[Response, int]:
         req = pool_writes.create_request(_json_body())
-        writer.create(req)
+        warnings = writer.create(req)
         _audit("created", req["name"], req)
-        return pool_one_or_saved(req["name"], 201)
+        return pool_one_or_saved(req["name"], 201, warnings)
 
     @app.patch("/pools/<name>")
     @_needs_token(settings)
     def pool_update(name: str) -> tuple[Response, int]:
         changes = pool_writes.patch_request(_json_body())
-        writer.update(name, changes)
+        warnings = writer.update(name, changes)
         _audit("changed", name, changes)
-        return pool_one_or_saved(name, 200)
+        return pool_one_or_saved(name, 200, warnings)
 
     @app.delete("/pools/<name>")
     @_needs_token(settings)
@@ -208,10 +208,12 @@ def create_app(settings: Settings, console: Console | None = None,
         _audit("deleted", name, {})
         return jsonify(status="deleted", name=name), 200
 
-    def pool_one_or_saved(name: str, code: int) -> tuple[Response, int]:
+    def pool_one_or_saved(name: str, code: int, warnings: list[str]) -> tuple[Response, int]:
         resp, status = pool_one(name)
         if status != 200:       # saved and reloaded, but the console cannot show it now
-            return jsonify(status="saved", name=name), code
+            return jsonify(status="saved", name=name, warnings=warnings), code
+        if warnings:
+            resp = jsonify({**resp.get_json(), "warnings": warnings})
         return resp, code
 
     return app
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.current_token() is None:
         log.warning("no token configured: /pause, /resume and /reload are disabled")
     console = Console(settings.target)
-    registry = metrics_registry(console)
+    registry = metrics_registry(console, settings.legacy_metrics)
     app = create_app(settings, console, registry)
     if args.paused_file:
         import gevent

@@ -5,11 +5,14 @@ Two vocabularies, so existing dashboards and alerts work unchanged:
 * prometheus-community's pgbouncer_exporter: `pgbouncer_up`,
   `pgbouncer_version_info`, `pgbouncer_pools_*{database,user}`,
   `pgbouncer_databases_*{name,host,port,database,force_user,pool_mode}`,
-  `pgbouncer_stats_*_total{database}` (seconds, not microseconds), the SHOW
-  LISTS counts (`pgbouncer_databases`, `pgbouncer_used_clients`, ...) and
-  `pgbouncer_config_max_*`. Its releases up to 0.10 prefix the counters with
-  `pgbouncer_stats_`, later ones with `pgbouncer_stats_totals_`: both are
-  emitted.
+  `pgbouncer_stats_totals_*_total{database}` (seconds, not microseconds),
+  `pgbouncer_client_connections{database,user,application_name,state}` (SHOW
+  CLIENTS counted, as 0.12 does), the SHOW LISTS counts (`pgbouncer_databases`,
+  `pgbouncer_used_clients`, ...), `pgbouncer_config_max_*` and, as the
+  exporter's `--pgBouncer.pid-file` gives them, `pgbouncer_process_*` of the
+  pooler (summed over its master and workers; see procmetrics.py). Its
+  releases up to 0.10 named the counters `pgbouncer_stats_*`: those legacy
+  duplicates are emitted only with `--legacy-metrics` (they double the series).
 * CloudNativePG's PgBouncer exporter: `cnpg_pgbouncer_up`,
   `cnpg_pgbouncer_last_collection_error`, `cnpg_pgbouncer_lists_*`,
   `cnpg_pgbouncer_pools_*{database,user}`, `cnpg_pgbouncer_stats_*{database}`
@@ -22,16 +25,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .console import Console, ConsoleError, Rows
+from .procmetrics import process_metrics
 
 log = logging.getLogger("sidecar.metrics")
 
-SHOWS = ("VERSION", "LISTS", "CONFIG", "POOLS", "DATABASES", "STATS")
+SHOWS = ("VERSION", "LISTS", "CONFIG", "POOLS", "DATABASES", "STATS", "CLIENTS")
 US = 1e-6
 
 # SHOW POOLS column -> (exporter name, help). maxwait is handled apart (it adds maxwait_us).
@@ -67,8 +72,13 @@ EXPORTER_STATS = {
     "total_client_parse_count": ("client_parses_total", 1, "Parse messages received from clients"),
     "total_server_parse_count": ("server_parses_total", 1, "Parse messages sent to servers"),
     "total_bind_count": ("binds_total", 1, "Bind messages received from clients"),
+    "total_server_assignment_count": ("server_assignments_total", 1,
+                                      "Times a server connection was assigned to a client"),
 }
-EXPORTER_STATS_PREFIXES = ("pgbouncer_stats_", "pgbouncer_stats_totals_")
+STATS_PREFIX = "pgbouncer_stats_totals_"        # exporter 0.11 and later
+LEGACY_STATS_PREFIX = "pgbouncer_stats_"        # exporter 0.10 and earlier (--legacy-metrics)
+# pgbouncer_client_connections labels: SHOW CLIENTS columns, in the exporter's order.
+CLIENT_LABELS = ("database", "user", "application_name", "state")
 
 # SHOW DATABASES column (also the exporter's name suffix) -> help.
 EXPORTER_DATABASES = {"pool_size": "Maximum number of server connections",
@@ -107,8 +117,9 @@ CNPG_STATS = ("total_server_assignment_count", "total_xact_count", "total_query_
 class PoolerCollector(Collector):
     """A custom collector: every collect() asks the console afresh."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, legacy: bool = False) -> None:
         self.console = console
+        self.legacy = legacy        # also the pre-0.11 pgbouncer_stats_* names
         self.collections = 0        # cnpg_pgbouncer_collections_total
 
     def collect(self) -> Iterator[Metric]:
@@ -120,8 +131,9 @@ class PoolerCollector(Collector):
             log.warning("metrics: admin console unavailable: %s", e)
             data = None
         if data is not None:
-            yield from exporter_metrics(data)
+            yield from exporter_metrics(data, self.legacy)
             yield from cnpg_metrics(data)
+            yield from process_metrics(self.console)
         yield from self._health(data is not None, time.monotonic() - start)
 
     def _health(self, up: bool, duration: float) -> Iterator[Metric]:
@@ -140,7 +152,7 @@ class PoolerCollector(Collector):
 # ----------------------------------------------------------------------------- exporter
 
 
-def exporter_metrics(data: dict[str, Rows]) -> Iterator[Metric]:
+def exporter_metrics(data: dict[str, Rows], legacy: bool = False) -> Iterator[Metric]:
     for row in data["VERSION"]:
         yield _gauge("pgbouncer_version_info", "The pooler's version (SHOW VERSION)",
                      ["version"], [([str(row.get("version"))], 1)])
@@ -156,7 +168,10 @@ def exporter_metrics(data: dict[str, Rows]) -> Iterator[Metric]:
                          [([], _number(config[key]))])
     yield from _exporter_pools(data["POOLS"])
     yield from _exporter_databases(data["DATABASES"])
-    yield from _exporter_stats(data["STATS"])
+    yield from _exporter_stats(data["STATS"], STATS_PREFIX)
+    if legacy:
+        yield from _exporter_stats(data["STATS"], LEGACY_STATS_PREFIX)
+    yield from _client_connections(data["CLIENTS"])
 
 
 def _exporter_pools(pools: Rows) -> Iterator[Metric]:
@@ -174,14 +189,21 @@ def _exporter_databases(dbs: Rows) -> Iterator[Metric]:
                      [([_label(d.get(k)) for k in DATABASE_LABELS], d.get(col)) for d in dbs])
 
 
-def _exporter_stats(stats: Rows) -> Iterator[Metric]:
-    for prefix in EXPORTER_STATS_PREFIXES:
-        for col, (metric, factor, help_) in EXPORTER_STATS.items():
-            fam = CounterMetricFamily(prefix + metric, help_, labels=["database"])
-            for s in stats:
-                if _number(s.get(col)) is not None:
-                    fam.add_metric([s["database"]], _number(s[col]) * factor)
-            yield fam
+def _exporter_stats(stats: Rows, prefix: str) -> Iterator[Metric]:
+    for col, (metric, factor, help_) in EXPORTER_STATS.items():
+        fam = CounterMetricFamily(prefix + metric, help_, labels=["database"])
+        for s in stats:
+            if _number(s.get(col)) is not None:
+                fam.add_metric([s["database"]], _number(s[col]) * factor)
+        yield fam
+
+
+def _client_connections(clients: Rows) -> Iterator[Metric]:
+    """SHOW CLIENTS rows counted by (database, user, application_name, state)."""
+    counts = Counter(tuple(_label(c.get(k)) for k in CLIENT_LABELS) for c in clients)
+    yield _gauge("pgbouncer_client_connections",
+                 "Client connections by database, user, application name and state",
+                 list(CLIENT_LABELS), [(list(key), n) for key, n in sorted(counts.items())])
 
 
 # ----------------------------------------------------------------------------- CNPG

@@ -9,7 +9,8 @@ the same collection counters.
 from __future__ import annotations
 
 from flask import Flask, Response, jsonify
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector,
+                               generate_latest)
 from werkzeug.exceptions import HTTPException
 
 from .console import Console
@@ -18,10 +19,12 @@ from .metrics import PoolerCollector
 DEFAULT_METRICS_PORT = 9127
 
 
-def metrics_registry(console: Console) -> CollectorRegistry:
-    """A registry whose one collector asks `console` afresh at each scrape."""
+def metrics_registry(console: Console, legacy: bool = False) -> CollectorRegistry:
+    """A registry whose collector asks `console` afresh at each scrape, plus the
+    sidecar's own `process_*` (the pooler's are `pgbouncer_process_*`)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PoolerCollector(console))
+    registry.register(PoolerCollector(console, legacy))
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -4,7 +4,8 @@ A change is checked against the request rules here, then against the whole
 config as the pooler will see it (the main YAML with the candidate overlay,
 pooler/config/load.py), then written to the overlay `<stem>.pools.yaml` next
 to the config -- the operator's own file is never rewritten -- and applied by
-RELOAD on the admin console. Writes are serialised (an in-process lock for
+RELOAD on the admin console. A create or resize must also fit the PostgreSQL
+server's max_connections (capacity.py). Writes are serialised (an in-process lock for
 concurrent requests, flock for other processes) and atomic (a temp file in the
 same directory, fsync, rename, fsync of the directory): a failed write leaves
 the old overlay whole.
@@ -35,6 +36,7 @@ from pooler.config.load import (is_ini, load_with_overlay, overlay_path, read_ov
 from pooler.config.model import Config
 from pooler.config.settings import ADMIN_DB, POOL_MODES
 
+from .capacity import CapacityGuard
 from .console import Console, ConsoleError
 from .httperrors import Refusal
 
@@ -125,16 +127,19 @@ def _user(value: Any) -> str | None:
 class PoolWriter:
     """Applies pool changes to the overlay of the config at `config_path`."""
 
-    def __init__(self, config_path: str, console: Console, reload_timeout: float) -> None:
+    def __init__(self, config_path: str, console: Console, reload_timeout: float,
+                 guard: CapacityGuard | None = None) -> None:
         self.config_path = config_path
         self.overlay = overlay_path(config_path)
         self.console = console
         self.reload_timeout = reload_timeout
+        self.guard = guard or CapacityGuard()
         # Made here, not at import: in the sidecar process gevent has patched threading
         # by now, so concurrent requests wait cooperatively.
         self._lock = threading.Lock()
 
-    def create(self, req: dict[str, Any]) -> None:
+    def create(self, req: dict[str, Any]) -> list[str]:
+        """Returns the warnings (a server whose capacity could not be checked)."""
         def change(cfg: Config, pools: dict[str, Any]) -> None:
             name = req["name"]
             if name in cfg.pools or name in cfg.databases or name == ADMIN_DB:
@@ -144,14 +149,14 @@ class PoolWriter:
             if req["db"] not in cfg.databases and "*" not in cfg.databases:
                 raise Refusal(422, f"no databases entry named {req['db']!r}", field="db")
             pools[name] = _entry(req["db"], req["user"], req["mode"], req["size"])
-        self._apply(f"create pool {req['name']!r}", change)
+        return self._apply(f"create pool {req['name']!r}", change)
 
-    def update(self, name: str, changes: dict[str, Any]) -> None:
+    def update(self, name: str, changes: dict[str, Any]) -> list[str]:
         def change(cfg: Config, pools: dict[str, Any]) -> None:
             pool = self._existing(cfg, name)
             current = {"user": pool.user, "mode": pool.mode, "size": pool.size, **changes}
             pools[name] = _entry(pool.database, current["user"], current["mode"], current["size"])
-        self._apply(f"change pool {name!r} ({', '.join(sorted(changes))})", change)
+        return self._apply(f"change pool {name!r} ({', '.join(sorted(changes))})", change)
 
     def delete(self, name: str) -> None:
         def change(cfg: Config, pools: dict[str, Any]) -> None:
@@ -160,7 +165,7 @@ class PoolWriter:
                 pools[name] = None          # defined in the main file: the overlay removes it
             else:
                 pools.pop(name, None)
-        self._apply(f"delete pool {name!r}", change)
+        self._apply(f"delete pool {name!r}", change, check_capacity=False)
 
     # ------------------------------------------------------------------ internals
 
@@ -178,8 +183,9 @@ class PoolWriter:
         pools = data.get("pools") if isinstance(data, dict) else None
         return pools if isinstance(pools, dict) else {}
 
-    def _apply(self, what: str, change: Callable[[Config, dict[str, Any]], None]) -> None:
-        """Under the locks: read, change, validate, write, then RELOAD."""
+    def _apply(self, what: str, change: Callable[[Config, dict[str, Any]], None],
+               check_capacity: bool = True) -> list[str]:
+        """Under the locks: read, change, validate (capacity too), write, then RELOAD."""
         if is_ini(self.config_path):
             raise Refusal(409, f"the pooler config {self.config_path} is a pgbouncer.ini: the "
                                "pools API needs a YAML config (convert it with "
@@ -194,9 +200,10 @@ class PoolWriter:
             candidate = {**overlay, "pools": dict(overlay.get("pools") or {})}
             change(cfg, candidate["pools"])
             try:
-                load_with_overlay(self.config_path, candidate, self.overlay)
+                new = load_with_overlay(self.config_path, candidate, self.overlay)
             except ConfigError as e:
                 raise Refusal(422, "; ".join(e.errors), errors=e.errors) from None
+            warnings = self.guard.check(cfg, new) if check_capacity else []
             self._write(candidate)
             log.info("%s: saved in %s", what, self.overlay)
             try:
@@ -204,6 +211,7 @@ class PoolWriter:
             except ConsoleError as e:
                 raise Refusal(503, f"saved in {self.overlay}, but RELOAD failed: {e}; "
                                    "POST /reload applies it", saved=True) from None
+            return warnings
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:

@@ -39,6 +39,7 @@ class Settings:
     token_file: str | None = None       # re-read on use, so a rotated Secret takes effect
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     client_ca_file: str | None = None   # CONNECTIONPOOL_CA_CERT (pools API); see pools.endpoint
+    legacy_metrics: bool = False        # also the pre-0.11 exporter names pgbouncer_stats_*
 
     def current_token(self) -> str | None:
         """The configured token, or None: then state-changing endpoints are refused."""
@@ -85,9 +86,18 @@ def parser() -> argparse.ArgumentParser:
                    help=f"seconds to wait for the admin console (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--command-timeout", type=float, default=DEFAULT_COMMAND_TIMEOUT,
                    help=f"seconds to wait for PAUSE/RESUME/RELOAD (default {DEFAULT_COMMAND_TIMEOUT:g})")
+    p.add_argument("--legacy-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="also emit pgbouncer_exporter's pre-0.11 pgbouncer_stats_* counters, "
+                        "duplicates of pgbouncer_stats_totals_* (default: env "
+                        "POOLER_SIDECAR_LEGACY_METRICS=1|0, else off)")
     p.add_argument("--paused-file", help="file holding 'true' or 'false': the pooler is paused "
                                          "or resumed to match, at start and when it changes")
     return p
+
+
+def env_flag(text: str | None) -> bool:
+    """An environment switch: 1/true/yes/on is on; unset, empty or anything else off."""
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def tcp_port(text: str) -> int:
@@ -116,7 +126,9 @@ def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Se
                     token=None if args.token_file else env.get("POOLER_SIDECAR_TOKEN"),
                     token_file=args.token_file, command_timeout=args.command_timeout,
                     client_ca_file=os.path.abspath(args.client_ca_file) if args.client_ca_file
-                    else None)
+                    else None,
+                    legacy_metrics=args.legacy_metrics if args.legacy_metrics is not None
+                    else env_flag(env.get("POOLER_SIDECAR_LEGACY_METRICS")))
 
 
 def console_host(cfg: Config) -> str:

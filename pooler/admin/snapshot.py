@@ -43,6 +43,8 @@ def snapshot(worker: "Worker") -> dict[str, Any]:
     return {
         "worker_id": wid,
         "pid": os.getpid(),
+        # The master of a prefork pooler; a one-process pooler is its own (SHOW PROCESSES).
+        "master_pid": getattr(worker.peers, "master_pid", None) or os.getpid(),
         "taken_at": clock.wall_now,
         "state": flags,
         "shutting_down": bool(worker.shutting_down or worker.shutdown_mode),

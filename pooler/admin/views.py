@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
+from pooler.admin import procstat
 from pooler.config import runtime
 from pooler.wire import protocol
 from pooler.version import version_line
@@ -395,6 +396,28 @@ def show_fds(_v: View) -> Result:
                  "scram_server_key:b", [])
 
 
+PROCESSES_COLS = ("role:s worker:i pid:i cpu_seconds:N rss_bytes:q vms_bytes:q "
+                  "start_time:N open_fds:i")
+
+
+def show_processes(v: View) -> Result:
+    """Ours (not PgBouncer's): CPU and memory of the master and of each worker that
+    answered, from /proc, for monitors that cannot read this container's /proc."""
+    procs: dict[int, tuple[str, int | None]] = {}
+    for snap in v.snaps:
+        master = snap.get("master_pid")
+        if master is not None and master != snap["pid"]:
+            procs.setdefault(master, ("master", None))
+        procs[snap["pid"]] = ("worker", snap["worker_id"])
+    rows = []
+    for pid, (role, wid) in sorted(procs.items()):
+        u = procstat.usage(pid)
+        if u is not None:
+            rows.append([role, wid, pid, round(u.cpu_seconds, 2), u.rss_bytes, u.vms_bytes,
+                         round(u.start_time, 2), u.open_fds])
+    return table(PROCESSES_COLS, rows)
+
+
 def show_config(v: View) -> Result:
     rows = [list(r) for r in runtime.config_rows(v.cfg, v.worker.config_path or None)]
     return table("key:s value:s default:s changeable:s", rows)
@@ -402,7 +425,7 @@ def show_config(v: View) -> Result:
 
 def show_help(_v: View) -> Result:
     text = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
-            "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE\n"
+            "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE|PROCESSES\n"
             "\tSHOW DNS_HOSTS|DNS_ZONES\n"
             "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
             "\tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n"
@@ -422,7 +445,7 @@ SHOWS: dict[str, Callable[[View], Result]] = {
     "active_sockets": show_active_sockets, "users": show_users, "stats": show_stats,
     "stats_totals": show_stats_totals, "stats_averages": show_stats_averages,
     "totals": show_totals, "lists": show_lists, "state": show_state, "mem": show_mem,
-    "fds": show_fds,
+    "fds": show_fds, "processes": show_processes,
     "dns_hosts": lambda _v: table("hostname:s ttl:q addrs:s", []),
     "dns_zones": lambda _v: table("zonename:s serial:q count:i", []),
 }

@@ -83,6 +83,9 @@ GLOBAL: tuple[Key, ...] = (
     Key("max_user_connections", int, c.COUNT, 0),
     Key("max_user_client_connections", int, c.COUNT, 0),
     Key("max_prepared_statements", int, c.COUNT, 200),
+    # ours: server connections to leave free on each PostgreSQL server besides
+    # superuser_reserved_connections (config/capacity.py: check-config, the pools API)
+    Key("capacity_headroom", int, c.COUNT, 0),
     Key("server_reset_query", str, c.TEXT, "DISCARD ALL"),
     Key("server_reset_query_always", bool, c.boolean, False),
     Key("server_check_query", str, c.TEXT, "select 1"),
