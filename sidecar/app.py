@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import sys
 import time
 from typing import Any, Callable
@@ -39,6 +38,7 @@ from prometheus_client import CollectorRegistry
 
 from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file, load_config
+from pooler.wire.reach import connect_probe
 
 from . import httperrors, pool_writes, pools
 from .console import Console, ConsoleError
@@ -326,14 +326,9 @@ def _pools(console: Console, settings: Settings,
 
 
 def _tcp_ok(host: str, port: int, timeout: float) -> bool:
-    """True if a TCP connection to host:port (or a Unix socket directory) succeeds."""
+    """True if a connection to host:port (or a Unix socket directory) succeeds."""
     try:
-        if host.startswith("/"):
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(timeout)
-                s.connect(f"{host}/.s.PGSQL.{port}")
-        else:
-            socket.create_connection((host, port), timeout=timeout).close()
+        connect_probe(host, port, timeout)
         return True
     except OSError:
         return False

@@ -23,13 +23,13 @@ libpq's own defaults (PGUSER, PGPASSWORD, ~/.pgpass).
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 
 import psycopg2
 
 from pooler.config.model import Config, Route
 from pooler.wire.authsecret import secret_kind
+from pooler.wire.reach import connect_probe
 from pooler.wire.userlist import load_userlist
 
 Server = tuple[str, int]
@@ -177,12 +177,7 @@ def _reachable(server: Server, timeout: float) -> None:
     """Unreachable unless the server accepts a connection: then no login is worth trying."""
     host, port = server
     try:
-        if host.startswith("/"):
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(timeout)
-                s.connect(f"{host}/.s.PGSQL.{port}")
-        else:
-            socket.create_connection((host, port), timeout=timeout).close()
+        connect_probe(host, port, timeout)
     except OSError as e:
         raise Unreachable(f"cannot connect: {e.strerror or e}") from None
 

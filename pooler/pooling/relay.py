@@ -74,6 +74,18 @@ J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
+def _io_job(ev: int, on_eof: int, on_closed: int, what: str) -> int:
+    """The job an I/O event of one direction means: EV_NONE none, EV_EOF (this side
+    closed) `on_eof`, EV_CLOSED (a send to the other side failed) `on_closed`."""
+    if ev == EV_NONE:
+        return 0
+    if ev == EV_EOF:
+        return on_eof
+    if ev == EV_CLOSED:
+        return on_closed
+    raise protocol.ProtocolError(what)
+
+
 class ClientKill(PoolerError):
     """Raised into a client's greenlet to disconnect it with an error (timeouts, admin KILL)."""
 
@@ -313,13 +325,7 @@ class Relay:
             elif ev == EV_REWRITE:
                 self._rewrite()
             elif ev >= EV_NONE and ev < F_AGAIN:
-                if ev == EV_NONE:
-                    return 0
-                if ev == EV_EOF:
-                    return J_END
-                if ev == EV_CLOSED:
-                    return J_LOST
-                raise protocol.ProtocolError("invalid message length")
+                return _io_job(ev, J_END, J_LOST, "invalid message length")
             else:
                 return self._client_end(ev)
             ev = step.client_walk()
@@ -434,13 +440,7 @@ class Relay:
                 self._cut_server()      # the client gets 'I' after the ROLLBACK, not this 'T'
                 self.refuse = True
             elif ev >= EV_NONE and ev < F_AGAIN:
-                if ev == EV_NONE:
-                    return 0
-                if ev == EV_EOF:
-                    return J_LOST
-                if ev == EV_CLOSED:
-                    return J_END
-                raise protocol.ProtocolError("server sent an invalid message length")
+                return _io_job(ev, J_LOST, J_END, "server sent an invalid message length")
             else:
                 return self._server_end(ev)
             ev = step.server_walk()
