@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pooler.config import capacity
 from pooler.config.converters import ConfigError
 from pooler.config.load import check_config_file, load_config
 from pooler.config.model import Config
@@ -82,6 +81,8 @@ def cmd_check_config(argv: list[str]) -> int:
 
 def check_capacity(cfg: Config, max_connections: int | None, reserved: int) -> int:
     """Print (stderr) how each server's pools fit; the number that do not."""
+    # Imported here: it brings psycopg2, which a serving pooler never needs (+5 MB RSS).
+    from pooler.config import capacity
     overflows = 0
     for server, need in sorted(capacity.demand(cfg).items()):
         where = capacity.server_name(server)

@@ -177,3 +177,15 @@ def test_the_checks_see_circles_and_upward_imports(tmp_path):
     assert circles(g) == [["pooler.pooling.b", "pooler.wire.a"]]
     assert violations(g) == ["pooler.wire.a (pooler.wire) imports pooler.pooling.b (pooler.pooling): "
                              "an upward import; pass a callback or an injected object instead"]
+
+
+def test_the_serving_pooler_does_not_load_client_libraries():
+    """psycopg2 (the capacity check of check-config, the tests) costs a serving pooler
+    ~5 MB of RSS per process: the serving path must not import it."""
+    import subprocess
+    import sys
+    code = ("import sys, pooler.cli, pooler.proc.master, pooler.pooling.worker; "
+            "print('psycopg2' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    assert out == "False"
