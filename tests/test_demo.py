@@ -18,3 +18,6 @@ def test_demo_runs_pgbench_through_the_pooler(tmp_path):
     assert re.search(r"postgresql://demo:demo@127\.0\.0\.1:\d+/demo", out), out
     assert re.search(r"^\s*tps = [0-9.]+", out, re.M), out
     assert "pooler log" in out
+    # The admin sidecar runs beside it (it was silently skipped once: a wrong REPO_ROOT).
+    assert re.search(r"== admin sidecar on http://127\.0\.0\.1:\d+/", out), out
+    assert "/healthz /readyz /metrics /pools" in out

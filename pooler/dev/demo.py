@@ -33,7 +33,7 @@ DEMO_DB = DEMO_USER = DEMO_PASSWORD = "demo"
 PREFERRED_PORT = 6432
 SIDECAR_PREFERRED_PORT = 8080
 START_TIMEOUT = 30.0
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]    # pooler/dev/demo.py -> the checkout
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
