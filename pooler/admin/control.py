@@ -198,4 +198,4 @@ class Control:
 
 def _kill_client(client: "Client", sqlstate: str, message: str) -> None:
     log.info("C-%d %s closing because: %s", client.id, client._who(), message)
-    client.glet.kill(ClientKill(sqlstate, message), block=False)
+    client.kill(ClientKill(sqlstate, message))

@@ -5,6 +5,7 @@ import itertools
 import logging
 import secrets
 import struct
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,11 @@ class LoginFailed(PoolerError):
 class Client:
     """State of one client connection, from accept to close."""
 
+    # An idle client is this object, its Relay and its socket: slots keep it small.
+    __slots__ = ("worker", "cfg", "stream", "addr", "id", "user", "database", "pool", "relay",
+                 "tparams", "tsig", "state", "local_superuser", "connect_time", "cancel_key",
+                 "user_client_key", "db_client_key", "glet", "close_reason", "tls")
+
     def __init__(self, worker: "Worker", stream: Stream, addr: str) -> None:
         self.worker = worker
         self.cfg = worker.cfg
@@ -63,6 +69,9 @@ class Client:
     # -- life cycle -------------------------------------------------------------
 
     def serve(self) -> None:
+        """Log the client in, in the greenlet the listener spawned; then hand it to the
+        relay, which lives on in loop callbacks after this greenlet ends (and closes
+        the client), or serve the admin console here."""
         try:
             with gevent.Timeout(self.cfg.client_login_timeout or None,
                                 LoginFailed("08P01", "client_login_timeout")):
@@ -73,7 +82,6 @@ class Client:
                 return
             self.relay = Relay(self)
             self.state = ClientState.IDLE
-            self.relay.run()
         except LoginFailed as exc:
             log.info("C-%d %s login failed: %s", self.id, self._who(), exc)
             self.fatal(exc.sqlstate, str(exc))
@@ -84,18 +92,32 @@ class Client:
         except gevent.GreenletExit:
             raise
         except Exception as exc:
-            # A bug must cost one client, with an error it can read, never the worker.
-            log.exception("C-%d %s closing because: internal error (%s)", self.id, self._who(),
-                          type(exc).__name__)
-            self.fatal("XX000", f"pooler internal error: {type(exc).__name__}")
+            self.internal_error(exc)
         finally:
-            self._close()
+            if self.relay is None:
+                self.close()
+        if self.relay is not None:
+            self.relay.start()
+        self.glet = None                # the relay's callbacks carry the client from here
+
+    def kill(self, exc: PoolerError) -> None:
+        """Disconnect with `exc` (timeouts, KILL, shutdown), wherever the client is."""
+        if self.relay is not None:
+            self.relay.kill(exc)
+        elif self.glet is not None:
+            self.glet.kill(exc, block=False)
+
+    def internal_error(self, exc: Exception) -> None:
+        """A bug must cost one client, with an error it can read, never the worker."""
+        log.error("C-%d %s closing because: internal error (%s)", self.id, self._who(),
+                  type(exc).__name__, exc_info=exc)
+        self.fatal("XX000", f"pooler internal error: {type(exc).__name__}")
 
     def _who(self) -> str:
         # PgBouncer's "db/user@addr:port", so log searches written for it still match.
         return f"{self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr}"
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self.worker.forget_client(self)
         if self.pool is not None:
             self.pool.clients.discard(self)
@@ -178,10 +200,11 @@ class Client:
             params.pop(o)
 
     def _login(self, params: dict[str, str]) -> None:
-        self.user = params.get("user", "")
+        # Interned: every client of an application carries the same few names.
+        self.user = sys.intern(params.get("user", ""))
         if not self.user:
             raise LoginFailed("08P01", "no user name in startup packet")
-        self.database = params.get("database") or self.user
+        self.database = sys.intern(params.get("database") or self.user)
         if params.get("replication"):
             raise LoginFailed("08P01", "replication connections are not supported by the pooler")
         cfg = self.cfg
@@ -218,8 +241,7 @@ class Client:
         self.pool.clients.add(self)
         if self.pool.welcome is None:
             self._fetch_welcome()
-        self.tparams = self._initial_tracked(startup)
-        self.tsig = tuple(self.tparams.values())
+        self.tparams, self.tsig = self.worker.shared_tracked(self._initial_tracked(startup))
         if cfg.log_connections:
             log.info("C-%d %s login attempt: db=%s user=%s", self.id, self._who(), self.database, self.user)
         values = dict(self.pool.welcome)
@@ -367,8 +389,10 @@ class Client:
         value, _ = protocol.read_cstr(body, pos)
         srv.params[name] = value
         if name in self.tparams:
-            self.tparams[name] = value
-            self.tsig = tuple(self.tparams.values())
+            tparams = dict(self.tparams)     # a copy: the dict is shared (Worker.shared_tracked)
+            tparams[name] = value
+            self.tparams = tparams
+            self.tsig = tuple(tparams.values())
             srv.tsig = self.tsig
 
     def sync_parameters(self, srv: "ServerConn") -> None:

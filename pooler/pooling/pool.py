@@ -76,16 +76,23 @@ class Stats:
 
 class Waiter:
     """A client parked until a server is handed to it: a greenlet blocked in
-    acquire(), or (with `cb`) a relay whose loop callback takes the server without
-    a greenlet switch; `glet` is the greenlet that timeouts are raised into."""
+    acquire() (`glet`), or (with `cb`) a relay whose loop callback takes the server
+    without a greenlet switch (no greenlet at all: `glet` is None)."""
     __slots__ = ("glet", "since", "client", "done", "cb")
 
-    def __init__(self, client, cb: Callable | None = None, glet=None) -> None:
-        self.glet = glet if glet is not None else getcurrent()
+    def __init__(self, client, cb: Callable | None = None) -> None:
+        self.glet = getcurrent() if cb is None else None
         self.since = time.monotonic()
         self.client = client
         self.done = False
         self.cb = cb
+
+    def fail(self, hub, exc: BaseException) -> None:
+        """The wait is over with an error (query_wait_timeout): raise it in the waiter."""
+        if self.glet is not None:
+            hub.loop.run_callback(self.glet.throw, exc)
+        else:
+            self.client.kill(exc)
 
 
 def shown_state(client) -> ClientState:
@@ -201,10 +208,10 @@ class Pool:
         return not self.idle and not self.route.reserve_pool_size and \
             self.total >= self.route.pool_size
 
-    def enqueue(self, client, cb: Callable, glet) -> Waiter:
+    def enqueue(self, client, cb: Callable) -> Waiter:
         """Queue a callback waiter: cb(server) runs from the loop when one is handed
         over, cb(None) when it should retry through acquire() (resume, a freed slot)."""
-        w = Waiter(client, cb, glet)
+        w = Waiter(client, cb)
         self.waiters.append(w)
         return w
 
@@ -497,7 +504,7 @@ class Pool:
                 if not w.done and now - w.since > wait_limit:
                     self.waiters.remove(w)
                     w.done = True
-                    self.hub.loop.run_callback(w.glet.throw, PoolError("08P01", "query_wait_timeout"))
+                    w.fail(self.hub, PoolError("08P01", "query_wait_timeout"))
 
     def _surplus_over_min(self) -> int:
         """Servers this pool holds beyond min_pool_size, counted over all workers."""

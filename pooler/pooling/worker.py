@@ -56,6 +56,7 @@ class Worker:
         self._scram_cache: dict[str, str] = {}
         self.tracked: tuple[str, ...] = ()
         self.tracked_canon: dict[str, str] = {}
+        self._tracked_shared: dict[tuple, tuple[dict, tuple]] = {}   # shared_tracked()
         self.shutting_down = False
         self.stop_level = 0                  # STOP_* of the shutdown under way; 0: serving
         self._stopper: gevent.Greenlet | None = None
@@ -137,6 +138,18 @@ class Worker:
                 "disabled_dbs": sorted(self.disabled_dbs), "shutdown_mode": self.shutdown_mode}
 
     # -- clients ------------------------------------------------------------------
+
+    def shared_tracked(self, tparams: dict[str, str | None]) -> tuple[dict, tuple]:
+        """(tracked parameters, their values' tuple) as one shared pair per distinct
+        set of values: an application's 10,000 clients hold one dict between them.
+        Clients never change the shared dict (Client.on_parameter_status copies)."""
+        key = tuple(tparams.items())
+        hit = self._tracked_shared.get(key)
+        if hit is None:
+            if len(self._tracked_shared) >= 4096:     # many distinct sets: just stop sharing old ones
+                self._tracked_shared.clear()
+            hit = self._tracked_shared[key] = (tparams, tuple(tparams.values()))
+        return hit
 
     def try_add_client(self, client: Client) -> bool:
         """max_client_conn counts every worker's clients (in shared memory, prefork)."""
@@ -271,7 +284,7 @@ class Worker:
 
     def close_clients(self, sqlstate: str, message: str) -> None:
         for client in list(self.clients):
-            client.glet.kill(ClientKill(sqlstate, message), block=False)
+            client.kill(ClientKill(sqlstate, message))
 
     def _janitor(self) -> None:
         while True:
@@ -303,7 +316,7 @@ class Worker:
             reason = self._timeout_reason(client, now)
             if reason:
                 log.info("C-%d %s closing because: %s", client.id, client._who(), reason[1])
-                client.glet.kill(ClientKill(*reason), block=False)
+                client.kill(ClientKill(*reason))
 
     def _timeout_reason(self, client: Client, now: float) -> tuple[str, str] | None:
         relay = client.relay
@@ -386,7 +399,7 @@ class Worker:
             relay = client.relay
             if client.state in (ClientState.LOGIN, ClientState.ADMIN) or (relay is not None and relay.server is None and
                                            (client.state != ClientState.WAITING or self._parked(client))):
-                client.glet.kill(ClientKill("57P01", "pooler is shutting down"), block=False)
+                client.kill(ClientKill("57P01", "pooler is shutting down"))
 
     @staticmethod
     def _parked(client: Client) -> bool:
