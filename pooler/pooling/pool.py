@@ -138,6 +138,9 @@ class Pool:
         self.active: set[ServerConn] = set()
         self.connecting = 0
         self.waiters: deque[Waiter] = deque()
+        # Servers to give back at release instead of handing them to a waiter here: set
+        # by the prefork ticker when other workers starve for this pool (peers.py).
+        self.owe_back = 0
         self.clients: set = set()
         self.stats = Stats()
         self.welcome: dict[str, str] | None = None   # server ParameterStatus values for new clients
@@ -451,6 +454,13 @@ class Pool:
             self.discard(srv, "server closed" if srv.closed else
                          "RECONNECT" if srv.close_needed else "server lifetime over")
             return
+        if self.owe_back:               # prefork fairness (proc/peers.py _share_fairly)
+            self.owe_back -= 1
+            log.info("S-%d %s@%s closing because: a client waits for it in another worker",
+                     srv.id, self.server_user, self.name)
+            srv.close()
+            self._forget(srv, wake=False)    # the slot is for the other worker's client
+            return
         if self.waiters and not self.paused:
             if self._hand_over(srv):
                 self.active.add(srv)
@@ -465,7 +475,7 @@ class Pool:
             srv.close()
         self._forget(srv)
 
-    def _forget(self, srv: ServerConn) -> None:
+    def _forget(self, srv: ServerConn, wake: bool = True) -> None:
         self.active.discard(srv)
         try:
             self.idle.remove(srv)
@@ -473,7 +483,7 @@ class Pool:
             pass
         self.worker.quota.release(self._quota_keys)
         # A slot freed up: a waiter may now open its own server.
-        if self.waiters:
+        if wake and self.waiters:
             self._wake_next_waiter()
 
     # -- maintenance (janitor) --------------------------------------------------

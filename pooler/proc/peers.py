@@ -185,6 +185,7 @@ class Peers:
         if not mine and not seg.total_waiting():
             return False
         self._give_back(now)
+        self._share_fairly()
         self._retry_waiters()
         return True
 
@@ -250,6 +251,24 @@ class Peers:
                 srv.close()
             if victims:
                 seg.worker_add(self.me, shm.W_HANDOFF_GIVEN, len(victims))
+
+    def _share_fairly(self) -> None:
+        """A worker whose own clients queue hands every released server to them, so
+        it never has a spare idle one: clients of the same pool waiting in another
+        worker would wait for ever (they can only open a server under the global
+        pool_size). Such a pool owes back what it holds over an equal share between
+        the workers that wait for it, paid at its next releases (Pool.owe_back)."""
+        seg, me = self.seg, self.me
+        for pool in list(self.worker.pools.values()):
+            owe = 0
+            slot = self.quota.slot(pool.pool_key)
+            if pool.waiters and not pool.paused and slot is not None:
+                others = sum(1 for w in self.live_workers()
+                             if w != me and seg.q[seg.waiting_index(w, slot)] > 0)
+                if others:
+                    share = max(1, pool.route.pool_size // (others + 1))
+                    owe = max(0, pool.total - share)
+            pool.owe_back = owe
 
     def _wanted_slots(self, pool) -> list[tuple[int, int]]:
         """(slot, cap) of this pool's capped keys on which someone waits."""
