@@ -102,6 +102,9 @@ GLOBAL: tuple[Key, ...] = (
     Key("query_wait_timeout", float, c.duration, 120.0),
     Key("client_idle_timeout", float, c.duration, 0.0),
     Key("client_login_timeout", float, c.duration, 60.0),
+    # ours: per worker, connections that have not sent a whole first packet (no greenlet
+    # yet); when full, the oldest (after 1 s) is closed, else the newcomer; 0 = no cap
+    Key("client_login_max_pending", int, c.COUNT, 1000),
     Key("idle_transaction_timeout", float, c.duration, 0.0),
     # ours: bound on a SIGTERM/SIGINT shutdown; 0 = none
     Key("shutdown_timeout", float, c.duration, 30.0),

@@ -42,9 +42,10 @@ class Client:
     # An idle client is this object, its Relay and its socket: slots keep it small.
     __slots__ = ("worker", "cfg", "stream", "addr", "id", "user", "database", "pool", "relay",
                  "tparams", "tsig", "state", "local_superuser", "connect_time", "cancel_key",
-                 "user_client_key", "db_client_key", "glet", "close_reason", "tls")
+                 "user_client_key", "db_client_key", "glet", "close_reason", "tls", "arrived")
 
-    def __init__(self, worker: "Worker", stream: Stream, addr: str) -> None:
+    def __init__(self, worker: "Worker", stream: Stream, addr: str,
+                 arrived: float | None = None) -> None:
         self.worker = worker
         self.cfg = worker.cfg
         self.stream = stream
@@ -59,6 +60,7 @@ class Client:
         self.state = ClientState.LOGIN
         self.local_superuser = False               # `pgbouncer` over the Unix socket (admin.py)
         self.connect_time = time.time()
+        self.arrived = time.monotonic() if arrived is None else arrived   # accepted (monotonic)
         self.cancel_key = (0, 0)
         self.user_client_key: tuple | None = None   # max_user_client_connections claim held
         self.db_client_key: tuple | None = None     # max_db_client_connections claim held
@@ -73,7 +75,7 @@ class Client:
         relay, which lives on in loop callbacks after this greenlet ends (and closes
         the client), or serve the admin console here."""
         try:
-            with gevent.Timeout(self.cfg.client_login_timeout or None,
+            with gevent.Timeout(self._login_time_left(),
                                 LoginFailed("08P01", "client_login_timeout")):
                 if not self._startup():
                     return
@@ -99,6 +101,13 @@ class Client:
         if self.relay is not None:
             self.relay.start()
         self.glet = None                # the relay's callbacks carry the client from here
+
+    def _login_time_left(self) -> float | None:
+        """client_login_timeout counts from accept (prelogin.py held the first bytes)."""
+        limit = self.cfg.client_login_timeout
+        if not limit:
+            return None
+        return max(0.001, limit - (time.monotonic() - self.arrived))
 
     def kill(self, exc: PoolerError) -> None:
         """Disconnect with `exc` (timeouts, KILL, shutdown), wherever the client is."""

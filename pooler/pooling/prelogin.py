@@ -20,26 +20,23 @@ from pooler.wire.netio import Stream, disarm
 
 log = logging.getLogger("pooler.client")
 
-# Bytes asked of the socket per read while the first packet is incomplete: the
-# length word first, then exactly the rest, so nothing past the packet is read here.
-_LEN = 4
 # A full worker evicts its oldest arrival to make room only if that one has had
 # this long to send its first packet: a real client sends it within a round trip,
 # so a storm of new connections never evicts itself.
 EVICT_AFTER = 1.0
+TOO_MANY = "too many connections still logging in (client_login_max_pending)"
 
 
 class Arrival:
     """One accepted connection whose first packet is not complete yet."""
 
-    __slots__ = ("stream", "peer", "since", "buf", "need", "on_ready", "on_gone")
+    __slots__ = ("stream", "peer", "since", "buf", "on_ready", "on_gone")
 
     def __init__(self, stream: Stream, peer: str, on_ready: Callable, on_gone: Callable) -> None:
         self.stream = stream
         self.peer = peer
         self.since = time.monotonic()
         self.buf = bytearray()
-        self.need = _LEN                 # bytes still missing of the length word / packet
         self.on_ready = on_ready         # on_ready(arrival): the packet is whole
         self.on_gone = on_gone           # on_gone(arrival): closed before that
 
@@ -53,12 +50,13 @@ class Arrival:
             disarm(self.stream.rw)
 
     def _read(self) -> bool:
-        """Take what the socket has, up to the end of the first packet. True when this
-        arrival is done (handed on, or closed)."""
+        """Take what the socket has. True when this arrival is done (handed on, or
+        closed). Bytes past the first packet go on with it, as the login's own reads
+        would have taken them: the login refuses plaintext sent behind an SSLRequest."""
         s = self.stream
         while True:
             try:
-                chunk = s.sock.recv(self.need)
+                chunk = s.sock.recv(8192)
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError:
@@ -66,20 +64,17 @@ class Arrival:
             if not chunk:
                 self.close()
                 return True
-            self.buf += chunk
-            self.need -= len(chunk)
-            if self.need:
+            buf = self.buf
+            buf += chunk
+            if len(buf) < 4:
                 continue
-            if len(self.buf) == _LEN:
-                length = protocol.unpack_i32(self.buf, 0)[0]
-                if 8 <= length <= protocol.MAX_STARTUP_LEN:
-                    self.need = length - _LEN
-                    continue
-                # A bad length: the login path refuses it with PostgreSQL's words.
-            s.rbuf += self.buf
-            self.buf = None
-            self.on_ready(self)
-            return True
+            length = protocol.unpack_i32(buf, 0)[0]
+            # A bad length goes on too: the login refuses it with PostgreSQL's words.
+            if len(buf) >= length or not 8 <= length <= protocol.MAX_STARTUP_LEN:
+                s.rbuf += buf
+                self.buf = None
+                self.on_ready(self)
+                return True
 
     def refuse(self, sqlstate: str, message: str) -> None:
         """Answer with a FATAL error and close (never blocks: a small write or nothing)."""
@@ -110,8 +105,7 @@ class Arrivals:
         """A new connection (called in the hub: must not block)."""
         arrival = Arrival(stream, peer, self._ready, self._gone)
         if self.max_pending and len(self.pending) >= self.max_pending and not self._evict_oldest():
-            arrival.refuse("53300", "too many connections still logging in "
-                           "(client_login_max_pending)")
+            arrival.refuse("53300", TOO_MANY)
             return
         self.pending[arrival] = None
         arrival.start()
@@ -124,7 +118,7 @@ class Arrivals:
         log.info("closing connection from %s: no startup packet after %.1fs and %d others "
                  "waiting (client_login_max_pending)", oldest.peer,
                  time.monotonic() - oldest.since, len(self.pending))
-        oldest.refuse("08P01", "client_login_timeout")
+        oldest.refuse("53300", TOO_MANY)
         return True
 
     def _ready(self, arrival: Arrival) -> None:

@@ -21,6 +21,7 @@ from pooler.pooling.client import Client
 from pooler.pooling.params import tracked_names
 from pooler.config.model import Config, Route
 from pooler.pooling.pool import LocalQuota, Pool
+from pooler.pooling.prelogin import Arrivals
 from pooler.pooling.relay import STATUS_IDLE, ClientKill
 from pooler.pooling.clientstate import ClientState
 
@@ -57,6 +58,8 @@ class Worker:
         self.tracked: tuple[str, ...] = ()
         self.tracked_canon: dict[str, str] = {}
         self._tracked_shared: dict[tuple, tuple[dict, tuple]] = {}   # shared_tracked()
+        # Connections whose first packet is not whole yet: no greenlet, no Client.
+        self.arrivals = Arrivals(self._spawn_login, cfg.client_login_max_pending)
         self.shutting_down = False
         self.stop_level = 0                  # STOP_* of the shutdown under way; 0: serving
         self._stopper: gevent.Greenlet | None = None
@@ -87,6 +90,7 @@ class Worker:
         self.tracked = tracked_names(cfg.track_extra_parameters)
         self.tracked_canon = {p.lower(): p for p in self.tracked}
         self.client_timeouts_on = cfg.any_client_timeout()
+        self.arrivals.max_pending = cfg.client_login_max_pending
         for key, pool in list(self.pools.items()):
             route = cfg.route(pool.name, pool.user)     # the pool's user: its [users] entry
             if route is None:
@@ -261,15 +265,22 @@ class Worker:
         return secret
 
     def handle(self, gsock, addr) -> None:
+        """A new connection, in the hub (the listener spawns no greenlet): it gets one
+        when its first packet is whole (prelogin.Arrivals)."""
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "unix"
-        stream = netio.Stream(netio.raw_from_gevent(gsock), peer)
-        Client(self, stream, peer).serve()
+        self.arrivals.accept(netio.Stream(netio.raw_from_gevent(gsock), peer), peer)
+
+    def _spawn_login(self, stream: netio.Stream, peer: str, arrived: float) -> None:
+        gevent.spawn(self._login, stream, peer, arrived)
+
+    def _login(self, stream: netio.Stream, peer: str, arrived: float) -> None:
+        Client(self, stream, peer, arrived).serve()
 
     # -- running --------------------------------------------------------------------
 
     def start(self) -> None:
         for sock in self.listeners:
-            server = StreamServer(sock, self.handle)
+            server = StreamServer(sock, self.handle, spawn=None)
             server.max_accept = self.max_accept
             server.start()
             self.servers.append(server)
@@ -307,6 +318,7 @@ class Worker:
             if pool.route.min_pool_size and pool.total < pool.route.min_pool_size:
                 gevent.spawn(pool.fill_min)
         self.auth_query.maintain(now)
+        self.arrivals.expire(now, self.cfg.client_login_timeout)
         self._client_timeouts(now)
 
     def _client_timeouts(self, now: float) -> None:
@@ -378,6 +390,7 @@ class Worker:
                 break
             gevent.sleep(0.05)
         self.close_clients("57P01", "pooler is shutting down")
+        self.arrivals.close_all()
         gevent.sleep(0.05)
         for pool in self.pools.values():
             pool.close_all("pooler shutdown")
@@ -394,7 +407,9 @@ class Worker:
     def _close_unlinked_clients(self) -> None:
         """Clients between transactions can go now (session clients keep their server),
         and so can clients parked waiting for a server: their transaction has not begun.
-        Admin console sessions hold no transaction either."""
+        Admin console sessions hold no transaction either, nor do connections that
+        have not sent their startup packet."""
+        self.arrivals.close_all()
         for client in list(self.clients):
             relay = client.relay
             if client.state in (ClientState.LOGIN, ClientState.ADMIN) or (relay is not None and relay.server is None and
