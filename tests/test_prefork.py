@@ -783,12 +783,12 @@ def test_workers_survive_reload_and_pause_signals_sent_to_them(pg, pooler_factor
 
 def test_a_worker_busy_with_its_own_queue_does_not_starve_another(pg, pooler_factory,
                                                                  real_threads):
-    """Worker 0's four clients keep pool_size 2 busy and always queue, so each server
+    """Worker 0's three clients keep pool_size 2 busy and always queue, so each server
     it releases goes straight to its own next client; it never has a spare idle one.
     A client of the same pool in worker 1 must still get a server (an equal share is
     given back: peers._share_fairly), instead of waiting until worker 0's load stops."""
     p = start(pooler_factory, prefork_config(pg, 2, 2))
-    by_worker = spread_connections(p, 4, 2)
+    by_worker = spread_connections(p, 3, 2, limit=400)
     stop = threading.Event()
     errors: list[str] = []
 
