@@ -32,6 +32,7 @@ from pooler.config.converters import ConfigError
 from pooler.config.load import load_config
 from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed
+from pooler.wire.tls import TLS_KEYS
 from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
@@ -204,11 +205,17 @@ class Session:
             return Result("SET", notices=[protocol.notice_response("SET ignored")])
         self.need_admin()
         try:
-            runtime.runtime_setting(self.worker.cfg, key, value)
+            new = runtime.runtime_setting(self.worker.cfg, key, value)
         except ConfigError as e:
             raise AdminError(_set_sqlstate(e.errors[0]), f"SET failed: {e.errors[0]}") from None
         self.pooler.control("SET", f"{key.strip().lower()}={value}")
-        return Result(f"SET {key}={value}")
+        notices = []
+        if key.strip().lower() in TLS_KEYS and (problems := runtime.tls_problems(new)):
+            # PgBouncer's notice: the value is set, the TLS in use stays until the set works.
+            log.warning("SET %s: TLS settings not applied yet: %s", key, "; ".join(problems))
+            notices.append(protocol.notice_response(
+                "TLS settings could not be applied, still using old configuration"))
+        return Result(f"SET {key}={value}", notices=notices)
 
 
 def _set_sqlstate(error: str) -> str:
