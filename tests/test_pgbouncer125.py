@@ -1,7 +1,8 @@
-"""Issue 16, the admin console against PgBouncer 1.25: KILL / KILL_CLIENT refusals,
-login_notify_message, SHUTDOWN WAIT_FOR_* with the console still usable, RESUME
-while shutting down, WAIT_CLOSE after a RELOAD that moves a database, the client
-login counters of SHOW STATS*, and the shapes of SHOW PEERS / PEER_POOLS.
+"""Issue 16, the admin console and logins against PgBouncer 1.25: KILL / KILL_CLIENT
+refusals, login_notify_message, SHUTDOWN WAIT_FOR_* with the console still usable,
+RESUME while shutting down, WAIT_CLOSE after a RELOAD that moves a database, the
+client login counters of SHOW STATS*, the shapes of SHOW PEERS / PEER_POOLS, and the
+words of a refused password.
 
 Where the Debian PgBouncer 1.18 has the behaviour, the same assertion runs against
 it side by side (tests/bouncer.py); the rest is PgBouncer 1.24/1.25 behaviour read
@@ -17,8 +18,8 @@ import time
 import psycopg2
 import pytest
 
-from bouncer import ADMIN, ADMIN_PASSWORD, Bouncer, side_by_side  # noqa: F401  (fixture)
-from conftest import APP_DB, APP_PASSWORD, APP_USER, wait_until
+from bouncer import ADMIN, ADMIN_PASSWORD, Bouncer, reconfigure, side_by_side  # noqa: F401  (fixture)
+from conftest import APP_DB, APP_PASSWORD, APP_USER, MD5_USER, MD5_PASSWORD, wait_until
 from pooler.pooling import peering
 from pooler.wire import protocol
 from rawpg import RawConn
@@ -283,3 +284,21 @@ def test_show_peers_and_peer_pools_shapes(pooler_factory, pooler_config, tmp_pat
     cancel.close()
     hold.close()
     admin.close()
+
+
+# --------------------------------------------------------------------------- refused passwords
+
+
+@pytest.mark.parametrize("auth_type", ["plain", "md5"])
+def test_refused_password_words_are_pgbouncers(pg, side_by_side, auth_type):
+    """A wrong password and a user the auth_file does not know get the same words (so
+    nobody learns which users exist): PgBouncer's "password authentication failed",
+    which the pooler follows with PostgreSQL's 'for user "..."'."""
+    reconfigure(pg, side_by_side, auth_type)
+    for target in side_by_side:
+        for user, password in ((APP_USER, "wrong"), (MD5_USER, "wrong"), ("ghost", MD5_PASSWORD)):
+            with pytest.raises(psycopg2.OperationalError) as exc:
+                target.connect(APP_DB, user, password).close()
+            text = str(exc.value)
+            assert "FATAL:  password authentication failed" in text, (target, user, text)
+            assert "no such user" not in text, (target, user, text)
