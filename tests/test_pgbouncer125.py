@@ -5,8 +5,9 @@ client login counters of SHOW STATS*, the shapes of SHOW PEERS / PEER_POOLS, and
 words of a refused password.
 
 Where the Debian PgBouncer 1.18 has the behaviour, the same assertion runs against
-it side by side (tests/bouncer.py); the rest is PgBouncer 1.24/1.25 behaviour read
-from its source and documentation, checked against the pooler alone."""
+it side by side (tests/bouncer.py); the rest is PgBouncer 1.23-1.25 behaviour (and,
+for login_notify_message and the login counters, its source after 1.25.2) read from
+its source and documentation, checked against the pooler alone."""
 from __future__ import annotations
 
 import os
@@ -44,7 +45,8 @@ def _console_error(target, sql: str) -> tuple[str, str]:
 def test_kill_refusals_are_pgbouncers(side_by_side):
     """KILL of an unknown database and of the console itself: 08P01 and PgBouncer's words."""
     for target in side_by_side:
-        assert _console_error(target, "KILL nosuch") == (PGBOUNCER_SQLSTATE, "no such database: nosuch"), target
+        assert _console_error(target, "KILL nosuch") == (PGBOUNCER_SQLSTATE,
+                                                          "no such database: nosuch"), target
         assert _console_error(target, "KILL pgbouncer") == (PGBOUNCER_SQLSTATE,
                                                              "cannot kill admin db: pgbouncer"), target
 
@@ -221,7 +223,7 @@ def test_reload_moving_a_database_marks_servers_and_wait_close_waits(pg, side_by
 
 
 def test_stats_count_client_logins(pooler_factory, pooler_config):
-    """total_/avg_client_login_count (PgBouncer 1.25+): successful logins per database;
+    """total_/avg_client_login_count (PgBouncer after 1.25.2, #1457): successful logins per database;
     a failed one does not count; the console's own under `pgbouncer`."""
     p = pooler_factory(pooler_config(admin_users=[ADMIN], stats_period=1), userlist=USERS)
     for _ in range(3):

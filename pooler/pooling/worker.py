@@ -394,8 +394,9 @@ class Worker:
             relay = client.relay
             if _on_console(client):
                 continue
-            if client.state == ClientState.LOGIN or (relay is not None and relay.server is None and
-                                                     (client.state != ClientState.WAITING or self._parked(client))):
+            between = relay is not None and relay.server is None and (
+                client.state != ClientState.WAITING or self._parked(client))
+            if client.state == ClientState.LOGIN or between:
                 client.glet.kill(ClientKill("57P01", "pooler is shutting down"), block=False)
 
     @staticmethod
