@@ -68,7 +68,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.server_assignment_count = 0
-        self.client_logins = 0          # clients that logged in to the pool (PgBouncer's client_login_count)
+        self.client_logins = 0          # logins to the pool (PgBouncer's client_login_count)
         self.xact_count = self.query_count = self.bytes_in = self.bytes_out = 0
         self.xact_time = self.query_time = self.wait_time = 0.0
         self.max_wait = 0.0
