@@ -537,7 +537,7 @@ class Pool:
         """A reload: new limits (and quota caps) for the servers opened from now on. If the
         entry now leads elsewhere (PgBouncer: its connection string changed), the servers
         opened the old way are closed as above, so new transactions reach the new target."""
-        moved = _target(route) != _target(self.route)
+        moved = route.target() != self.route.target()
         self.cfg = cfg
         self.route = route
         self._quota_keys = self._make_quota_keys()
@@ -592,9 +592,3 @@ class Pool:
         """Let the `n` oldest waiters retry (a resume, or room freed up elsewhere)."""
         for _ in range(n):
             self._wake_next_waiter()
-
-
-def _target(route: Route) -> tuple:
-    """What a server connection of the route is opened with: if it changes, old ones differ."""
-    return (route.host, route.port, route.dbname, route.user, route.password,
-            route.connect_query, route.application_name)
