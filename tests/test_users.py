@@ -189,6 +189,28 @@ def test_max_user_client_connections_counts_auth_query_users(pg, pooler_factory,
         c.close()
 
 
+def test_max_user_client_connections_counts_console_sessions(pg, pooler_factory, pooler_config,
+                                                              app_userlist):
+    """PgBouncer's rule on the console: a stats user's sessions count and are refused at
+    the cap; an admin user's count but always get in."""
+    userlist = {**app_userlist, "stats": "statspass"}
+    p = pooler_factory(pooler_config(admin_users=[SUPERUSER], stats_users=["stats"],
+                                     max_user_client_connections=1), userlist=userlist)
+    first = p.connect("pgbouncer", "stats", "statspass")
+    with pytest.raises(psycopg2.OperationalError, match=re.escape(REFUSAL)):
+        p.connect("pgbouncer", "stats", "statspass")
+    admins = [p.connect("pgbouncer", SUPERUSER, SUPERUSER_PASSWORD) for _ in range(2)]
+    admins[0].autocommit = True
+    with admins[0].cursor() as cur:
+        cur.execute("SHOW USERS")
+        names = [d.name for d in cur.description]
+        users = {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+    assert (users["stats"]["current_client_connections"],
+            users[SUPERUSER]["current_client_connections"]) == (1, 2)
+    for c in [first, *admins]:
+        c.close()
+
+
 def _try_connect(p):
     try:
         return p.connect()
