@@ -123,6 +123,9 @@ GLOBAL: tuple[Key, ...] = (
     Key("log_pooler_errors", bool, c.boolean, True),
     Key("verbose", int, c.COUNT, 0),
     Key("stats_period", int, c.integer(1), 60),
+    # PgBouncer after 1.25.2 (#1488): a NOTICE sent to every client once it has logged
+    # in ("" = none), e.g. to tell people that they talk to a pooler, not to PostgreSQL.
+    Key("login_notify_message", str, c.TEXT, ""),
     Key("tcp_keepalive", bool, c.boolean, True),
     # TLS, PgBouncer's names and defaults (wire/tls.py). File paths are made absolute
     # (relative to the config file) by parse_config.

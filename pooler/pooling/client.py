@@ -225,9 +225,10 @@ class Client:
                 self._authenticate()
                 self.worker.admin.check_login(self)     # admin_users / stats_users only
             # The console is a database too; admin_users take a place but always get
-            # in (PgBouncer).
-            self._admit_db(ADMIN_DB, cfg.max_db_client_connections,
-                           exempt=self.user in cfg.admin_users)
+            # in (PgBouncer), in its database's count and in their user's.
+            exempt = self.user in cfg.admin_users or self.local_superuser
+            self._admit_db(ADMIN_DB, cfg.max_db_client_connections, exempt=exempt)
+            self._admit_user(exempt=exempt)
             self.state = ClientState.ADMIN                    # serve() runs the console
             self._welcome(self.worker.admin.welcome_params())
             return
@@ -239,15 +240,17 @@ class Client:
             raise LoginFailed("55000", f"database does not allow connections: {route.name}")
         startup = self._startup_parameters(params)
         scram_keys = self._authenticate(route)
+        if self.worker.shutting_down:         # only the console is reachable now (PgBouncer's)
+            raise LoginFailed("08P01", "pooler is shutting down")
         # Counted only once authenticated: clients that never prove who they are must
         # not be able to use up a database's or a user's connections.
         self._admit_db(route.name, route.max_db_client_connections)
-        if not self.worker.admit_user_client(self):
-            raise LoginFailed("53300", "no more connections allowed (max_user_client_connections)")
+        self._admit_user()
         self.pool = self.worker.get_pool(route, self.user)
         if scram_keys and self.pool.scram_keys is None:
             self.pool.scram_keys = scram_keys
         self.pool.clients.add(self)
+        self.pool.stats.client_logins += 1      # authenticated and admitted: PgBouncer's point
         if self.pool.welcome is None:
             self._fetch_welcome()
         self.tparams, self.tsig = self.worker.shared_tracked(self._initial_tracked(startup))
@@ -261,6 +264,13 @@ class Client:
         if not self.worker.admit_db_client(self, database, cap, exempt):
             # PgBouncer's words and SQLSTATE (its default for a refused login).
             raise LoginFailed("08P01", "client connections exceeded (max_db_client_connections)")
+
+    def _admit_user(self, exempt: bool = False) -> None:
+        """max_user_client_connections of the login user, whichever way it authenticated
+        (auth_file or auth_query); the place is held until the client leaves, also when
+        the pool's server login fails (PgBouncer's count and its words)."""
+        if not self.worker.admit_user_client(self, exempt):
+            raise LoginFailed("08P01", "client connections exceeded (max_user_client_connections)")
 
     def _startup_parameters(self, params: dict[str, str]) -> dict[str, str]:
         """Tracked parameters from the startup packet and its `options`; unknown ones
@@ -287,6 +297,8 @@ class Client:
         out = [protocol.auth_ok()]
         out += [protocol.parameter_status(k, v) for k, v in values.items()]
         out.append(protocol.backend_key_data(pid, key))
+        if self.cfg.login_notify_message:     # after the key, before ReadyForQuery: PgBouncer's place
+            out.append(protocol.notice_response(self.cfg.login_notify_message))
         out.append(protocol.ready_for_query(b"I"))
         self.stream.sendall(b"".join(out))
 

@@ -64,10 +64,11 @@ class LocalQuota:
 class Stats:
     """Counters of one pool in this worker (SHOW STATS / metrics read them)."""
     __slots__ = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
-                 "xact_time", "query_time", "wait_time", "max_wait", "prepared")
+                 "xact_time", "query_time", "wait_time", "max_wait", "prepared", "client_logins")
 
     def __init__(self) -> None:
         self.server_assignment_count = 0
+        self.client_logins = 0          # logins to the pool (PgBouncer's client_login_count)
         self.xact_count = self.query_count = self.bytes_in = self.bytes_out = 0
         self.xact_time = self.query_time = self.wait_time = 0.0
         self.max_wait = 0.0
@@ -542,11 +543,23 @@ class Pool:
         for srv in list(self.idle):
             self.discard(srv, reason)
 
+    def mark_close_needed(self, reason: str) -> None:
+        """RECONNECT, or a reload that moved the database: idle servers go now, the others
+        when released (SHOW SERVERS' close_needed until then; WAIT_CLOSE waits for them)."""
+        for srv in list(self.active) + list(self.idle):
+            srv.close_needed = True
+        self.close_all(reason)
+
     def reconfigure(self, cfg: Config, route: Route) -> None:
-        """A reload: new limits (and quota caps) for the servers opened from now on."""
+        """A reload: new limits (and quota caps) for the servers opened from now on. If the
+        entry now leads elsewhere (PgBouncer: its connection string changed), the servers
+        opened the old way are closed as above, so new transactions reach the new target."""
+        moved = route.target() != self.route.target()
         self.cfg = cfg
         self.route = route
         self._quota_keys = self._make_quota_keys()
+        if moved:
+            self.mark_close_needed("database configuration changed")
 
     # -- cross-worker hand-off (proc/peers.py; one process never calls these) -----
 

@@ -24,6 +24,7 @@ from pooler.pooling.pool import LocalQuota, Pool
 from pooler.pooling.prelogin import Arrivals
 from pooler.pooling.relay import STATUS_IDLE, ClientKill
 from pooler.pooling.clientstate import ClientState
+from pooler.config.settings import ADMIN_DB
 
 log = logging.getLogger("pooler.worker")
 JANITOR_PERIOD = 0.5
@@ -53,6 +54,7 @@ class Worker:
         # layer that assembles the pooler (proc/); None: no console (a bare worker).
         self.admin = None
         self.auth_query = AuthQuery(self)  # auth_user / auth_query lookups and their cache
+        self.peer_pools = peering.PeerPools()   # cancel requests on their way to peers
         self.userlist: dict[str, str] = {}
         self._scram_cache: dict[str, str] = {}
         self.tracked: tuple[str, ...] = ()
@@ -179,15 +181,16 @@ class Worker:
         client.db_client_key = key
         return True
 
-    def admit_user_client(self, client: Client) -> bool:
+    def admit_user_client(self, client: Client, exempt: bool = False) -> bool:
         """max_user_client_connections of the client's login user, counted over every
         worker by the quota (shared memory with several workers). Users without a cap
-        are not counted at all, so that logins cost nothing extra by default."""
+        are not counted at all, so that logins cost nothing extra by default. An
+        `exempt` client (an admin user on the console) is counted, never refused."""
         cap = self.cfg.user_client_limit(client.user)
         if not cap:
             return True
         key = ("user_clients", client.user)
-        if not self.quota.try_admit(key, cap):
+        if not self.quota.try_admit(key, 0 if exempt else cap):
             return False
         client.user_client_key = key
         return True
@@ -215,7 +218,7 @@ class Worker:
         if self.cfg.peer_id:
             owner = peering.peer_of(pid)
             if owner != self.cfg.peer_id:
-                peering.forward(self.cfg, owner, pid, key)
+                peering.forward(self.cfg, owner, pid, key, self.peer_pools)
                 return
             key = peering.as_issued(key)        # forwarded ones arrive with a lower TTL
         if not self.cancel_local(pid, key) and self.peers is not None:
@@ -287,11 +290,15 @@ class Worker:
         gevent.spawn(self._janitor)
         log.info("worker %d listening", self.worker_id)
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, keep_unix: bool = False) -> None:
         """Close the listeners: with several workers the master closes its copies
-        too, so the kernel refuses new connections at once."""
+        too, so the kernel refuses new connections at once. `keep_unix`: as PgBouncer
+        does while shutting down, the Unix socket stays open, so an operator can still
+        reach the admin console (other logins are refused: Client._login)."""
         for server in self.servers:
-            server.close()
+            sock = getattr(server, "socket", None)        # gone once closed
+            if sock is not None and not (keep_unix and sock.family == socket.AF_UNIX):
+                server.close()
 
     def close_clients(self, sqlstate: str, message: str) -> None:
         for client in list(self.clients):
@@ -368,7 +375,7 @@ class Worker:
         transaction boundary. Whatever is left at the bound (or at STOP_NOW) is
         closed with 57P01."""
         self.shutting_down = True
-        self.stop_accepting()
+        self.stop_accepting(keep_unix=True)
         limit = self.cfg.shutdown_timeout
         deadline = time.monotonic() + limit if limit else math.inf      # 0: no bound
         drain_at = deadline - min(DRAIN_WINDOW, limit / 2) if limit else math.inf
@@ -384,11 +391,12 @@ class Worker:
                     draining = True
                     self._start_draining()
                 self._close_unlinked_clients()
-                if not self.clients:
-                    break
-            elif not any(c.state != ClientState.ADMIN for c in list(self.clients)):
+            # Console sessions stay usable until the end (PgBouncer's); they never hold
+            # a shutdown up: it ends when the other clients are gone.
+            if not any(not _on_console(c) for c in list(self.clients)):
                 break
             gevent.sleep(0.05)
+        self.stop_accepting()
         self.close_clients("57P01", "pooler is shutting down")
         self.arrivals.close_all()
         gevent.sleep(0.05)
@@ -407,13 +415,15 @@ class Worker:
     def _close_unlinked_clients(self) -> None:
         """Clients between transactions can go now (session clients keep their server),
         and so can clients parked waiting for a server: their transaction has not begun.
-        Admin console sessions hold no transaction either, nor do connections that
-        have not sent their startup packet."""
-        self.arrivals.close_all()
+        Console sessions stay (see _shutdown). Connections that have not sent their
+        startup packet go at the end (the login refuses all but the console meanwhile)."""
         for client in list(self.clients):
             relay = client.relay
-            if client.state in (ClientState.LOGIN, ClientState.ADMIN) or (relay is not None and relay.server is None and
-                                           (client.state != ClientState.WAITING or self._parked(client))):
+            if _on_console(client):
+                continue
+            between = relay is not None and relay.server is None and (
+                client.state != ClientState.WAITING or self._parked(client))
+            if client.state == ClientState.LOGIN or between:
                 client.kill(ClientKill("57P01", "pooler is shutting down"))
 
     @staticmethod
@@ -421,3 +431,9 @@ class Worker:
         """Waiting in the pool's queue (not in the middle of opening a server)."""
         pool = client.pool
         return pool is not None and any(w.client is client and not w.done for w in pool.waiters)
+
+
+def _on_console(client: Client) -> bool:
+    """An admin console session, or a login to it (the database is known from the startup packet)."""
+    return client.state == ClientState.ADMIN or (client.state == ClientState.LOGIN and
+                                                 client.database == ADMIN_DB)

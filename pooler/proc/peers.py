@@ -316,4 +316,5 @@ def pool_stat_values(pool, now: float) -> list[int]:
             g.sv_login, int(g.maxwait * us), pool.route.pool_size,
             s.xact_count, s.query_count, s.bytes_in, s.bytes_out, int(s.xact_time * us),
             int(s.query_time * us), int(s.wait_time * us), int(s.max_wait * us),
-            s.prepared.client_parses, s.prepared.server_parses, s.prepared.binds]
+            s.prepared.client_parses, s.prepared.server_parses, s.prepared.binds,
+            s.client_logins]
