@@ -66,12 +66,12 @@ def _kill_all() -> None:
 
 
 def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None,
-          user: str | None = None) -> subprocess.Popen:
+          user: str | None = None, cwd: str | None = None) -> subprocess.Popen:
     """Start a long-running child in its own session with output to log_path."""
     log = open(log_path, "ab")
     try:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, user=user,
+                                env=env, start_new_session=True, user=user, cwd=cwd,
                                 group=pwd.getpwnam(user).pw_gid if user else None,
                                 extra_groups=[] if user else None)
     finally:
@@ -295,8 +295,11 @@ class PoolerTarget(Target):
         config = self._write_config()
         self.log_path = self.workdir / f"{self.name}.log"
         python, env = self._command_env()
+        # `python -m` puts the working directory first on sys.path: a baseline run
+        # from this checkout would import this checkout's pooler, so run it in its own.
         self.proc = spawn([python, "-m", "pooler", str(config), "--workers", str(self.workers)],
-                          self.log_path, env=env)
+                          self.log_path, env=env,
+                          cwd=str(self.source) if self.source is not None else None)
         why = wait_ready(self.port, self.proc)
         if why:
             self.failed = f"did not start: {why}; log tail:\n{tail(self.log_path)}"
