@@ -255,15 +255,18 @@ class PoolerTarget(Target):
         self.pool, self.userlist = settings, userlist
         self.variant, self.source = variant, source
 
-    def _command_env(self) -> tuple[str, dict[str, str]]:
+    def command_env(self) -> tuple[str, dict[str, str], str | None]:
+        """(python, environment, working directory) to run this target's pooler with.
+        `python -m` puts the working directory first on sys.path, so a baseline runs
+        in its own checkout: from this one it would import this checkout's pooler."""
         env = child_env()
         python = sys.executable
         if self.variant == "pure":
             env["POOLER_PURE_STEP"] = "1"
-        if self.source is not None:
-            python = str(self.source / ".venv" / "bin" / "python")
-            env["PYTHONPATH"] = str(self.source)
-        return python, env
+        if self.source is None:
+            return python, env, None
+        env["PYTHONPATH"] = str(self.source)
+        return str(self.source / ".venv" / "bin" / "python"), env, str(self.source)
 
     def _write_config(self) -> Path:
         import yaml
@@ -294,12 +297,9 @@ class PoolerTarget(Target):
         self.port = free_port()
         config = self._write_config()
         self.log_path = self.workdir / f"{self.name}.log"
-        python, env = self._command_env()
-        # `python -m` puts the working directory first on sys.path: a baseline run
-        # from this checkout would import this checkout's pooler, so run it in its own.
+        python, env, cwd = self.command_env()
         self.proc = spawn([python, "-m", "pooler", str(config), "--workers", str(self.workers)],
-                          self.log_path, env=env,
-                          cwd=str(self.source) if self.source is not None else None)
+                          self.log_path, env=env, cwd=cwd)
         why = wait_ready(self.port, self.proc)
         if why:
             self.failed = f"did not start: {why}; log tail:\n{tail(self.log_path)}"

@@ -52,3 +52,20 @@ def test_bench_quick_writes_reports(tmp_path):
     assert all(r["ok"] for r in select["runs"]["direct"]), select["runs"]["direct"]
     # And the pooler must have served pgbench (a broken pooler still gives a report, exit 0).
     assert all(r["ok"] for r in select["runs"]["pooler-w1"]), select["runs"]["pooler-w1"]
+
+
+def test_bench_baseline_imports_the_baseline_checkout(tmp_path):
+    """--baseline CHECKOUT must run that checkout's pooler even when the benchmark runs
+    from this one (where `python -m pooler` would find this checkout's first)."""
+    from loadtest.targets import PoolerTarget, PoolSettings
+    base = tmp_path / "base"
+    (base / "pooler").mkdir(parents=True)
+    (base / "pooler" / "__init__.py").write_text("")
+    (base / ".venv" / "bin").mkdir(parents=True)
+    (base / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    target = PoolerTarget(None, tmp_path, 1, PoolSettings(pool_size=1), "", "base", base)
+    python, env, cwd = target.command_env()
+    cp = subprocess.run([python, "-c", "import pooler; print(pooler.__file__)"], env=env,
+                        cwd=cwd, capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == str(base / "pooler" / "__init__.py"), cp.stdout
