@@ -228,3 +228,44 @@ def test_clients_wait_out_a_postgres_restart(own_pg, pooler_factory, app_userlis
     assert 1 <= attempts <= 2.0 / 0.3 + 4, attempts      # paced, not one per client per retry
     for c in conns:
         c.close()
+
+
+def test_commit_after_an_unreported_loss_fails(pg, pooler_factory, pooler_config, app_userlist):
+    """The server dies while the client sits in its block (nothing owed, so nothing was
+    said yet): the COMMIT must fail with the loss, not report ROLLBACK, which drivers
+    take for a commit (psycopg2's commit() does not read the tag)."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    conn = p.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")              # BEGIN; SELECT 1: in the block, idle
+    assert _terminate_app_backends(pg) == 1
+    wait_until(lambda: "server conn crashed?" in p.log())
+    with pytest.raises(psycopg2.Error) as err:
+        conn.commit()
+    assert err.value.pgcode == "08006", err.value.pgerror
+    assert conn.closed == 0
+    with conn.cursor() as cur:               # the block is over: a new one works
+        cur.execute("SELECT 8")
+        assert cur.fetchone()[0] == 8
+    conn.commit()
+    conn.close()
+
+
+def test_begin_after_a_reported_loss_starts_a_new_block(pg, pooler_factory, pooler_config,
+                                                        app_userlist):
+    """A client told of the loss that sends BEGIN holds its block ended (what drivers
+    hold after their COMMIT failed): the failed block ends and the BEGIN is served."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    c = raw_client(p.port, APP_USER, APP_DB, APP_PASSWORD)
+    c.exchange(query("BEGIN"))
+    killer = _terminate_soon(pg, 0.5)
+    answers = c.exchange(query("SELECT pg_sleep(10)"))
+    killer.join()
+    assert "08006" in [error_fields(body)["C"] for t, body in answers if t == "E"]
+    assert c.status == "E"
+    answers = c.exchange(query("BEGIN"))
+    assert ("C", b"BEGIN\0") in answers and c.status == "T"
+    assert rows_of(c.exchange(query("SELECT 9"))) == [["9"]]
+    c.exchange(query("COMMIT"))
+    assert c.status == "I"
+    c.close()

@@ -71,6 +71,9 @@ def feed_failed(relay: "Relay") -> int | None:
             terminate = True
             break
         answer, still = relay.failed.consume(t, bytes(buf[pos + 5:mend]))
+        if answer is None:                       # a BEGIN: the rest goes to a server
+            relay.failed = None
+            break
         out.append(answer)
         if not still:
             relay.failed = None
