@@ -23,6 +23,25 @@ SETTLE_TIMEOUT = 5.0          # seconds a server may take to finish before a bad
 unpack_i32 = protocol.unpack_i32
 
 
+# -- a server found dead before the request reached it (issue 14.2) ----------------
+
+def retry_unsent(relay: "Relay") -> int:
+    """The first send to a server this walk linked failed (EPIPE, ECONNRESET: its
+    peer closed before the idle watch saw it): not a byte of the request reached
+    PostgreSQL, so the server is dropped and the walk starts again, linking another
+    (or waiting for one). Only then: once a send succeeded the request may have
+    arrived, and a loss is server_lost's. Returns the relay's next job."""
+    srv, step = relay.server, relay.step
+    relay.server = None
+    step.unlink()
+    relay.pool.discard(srv, "server closed before the request reached it; sent to another server")
+    # The failed walk stopped before compacting: cbuf[:end] is the request, whole.
+    step.cend = step.end
+    step.c_skip = 0
+    relay.client.state = ClientState.IDLE
+    return relay.client_events(step.client_start())
+
+
 # -- a server lost under a client ---------------------------------------------------
 
 def server_lost(relay: "Relay") -> bool:
