@@ -1,6 +1,7 @@
-"""The relay's slow paths for faults: a server lost under a client, and client input
-the pooler refuses. They run in the client's greenlet (relay.py's jobs J_LOST,
-J_FAILED, J_BAD) and may block; the steady state never comes here."""
+"""The relay's slow paths for faults: a dead server met before the request left, a
+server lost under a client, client input the pooler refuses. They run in the
+client's greenlet (relay.py's jobs J_RETRY, J_LOST, J_FAILED, J_BAD) and may block;
+the steady state never comes here."""
 from __future__ import annotations
 
 import logging
