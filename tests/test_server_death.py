@@ -2,6 +2,8 @@
 never handed to the next client (issue 14, item 1)."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -228,3 +230,103 @@ def test_clients_wait_out_a_postgres_restart(own_pg, pooler_factory, app_userlis
     assert 1 <= attempts <= 2.0 / 0.3 + 4, attempts      # paced, not one per client per retry
     for c in conns:
         c.close()
+
+
+def test_commit_after_an_unreported_loss_fails(pg, pooler_factory, pooler_config, app_userlist):
+    """The server dies while the client sits in its block (nothing owed, so nothing was
+    said yet): the COMMIT must fail with the loss, not report ROLLBACK, which drivers
+    take for a commit (psycopg2's commit() does not read the tag)."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    conn = p.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")              # BEGIN; SELECT 1: in the block, idle
+    assert _terminate_app_backends(pg) == 1
+    wait_until(lambda: "server conn crashed?" in p.log())
+    with pytest.raises(psycopg2.Error) as err:
+        conn.commit()
+    assert err.value.pgcode == "08006", err.value.pgerror
+    assert conn.closed == 0
+    with conn.cursor() as cur:               # the block is over: a new one works
+        cur.execute("SELECT 8")
+        assert cur.fetchone()[0] == 8
+    conn.commit()
+    conn.close()
+
+
+def test_begin_after_a_reported_loss_starts_a_new_block(pg, pooler_factory, pooler_config,
+                                                        app_userlist):
+    """A client told of the loss that sends BEGIN holds its block ended (what drivers
+    hold after their COMMIT failed): the failed block ends and the BEGIN is served."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    c = raw_client(p.port, APP_USER, APP_DB, APP_PASSWORD)
+    c.exchange(query("BEGIN"))
+    killer = _terminate_soon(pg, 0.5)
+    answers = c.exchange(query("SELECT pg_sleep(10)"))
+    killer.join()
+    assert "08006" in [error_fields(body)["C"] for t, body in answers if t == "E"]
+    assert c.status == "E"
+    answers = c.exchange(query("BEGIN"))
+    assert ("C", b"BEGIN\0") in answers and c.status == "T"
+    assert rows_of(c.exchange(query("SELECT 9"))) == [["9"]]
+    c.exchange(query("COMMIT"))
+    assert c.status == "I"
+    c.close()
+
+
+# -- a request that never reached a dead server goes to another (issue 14.2) ---------
+
+def _one_server_pooler(pooler_factory, pg, app_userlist, host: str, env=None):
+    cfg = {"databases": {APP_DB: {"host": host, "port": pg.port, "dbname": APP_DB}},
+           "pool_mode": "transaction", "default_pool_size": 1}
+    return pooler_factory(cfg, app_userlist, env=env)
+
+
+def _pid_through(conn) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return cur.fetchone()[0]
+
+
+def test_a_server_dying_as_a_request_arrives_is_not_handed_out(pg, pooler_factory,
+                                                               app_userlist):
+    """The backend's FATAL/EOF and the client's request reach the pooler in the same
+    loop iteration (the pooler is stopped while both arrive): the idle watch runs
+    first (server watchers have the higher libev priority), so the request goes to
+    a new server and the client sees no error."""
+    p = _one_server_pooler(pooler_factory, pg, app_userlist, pg.host)
+    conn = p.connect()
+    conn.autocommit = True
+    old = _pid_through(conn)
+    os.kill(p.pid, signal.SIGSTOP)
+    try:
+        assert _terminate_app_backends(pg) == 1
+        wait_until(lambda: backend_count(pg, APP_DB, APP_USER) == 0)
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(_pid_through(conn)), daemon=True)
+        t.start()
+        time.sleep(0.3)                      # the request is in the pooler's socket now
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    t.join(20)
+    assert result and result[0] not in (0, old), (result, p.log()[-2000:])
+    assert "while idle" in p.log() and "server conn crashed" not in p.log()
+    conn.close()
+
+
+def test_a_request_whose_first_send_fails_goes_to_another_server(pg, pooler_factory,
+                                                                 app_userlist):
+    """The idle watch is off (fault injection) and the server is reached over a Unix
+    socket, where a send to a closed peer fails at once (EPIPE): nothing of the
+    request reached PostgreSQL, so the pooler sends it to a new server."""
+    p = _one_server_pooler(pooler_factory, pg, app_userlist, pg.socket_dir,
+                           env={"POOLER_FAULT_NO_IDLE_WATCH": "1"})
+    conn = p.connect()
+    conn.autocommit = True
+    old = _pid_through(conn)
+    assert _terminate_app_backends(pg) == 1
+    wait_until(lambda: backend_count(pg, APP_DB, APP_USER) == 0)
+    assert _pid_through(conn) not in (0, old)
+    log = p.log()
+    assert "server closed before the request reached it" in log, log[-2000:]
+    assert "server conn crashed" not in log
+    conn.close()

@@ -3,7 +3,11 @@ pooling (issue 14, item 3): an ErrorResponse with a SQLSTATE and the connection
 kept. A client that was inside a transaction block is told the block failed
 (ReadyForQuery 'E'), and the pooler itself answers what the client sends until
 it ends the block, as PostgreSQL would: ROLLBACK (and COMMIT or END, which
-report ROLLBACK) leave the block, anything else is refused with 25P02.
+report ROLLBACK) leave the block, anything else is refused with 25P02, except
+BEGIN / START TRANSACTION once the loss was reported: the client believes its
+block is over, which is what drivers believe after a COMMIT that failed (the
+lost request was that COMMIT: psycopg2, pgjdbc never send ROLLBACK then), so
+the failed block ends and the BEGIN goes to a server as usual.
 
 `FailedBlock.consume` is fed the client's whole messages; nothing here touches a
 server or blocks. PgBouncer closes the client instead; `server_loss_closes_client`
@@ -22,10 +26,16 @@ ABORTED = ("25P02", "current transaction is aborted, commands ignored until end 
 # Statements that end a failed block. COMMIT of a failed block reports ROLLBACK.
 _ENDS_BLOCK = re.compile(rb"\s*(ROLLBACK|ABORT|COMMIT|END)(\s+(WORK|TRANSACTION))?\s*;?\s*\0?$",
                          re.I)
+_BEGINS_BLOCK = re.compile(rb"\s*(BEGIN|START\s+TRANSACTION)\b", re.I)
 
 
 def lost_error() -> bytes:
     return protocol.error_response(LOST_SQLSTATE, LOST_MESSAGE)
+
+
+def _commits(sql: bytes) -> bool:
+    """COMMIT or END (not ROLLBACK / ABORT): the client means to commit."""
+    return sql.lstrip()[:1].upper() in (b"C", b"E")
 
 
 def ends_block(sql: bytes) -> bool:
@@ -50,8 +60,14 @@ class FailedBlock:
             return lost_error()
         return protocol.error_response(*ABORTED)
 
-    def consume(self, t: int, body: bytes) -> tuple[bytes, bool]:
-        """Answer one client message; returns (bytes for the client, block still failed)."""
+    def _client_left(self, sql: bytes) -> bool:
+        """A BEGIN after the loss was reported: the client holds its block ended."""
+        return not self.first and _BEGINS_BLOCK.match(sql) is not None
+
+    def consume(self, t: int, body: bytes) -> tuple[bytes | None, bool]:
+        """Answer one client message; returns (bytes for the client, block still failed).
+        (None, False): the block is over and this message is not answered here: it
+        goes to a server."""
         if t == protocol.S:
             ended = self.ending or not self.in_block
             self.ending = self.skipping = False
@@ -59,14 +75,27 @@ class FailedBlock:
         if self.skipping:               # after an error PostgreSQL ignores all until Sync
             return b"", True
         if t == protocol.Q:
+            if self._client_left(body):
+                return None, False
             if ends_block(body):
+                if self.first and _commits(body):
+                    # The server died while the client sat in its block: this COMMIT is
+                    # the first the client hears of it, so it must fail, not say ROLLBACK
+                    # (drivers do not read the tag: it would pass for a commit).
+                    self.first = False
+                    return lost_error() + protocol.ready_for_query(b"I"), False
                 return protocol.command_complete("ROLLBACK") + protocol.ready_for_query(b"I"), False
             return self._error() + protocol.ready_for_query(b"E"), True
         if t == protocol.P:
             sql = body[body.index(b"\0") + 1:]
             sql = sql[:sql.index(b"\0")]
+            if self._client_left(sql):
+                return None, False
             if ends_block(sql):
                 self.ending = True
+                if self.first and _commits(sql):        # as for Query, above
+                    self.skipping = True
+                    return self._error(), True
                 return protocol.message(b"1"), True
             self.skipping = True
             return self._error(), True

@@ -20,6 +20,8 @@ and a callback that meets work that may block starts a greenlet for it:
   J_FAILED  the server died in a transaction block: the pooler answers the
             client until it ends the block (relayfaults.feed_failed)
   J_END     the client left (Terminate, EOF)
+  J_RETRY   the first send to a server just linked failed: none of the request
+            reached it, so it goes to another server (relayfaults.retry_unsent)
 
 A callback that hands work over stops (disarms) both watchers first and
 starts the job's greenlet as its last statement (`_spawn`); the greenlet does
@@ -74,6 +76,7 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
 J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED = (
     1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+J_RETRY = 1024
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -239,6 +242,8 @@ class Relay:
         if job & J_RAISE:
             exc, self.exc = self.exc, None
             raise exc
+        if job & J_RETRY:
+            return relayfaults.retry_unsent(self)
         if job & J_FLUSH_S:
             data, step.pending = step.pending, None
             try:
@@ -266,12 +271,12 @@ class Relay:
             return J_END if nxt is None else nxt
         if job & J_LINK:
             self._link(self._acquire())
-            return self.client_events(step.client_walk())
+            return self.client_events(step.client_walk(), True)
         if job & J_SYNC:
             srv, self.synced = self.synced, None
             self._sync(srv)
             self._link(srv)
-            return self.client_events(step.client_walk())
+            return self.client_events(step.client_walk(), True)
         return job
 
     # -- callbacks: the steady state ---------------------------------------------
@@ -320,7 +325,7 @@ class Relay:
                 self._link(srv)
                 self.cs.rw.start(self.on_client_cb)
                 srv.stream.rw.start(self.on_server_cb)
-                job = self.client_events(self.step.client_walk())
+                job = self.client_events(self.step.client_walk(), True)
         except Exception as exc:
             self.exc = exc
             job = J_RAISE
@@ -339,8 +344,9 @@ class Relay:
 
     # -- client -> server ------------------------------------------------------
 
-    def client_events(self, ev: int) -> int:
-        """Act on the client walk's events until it ends; returns a job or 0."""
+    def client_events(self, ev: int, linked: bool = False) -> int:
+        """Act on the client walk's events until it ends; returns a job or 0.
+        `linked`: this walk linked the server, so nothing was sent to it yet."""
         step = self.step
         while True:
             if ev == EV_LINK:
@@ -361,11 +367,14 @@ class Relay:
                     self.synced = srv
                     return J_SYNC
                 self._link(srv)
+                linked = True
                 if getcurrent() is self.hub:
                     srv.stream.rw.start(self.on_server_cb)
             elif ev == EV_REWRITE:
                 self._rewrite()
             elif ev >= EV_NONE and ev < F_AGAIN:
+                if linked and ev == EV_CLOSED:  # the walk's one send, the link's first
+                    return J_RETRY
                 return _io_job(ev, J_END, J_LOST, "invalid message length")
             else:
                 return self._client_end(ev)

@@ -1,6 +1,7 @@
-"""The relay's slow paths for faults: a server lost under a client, and client input
-the pooler refuses. They run in the client's greenlet (relay.py's jobs J_LOST,
-J_FAILED, J_BAD) and may block; the steady state never comes here."""
+"""The relay's slow paths for faults: a dead server met before the request left, a
+server lost under a client, client input the pooler refuses. They run in the
+client's greenlet (relay.py's jobs J_RETRY, J_LOST, J_FAILED, J_BAD) and may block;
+the steady state never comes here."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,25 @@ log = logging.getLogger("pooler.relay")
 STATUS_IDLE = ord("I")
 SETTLE_TIMEOUT = 5.0          # seconds a server may take to finish before a bad client goes
 unpack_i32 = protocol.unpack_i32
+
+
+# -- a server found dead before the request reached it (issue 14.2) ----------------
+
+def retry_unsent(relay: "Relay") -> int:
+    """The first send to a server this walk linked failed (EPIPE, ECONNRESET: its
+    peer closed before the idle watch saw it): not a byte of the request reached
+    PostgreSQL, so the server is dropped and the walk starts again, linking another
+    (or waiting for one). Only then: once a send succeeded the request may have
+    arrived, and a loss is server_lost's. Returns the relay's next job."""
+    srv, step = relay.server, relay.step
+    relay.server = None
+    step.unlink()
+    relay.pool.discard(srv, "server closed before the request reached it; sent to another server")
+    # The failed walk stopped before compacting: cbuf[:end] is the request, whole.
+    step.cend = step.end
+    step.c_skip = 0
+    relay.client.state = ClientState.IDLE
+    return relay.client_events(step.client_start())
 
 
 # -- a server lost under a client ---------------------------------------------------
@@ -71,6 +91,9 @@ def feed_failed(relay: "Relay") -> int | None:
             terminate = True
             break
         answer, still = relay.failed.consume(t, bytes(buf[pos + 5:mend]))
+        if answer is None:                       # a BEGIN: the rest goes to a server
+            relay.failed = None
+            break
         out.append(answer)
         if not still:
             relay.failed = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ log = logging.getLogger("pooler.server")
 
 _ids = itertools.count(1)
 SERVER_BUF = 65536
+SERVER_PRIORITY = 1        # libev watcher priority (-2..2; clients keep 0)
 
 
 class ServerError(PoolerError):
@@ -91,6 +93,12 @@ class ServerConn:
         self.tsig: tuple | None = None  # the client parameter values last applied (None: unknown)
         self.tls: tls.TlsPump | None = None   # server_tls_sslmode: the pump behind `stream`
         self.idle_cb = self._on_idle_readable   # bound once: armed at every release
+        # A server's socket events go before clients' in one loop iteration: when a
+        # server's FATAL/EOF and a client's request arrive together, the idle watch
+        # drops the server before the client's callback could be handed it (issue
+        # 14.2). Free on the hot path: libev runs every priority's queue anyway.
+        if not stream.rw.active:
+            stream.rw.priority = SERVER_PRIORITY
 
     # -- login ------------------------------------------------------------------
 
@@ -279,3 +287,11 @@ class ServerConn:
 
     def __repr__(self) -> str:
         return f"S-{self.id}({self.addr} pid={self.pid})"
+
+
+if os.environ.get("POOLER_FAULT_NO_IDLE_WATCH"):
+    # Fault injection, for tests only (test_server_death.py): parked servers go
+    # unwatched, so a dead one reaches a client and the relay's retry of a request
+    # that never left (relayfaults.retry_unsent) can be seen. Decided once at import:
+    # nothing is checked per release.
+    ServerConn.watch_idle = lambda self: None
