@@ -42,7 +42,7 @@ from greenlet import greenlet
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import relayexit, relayfaults, relaystep
+from pooler.pooling import relayexit, relayfaults, relaystep, replication
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
@@ -98,14 +98,17 @@ class Relay:
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
-                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb")
+                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
+                 "dedicated")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
         self.cs = client.stream
         self.pool = client.pool
         self.stats = client.pool.stats
-        self.mode = client.pool.route.pool_mode
+        # A replication client's server is its own for the whole session (replication.py).
+        self.dedicated = client.replication != "none"
+        self.mode = SESSION if self.dedicated else client.pool.route.pool_mode
         cfg = client.pool.cfg
         self.stmts: ClientStatements | None = None
         if self.mode != SESSION and cfg.max_prepared_statements > 0:
@@ -346,6 +349,8 @@ class Relay:
             if ev == EV_LINK:
                 if self.failed is not None:
                     return J_FAILED
+                if self.dedicated:
+                    return J_LINK       # never an idle pooled server: one opened for it
                 pool = self.pool
                 srv = pool.acquire_nowait()
                 if srv is None:
@@ -561,6 +566,8 @@ class Relay:
         """Wait in the pool for a server and bring its parameters in line (greenlet only)."""
         client = self.client
         client.state = ClientState.WAITING
+        if self.dedicated:
+            return replication.acquire_dedicated(self.pool, client)
         srv = self.pool.acquire(client)
         self._sync(srv)
         return srv

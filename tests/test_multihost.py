@@ -1,0 +1,188 @@
+"""Several hosts in one database entry (`host=a,b`, one port or one per host) with
+PgBouncer 1.24's load_balance_hosts, and reloads that change the hosts: two
+throwaway clusters on different loopback ports stand for the hosts.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import psycopg2
+import pytest
+
+from conftest import wait_until
+from pooler.dev.devcluster import TempPostgres, free_port
+
+SUPER, SUPER_PW = "postgres", "postgres"
+ADMIN, ADMIN_PW = "admin", "adminpass"
+DB = "multi"
+
+
+@pytest.fixture(scope="module")
+def two():
+    """Two clusters: (a, b)."""
+    clusters = []
+    try:
+        for _ in range(2):
+            clusters.append(TempPostgres().start())
+        yield tuple(clusters)
+    finally:
+        for c in clusters:
+            c.stop()
+
+
+def start(pooler_factory, entry: dict, **glob):
+    cfg = {"databases": {DB: {"dbname": "postgres", **entry}}, "pool_mode": "transaction",
+           "admin_users": [ADMIN], "auth": {"type": "md5"}, **glob}
+    return pooler_factory(cfg, {SUPER: SUPER_PW, ADMIN: ADMIN_PW})
+
+
+@contextlib.contextmanager
+def held(p, n: int):
+    """n clients, each inside a transaction (so each holds a server of its own);
+    yields the port of the PostgreSQL each one's server is on, in order."""
+    conns = [psycopg2.connect(p.dsn(DB, SUPER, SUPER_PW), connect_timeout=10) for _ in range(n)]
+    try:
+        ports = []
+        for c in conns:
+            with c.cursor() as cur:
+                cur.execute("SELECT inet_server_port()")
+                ports.append(cur.fetchone()[0])
+        yield ports
+        for c in conns:
+            c.commit()          # released cleanly: the servers stay in the pool
+    finally:
+        for c in conns:
+            c.close()
+
+
+def admin(p, what: str) -> list[dict]:
+    c = psycopg2.connect(p.dsn("pgbouncer", ADMIN, ADMIN_PW))
+    try:
+        c.autocommit = True
+        with c.cursor() as cur:
+            cur.execute(f"SHOW {what}")
+            cols = [d.name for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+    finally:
+        c.close()
+
+
+def pooled_backends(cluster) -> int:
+    """Backends on `cluster` that came through the pooler (TCP; our checks use the socket)."""
+    c = psycopg2.connect(cluster.unix_dsn("postgres", "postgres"))
+    try:
+        c.autocommit = True
+        with c.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                        "'client backend' AND client_addr IS NOT NULL")
+            return cur.fetchone()[0]
+    finally:
+        c.close()
+
+
+def one_port(p) -> int:
+    with held(p, 1) as ports:
+        return ports[0]
+
+
+def test_round_robin_over_a_host_list(two, pooler_factory):
+    a, b = two
+    # Two spellings of loopback, a port each: new servers alternate between them.
+    p = start(pooler_factory, {"host": "127.0.0.1,localhost", "port": f"{a.port},{b.port}"})
+    with held(p, 4) as ports:
+        assert ports == [a.port, b.port, a.port, b.port]
+        servers = admin(p, "SERVERS")
+        assert sorted((s["addr"], s["port"]) for s in servers) == sorted(
+            [("127.0.0.1", a.port), ("localhost", b.port)] * 2)
+        [db] = [d for d in admin(p, "DATABASES") if d["name"] == DB]
+        assert (db["host"], db["port"], db["load_balance_hosts"]) == (
+            "127.0.0.1,localhost", a.port, "round-robin")
+    assert pooled_backends(a) == 2 and pooled_backends(b) == 2
+
+
+def test_one_port_for_every_host_and_the_ini_form(two, pooler_factory, tmp_path):
+    a, _ = two
+    # pgbouncer.ini's connection string; one port for both hosts (PgBouncer's form).
+    ini = (f"[databases]\n{DB} = host=127.0.0.1,localhost port={a.port} dbname=postgres "
+           "load_balance_hosts=round-robin\n"
+           "[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+           "auth_type = md5\nauth_file = {userlist}\npool_mode = transaction\n"
+           f"admin_users = {ADMIN}\n")
+    p = pooler_factory(ini, {SUPER: SUPER_PW, ADMIN: ADMIN_PW}, filename="pgbouncer.ini")
+    with held(p, 2) as ports:
+        assert ports == [a.port, a.port]
+        assert sorted(s["addr"] for s in admin(p, "SERVERS")) == ["127.0.0.1", "localhost"]
+
+
+def test_disable_stays_on_one_host_until_it_fails(two, pooler_factory):
+    a, b = two
+    dead = free_port()
+    p = start(pooler_factory, {"host": "127.0.0.1,127.0.0.1", "port": f"{dead},{b.port}",
+                               "load_balance_hosts": "disable"},
+              server_login_retry=0.2, server_connect_timeout=5)
+    # The first host refuses: that client is told, and the next connection moves on.
+    with pytest.raises(psycopg2.OperationalError) as exc:
+        one_port(p)
+    assert f"127.0.0.1:{dead}" in str(exc.value)
+    wait_until(lambda: _connects(p), timeout=10, message="no login after the failed host")
+    # ... and stays there: every new server goes to the second host.
+    with held(p, 3) as ports:
+        assert ports == [b.port] * 3
+    [db] = [d for d in admin(p, "DATABASES") if d["name"] == DB]
+    assert db["load_balance_hosts"] == "disable"
+
+
+def _connects(p) -> bool:
+    try:
+        one_port(p)
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+def test_reload_moves_new_transactions_to_the_new_host(two, pooler_factory):
+    a, b = two
+    p = start(pooler_factory, {"host": "127.0.0.1", "port": a.port})
+    stay = psycopg2.connect(p.dsn(DB, SUPER, SUPER_PW))
+    try:
+        with stay.cursor() as cur:                 # a transaction open on a, over the reload
+            cur.execute("SELECT inet_server_port()")
+            assert cur.fetchone()[0] == a.port
+            assert one_port(p) == a.port            # leaves an idle server on a
+            wait_until(lambda: pooled_backends(a) == 2, message="two servers on a")
+            cfg = p.update_config({"databases": {DB: {"dbname": "postgres", "host": "127.0.0.1",
+                                                      "port": b.port}}})
+            assert cfg["databases"][DB]["port"] == b.port
+            p.wait_for_log("RELOAD|reload", timeout=10)
+            # The idle server to the old host is closed at once; new transactions go to b.
+            wait_until(lambda: pooled_backends(a) == 1, message="idle server to a not closed")
+            assert one_port(p) == b.port
+            # The open transaction finishes where it began.
+            cur.execute("SELECT inet_server_port()")
+            assert cur.fetchone()[0] == a.port
+        stay.commit()                              # released: its server to a is closed
+        wait_until(lambda: pooled_backends(a) == 0, message="server to a outlived its release")
+        with stay.cursor() as cur:
+            cur.execute("SELECT inet_server_port()")
+            assert cur.fetchone()[0] == b.port
+        stay.commit()
+    finally:
+        stay.close()
+    assert "database host changed" in p.log()
+
+
+def test_reload_changes_load_balance_hosts(two, pooler_factory):
+    a, b = two
+    entry = {"host": "127.0.0.1,127.0.0.1", "port": f"{a.port},{b.port}"}
+    p = start(pooler_factory, entry)
+    with held(p, 2) as first:
+        assert first == [a.port, b.port]
+        p.update_config({"databases": {DB: {"dbname": "postgres", **entry,
+                                            "load_balance_hosts": "disable"}}})
+        wait_until(lambda: [d for d in admin(p, "DATABASES")
+                            if d["name"] == DB and d["load_balance_hosts"] == "disable"],
+                   message="reload not applied")
+        # Same hosts: the servers stay; new ones now all go to one host.
+        with held(p, 3) as more:
+            assert more == [a.port] * 3
+    assert pooled_backends(a) == 4 and pooled_backends(b) == 1
