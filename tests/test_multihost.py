@@ -9,6 +9,7 @@ import contextlib
 import psycopg2
 import pytest
 
+from bouncer import Bouncer
 from conftest import wait_until
 from pooler.dev.devcluster import TempPostgres, free_port
 
@@ -37,15 +38,15 @@ def start(pooler_factory, entry: dict, **glob):
 
 
 @contextlib.contextmanager
-def held(p, n: int):
+def held(p, n: int, what: str = "inet_server_port()"):
     """n clients, each inside a transaction (so each holds a server of its own);
-    yields the port of the PostgreSQL each one's server is on, in order."""
+    yields `what` (the port of the PostgreSQL its server is on) for each, in order."""
     conns = [psycopg2.connect(p.dsn(DB, SUPER, SUPER_PW), connect_timeout=10) for _ in range(n)]
     try:
         ports = []
         for c in conns:
             with c.cursor() as cur:
-                cur.execute("SELECT inet_server_port()")
+                cur.execute(f"SELECT {what}")
                 ports.append(cur.fetchone()[0])
         yield ports
         for c in conns:
@@ -186,3 +187,49 @@ def test_reload_changes_load_balance_hosts(two, pooler_factory):
         with held(p, 3) as more:
             assert more == [a.port] * 3
     assert pooled_backends(a) == 4 and pooled_backends(b) == 1
+
+
+# ------------------------------------------------------------- side by side with PgBouncer
+
+@pytest.fixture(scope="module")
+def two_addresses():
+    """Two clusters on one port, at 127.0.0.1 and 127.0.0.2 (PgBouncer 1.18's host
+    lists take one port for every host)."""
+    loopback = ["host all all 127.0.0.0/8 md5"]
+    a = TempPostgres(extra_hba=loopback).start()
+    b = TempPostgres(port=a.port, extra_conf={"listen_addresses": "127.0.0.2"}, extra_hba=loopback)
+    b.host = "127.0.0.2"
+    try:
+        b.start()
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+
+
+SIDE_INI = """\
+[databases]
+multi = host=127.0.0.1,127.0.0.2 port={pgport} dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = md5
+auth_file = {userlist}
+admin_users = admin
+pool_mode = transaction
+"""
+
+
+def test_host_list_round_robin_as_pgbouncer(two_addresses, pooler_factory):
+    a, _ = two_addresses
+    ini = SIDE_INI.replace("{pgport}", str(a.port))
+    users = {SUPER: SUPER_PW, ADMIN: ADMIN_PW}
+    ours = pooler_factory(ini, users, filename="pgbouncer.ini")
+    with Bouncer(ini, users) as theirs:
+        for target in (theirs, ours):
+            with held(target, 4, "host(inet_server_addr())") as hosts:
+                assert hosts == ["127.0.0.1", "127.0.0.2"] * 2, (target, hosts)
+            # SHOW SERVERS names the host each server went to.
+            servers = admin(target, "SERVERS")
+            assert sorted(s["addr"] for s in servers) == ["127.0.0.1"] * 2 + ["127.0.0.2"] * 2

@@ -50,13 +50,13 @@ def sub():
         cluster.stop()
 
 
-def start_pooler(pooler_factory, pub, pool_size=10, mode="transaction"):
+def start_pooler(pooler_factory, pub, pool_size=10, mode="transaction", **glob):
     # Physical replication clients (pg_basebackup, pg_receivewal) ask for the database
     # "replication", as libpq makes them; the pooler routes by that name (PgBouncer too).
     entry = {"host": pub.host, "port": pub.port, "dbname": DB}
     cfg = {"databases": {DB: entry, "replication": entry},
            "pool_mode": mode, "default_pool_size": pool_size, "admin_users": [ADMIN],
-           "auth": {"type": "md5"}}
+           "auth": {"type": "md5"}, **glob}
     return pooler_factory(cfg, {SUPER: SUPER_PW, ADMIN: ADMIN_PW})
 
 
@@ -256,3 +256,30 @@ def test_replication_in_session_pool_and_bad_value(pub, pooler_factory):
     assert exc.value.sqlstate == "22023"
     assert 'invalid value for parameter "replication": "sometimes"' in exc.value.message
     bad.close()
+
+
+def test_refused_replication_login_fails_only_that_client(sub, pooler_factory):
+    # `sub` has no pg_hba line for physical replication: PostgreSQL refuses the
+    # replication server's login, and the client hears PostgreSQL's error.
+    p = start_pooler(pooler_factory, sub, server_login_retry=30)
+    conn = repl_conn(p, "true")
+    try:
+        conn.send_query("IDENTIFY_SYSTEM")
+        err = conn.read_error()
+        assert err.sqlstate == "28000" and "replication connection" in err.message, err
+        assert conn.at_eof()
+    finally:
+        conn.close()
+    # The pool's ordinary logins are not held back by it (no server_login_retry wait):
+    # two transactions at once need a new server beside the idle one.
+    conns = [psycopg2.connect(p.dsn(DB, SUPER, SUPER_PW), connect_timeout=10) for _ in range(2)]
+    try:
+        pids = set()
+        for c in conns:
+            with c.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                pids.add(cur.fetchone()[0])
+        assert len(pids) == 2
+    finally:
+        for c in conns:
+            c.close()

@@ -68,14 +68,21 @@ def acquire_dedicated(pool: "Pool", client) -> "ServerConn":
         if not pool.paused:
             if pool.total >= pool.route.pool_size and pool.idle:
                 pool.discard(pool.idle[0], "evicted for a replication connection")
-            if pool.total < pool.route.pool_size and \
-                    pool.worker.quota.try_claim(pool.ordinary_keys()):
+            if pool.total < pool.route.pool_size and _claim(pool):
                 return _open(pool, client)
         since = since or time.monotonic()
         srv = pool._wait(client, since)
         if srv is not None:
             # A release handed an ordinary server over: its slot is this client's now.
             pool.discard(srv, "evicted for a replication connection")
+
+
+def _claim(pool: "Pool") -> bool:
+    """A slot within pool_size and the database's and user's caps; at a cap, another
+    pool's idle server is evicted first, as for an ordinary client."""
+    keys = pool.ordinary_keys()
+    return pool.worker.quota.try_claim(keys) or \
+        (pool._evict_for_caps() and pool.worker.quota.try_claim(keys))
 
 
 def _open(pool: "Pool", client) -> "ServerConn":
