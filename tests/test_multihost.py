@@ -233,3 +233,28 @@ def test_host_list_round_robin_as_pgbouncer(two_addresses, pooler_factory):
             # SHOW SERVERS names the host each server went to.
             servers = admin(target, "SERVERS")
             assert sorted(s["addr"] for s in servers) == ["127.0.0.1"] * 2 + ["127.0.0.2"] * 2
+
+
+# ------------------------------------------------------------------ config
+
+def test_host_and_port_lists_validated():
+    from pooler.config.converters import ConfigError
+    from pooler.config.validate import parse_config
+    cfg = parse_config({"auth": {"type": "trust"}, "databases": {
+        "a": "host=127.0.0.1,localhost port=5432,5433 load_balance_hosts=disable",
+        "b": {"host": "h1,h2,h3", "port": 6000}}})
+    a, b = cfg.route("a"), cfg.route("b")
+    assert (a.hosts, a.port, a.load_balance_hosts) == (
+        (("127.0.0.1", 5432), ("localhost", 5433)), 5432, "disable")
+    assert (b.hosts, b.load_balance_hosts) == (
+        (("h1", 6000), ("h2", 6000), ("h3", 6000)), "round-robin")
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"auth": {"type": "trust"}, "databases": {
+            "c": {"host": "a,b", "port": "1,2,3"}, "d": {"host": "a,,b"},
+            "e": {"port": "1,x"}, "f": {"load_balance_hosts": "random"}}})
+    assert exc.value.errors == [
+        "databases.c.port: '1,2,3' is not valid: one port for all hosts, or one per host (2 hosts)",
+        "databases.d.host: 'a,,b' is not valid: a host, or a comma-separated list of hosts "
+        "with none empty",
+        "databases.e.port: '1,x' is not valid: a comma-separated list of integers from 1 to 65535",
+        "databases.f.load_balance_hosts: 'random' is not valid: one of 'round-robin', 'disable'"]
