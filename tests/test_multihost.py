@@ -11,6 +11,7 @@ import pytest
 
 from bouncer import Bouncer
 from conftest import wait_until
+from rawpg import RawConn
 from pooler.dev.devcluster import TempPostgres, free_port
 
 SUPER, SUPER_PW = "postgres", "postgres"
@@ -170,6 +171,27 @@ def test_reload_moves_new_transactions_to_the_new_host(two, pooler_factory):
     finally:
         stay.close()
     assert "database host changed" in p.log()
+
+
+def test_reload_closes_replication_server_to_the_old_host(two, pooler_factory):
+    a, b = two
+    p = start(pooler_factory, {"host": "127.0.0.1", "port": a.port})
+    repl = RawConn("127.0.0.1", p.port, 20)
+    try:
+        # replication=database passes `all` pg_hba lines; IDENTIFY_SYSTEM runs on a.
+        repl.login(SUPER, SUPER_PW, DB, replication="database")
+        assert repl.rows("IDENTIFY_SYSTEM")[0][3] == "postgres"
+        assert pooled_backends(a) == 1
+        p.update_config({"databases": {DB: {"dbname": "postgres", "host": "127.0.0.1",
+                                            "port": b.port}}})
+        # Never released, so not left for later: closed with its client now.
+        err = repl.read_error()
+        assert err.sqlstate == "08006" and "database host changed" in err.message, err
+        assert repl.at_eof()
+    finally:
+        repl.close()
+    wait_until(lambda: pooled_backends(a) == 0, message="replication server to a not closed")
+    assert one_port(p) == b.port
 
 
 def test_reload_changes_load_balance_hosts(two, pooler_factory):

@@ -9,11 +9,14 @@ the pool has (server_round_robin decides that).
 
 A reload that changes the list moves new connections at once; servers to an
 address no longer listed are closed: idle ones now, linked ones when released
-(close_needed), so new transactions run on the new hosts.
+(close_needed), so new transactions run on the new hosts; a replication
+client's server, never released, is closed now with its client.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.config.model import Route
@@ -66,3 +69,8 @@ def retarget(pool: "Pool", route: "Route") -> None:
     for srv in list(pool.active):
         if (srv.host, srv.port) not in keep:
             srv.close_needed = True     # Pool.release closes it
+            if srv.replication != "none" and srv.client is not None:
+                # Never released: it goes now, with its client, which may reconnect
+                # to the new hosts (PgBouncer closes close_needed replication servers).
+                srv.client.kill(PoolerError("08006", "database host changed (RELOAD): "
+                                            "replication connection closed"))
