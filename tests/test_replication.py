@@ -283,3 +283,22 @@ def test_refused_replication_login_fails_only_that_client(sub, pooler_factory):
     finally:
         for c in conns:
             c.close()
+
+
+def test_replication_with_several_workers(pub, pooler_factory):
+    # Prefork: the pool's budget is in shared memory and SHOW gathers every worker.
+    p = start_pooler(pooler_factory, pub, pool_size=4, workers=2)
+    conns = [repl_conn(p, kind, f"multi-{i}")
+             for i, kind in enumerate(["database", "true", "database", "true"])]
+    try:
+        for c in conns:
+            c.rows("IDENTIFY_SYSTEM")
+        assert sorted(w[1] for w in walsenders(pub)) == [f"multi-{i}" for i in range(4)]
+        shown = sorted(s["replication"] for s in admin_rows(p, "SERVERS"))
+        assert shown == ["logical", "logical", "physical", "physical"]
+        assert sorted(c["replication"] for c in admin_rows(p, "CLIENTS")
+                      if c["database"] != "pgbouncer") == shown
+    finally:
+        for c in conns:
+            c.close()
+    wait_until(lambda: not walsenders(pub), message="walsenders outlived their clients")

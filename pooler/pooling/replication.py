@@ -10,7 +10,8 @@ forwards its bytes in session mode, where CopyData flows both ways untouched;
 and when the client leaves, the server is closed, never reused.
 
 The server counts against the pool's pool_size like any other: when the pool
-is full the client evicts an idle ordinary server, or waits for a slot (a
+is full the client evicts an idle ordinary server of its pool (also when, with
+several workers, the pool is full over all of them), or waits for a slot (a
 server handed over to it by a release is closed to make that slot).
 """
 from __future__ import annotations
@@ -66,10 +67,12 @@ def acquire_dedicated(pool: "Pool", client) -> "ServerConn":
     since = 0.0
     while True:
         if not pool.paused:
-            if pool.total >= pool.route.pool_size and pool.idle:
-                pool.discard(pool.idle[0], "evicted for a replication connection")
             if pool.total < pool.route.pool_size and _claim(pool):
                 return _open(pool, client)
+            if pool.idle:
+                # Full, here or (several workers) over all of them: make room.
+                pool.discard(pool.idle[0], "evicted for a replication connection")
+                continue
         since = since or time.monotonic()
         srv = pool._wait(client, since)
         if srv is not None:
