@@ -170,7 +170,7 @@ def test_reload_moves_new_transactions_to_the_new_host(two, pooler_factory):
         stay.commit()
     finally:
         stay.close()
-    assert "database host changed" in p.log()
+    assert "database configuration changed" in p.log()
 
 
 def test_reload_closes_replication_server_to_the_old_host(two, pooler_factory):
@@ -186,7 +186,8 @@ def test_reload_closes_replication_server_to_the_old_host(two, pooler_factory):
                                             "port": b.port}}})
         # Never released, so not left for later: closed with its client now.
         err = repl.read_error()
-        assert err.sqlstate == "08006" and "database host changed" in err.message, err
+        assert err.sqlstate == "08006", err
+        assert err.message == "replication connection closed: database configuration changed"
         assert repl.at_eof()
     finally:
         repl.close()
@@ -205,10 +206,13 @@ def test_reload_changes_load_balance_hosts(two, pooler_factory):
         wait_until(lambda: [d for d in admin(p, "DATABASES")
                             if d["name"] == DB and d["load_balance_hosts"] == "disable"],
                    message="reload not applied")
-        # Same hosts: the servers stay; new ones now all go to one host.
+        # As in PgBouncer, a changed load_balance_hosts changes the entry: its servers
+        # are closed when released; new ones now all go to one host.
+        assert [s["close_needed"] for s in admin(p, "SERVERS")] == [1, 1]
         with held(p, 3) as more:
             assert more == [a.port] * 3
-    assert pooled_backends(a) == 4 and pooled_backends(b) == 1
+    wait_until(lambda: (pooled_backends(a), pooled_backends(b)) == (3, 0),
+               message="the servers opened before the reload were not closed at release")
 
 
 # ------------------------------------------------------------- side by side with PgBouncer

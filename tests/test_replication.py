@@ -240,6 +240,26 @@ def test_replication_server_counts_against_pool_size(pub, pooler_factory):
     assert "replication client disconnected" in p.log()
 
 
+def test_reconnect_closes_replication_servers_at_once(pub, pooler_factory):
+    # Never released, a replication server marked close_needed goes with its client now.
+    p = start_pooler(pooler_factory, pub)
+    conn = repl_conn(p, "database", "to-reconnect")
+    try:
+        conn.rows("IDENTIFY_SYSTEM")
+        c = psycopg2.connect(p.dsn("pgbouncer", ADMIN, ADMIN_PW))
+        try:
+            c.autocommit = True
+            c.cursor().execute("RECONNECT")
+        finally:
+            c.close()
+        err = conn.read_error()
+        assert (err.sqlstate, err.message) == ("08006", "replication connection closed: RECONNECT")
+        assert conn.at_eof()
+    finally:
+        conn.close()
+    wait_until(lambda: not walsenders(pub), message="the replication server outlived RECONNECT")
+
+
 def test_replication_in_session_pool_and_bad_value(pub, pooler_factory):
     p = start_pooler(pooler_factory, pub, pool_size=2, mode="session")
     conn = repl_conn(p, "database")

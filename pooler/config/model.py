@@ -92,8 +92,8 @@ class Route:
     def target(self) -> tuple:
         """What a server connection is opened with; when a reload changes it, the servers
         opened before lead to the old place (PgBouncer: the connection string changed)."""
-        return (self.host, self.port, self.dbname, self.user, self.password,
-                self.connect_query, self.application_name)
+        return (self.host, self.port, self.hosts, self.load_balance_hosts, self.dbname,
+                self.user, self.password, self.connect_query, self.application_name)
 
 
 @_with_keys(settings.GLOBAL)

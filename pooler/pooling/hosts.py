@@ -7,20 +7,16 @@ one entry until a connection to it fails, then moves to the next. The choice
 is made only when a server is opened: clients still get whichever idle server
 the pool has (server_round_robin decides that).
 
-A reload that changes the list moves new connections at once; servers to an
-address no longer listed are closed: idle ones now, linked ones when released
-(close_needed), so new transactions run on the new hosts; a replication
-client's server, never released, is closed now with its client.
+A reload that changes the list (or load_balance_hosts) moves new connections
+at once; the servers opened before are closed as for any change of where the
+entry leads (Pool.reconfigure: Route.target() holds the list).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pooler.errors import PoolerError
-
 if TYPE_CHECKING:
     from pooler.config.model import Route
-    from pooler.pooling.pool import Pool
 
 
 class HostPicker:
@@ -53,24 +49,3 @@ class HostPicker:
         """The connection attempt to the last address given succeeded or failed."""
         self.last_failed = not ok
 
-
-def retarget(pool: "Pool", route: "Route") -> None:
-    """A reload gave `pool` a new route: if its addresses changed, close the servers
-    to addresses no longer listed (idle ones now, linked ones when released)."""
-    picker = pool.hosts
-    old = picker.hosts
-    picker.set_route(route)
-    if picker.hosts == old:
-        return
-    keep = set(picker.hosts)
-    for srv in list(pool.idle):
-        if (srv.host, srv.port) not in keep:
-            pool.discard(srv, "database host changed (RELOAD)")
-    for srv in list(pool.active):
-        if (srv.host, srv.port) not in keep:
-            srv.close_needed = True     # Pool.release closes it
-            if srv.replication != "none" and srv.client is not None:
-                # Never released: it goes now, with its client, which may reconnect
-                # to the new hosts (PgBouncer closes close_needed replication servers).
-                srv.client.kill(PoolerError("08006", "database host changed (RELOAD): "
-                                            "replication connection closed"))

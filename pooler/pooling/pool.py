@@ -17,7 +17,8 @@ from gevent.hub import get_hub
 from pooler.wire import protocol
 from pooler.config.model import Config, Route
 from pooler.pooling.clientstate import ClientState
-from pooler.pooling.hosts import HostPicker, retarget
+from pooler.pooling import replication
+from pooler.pooling.hosts import HostPicker
 from pooler.pooling.prepared import Counters
 from pooler.pooling.server import ServerConn, ServerError
 from pooler.errors import PoolerError
@@ -499,6 +500,7 @@ class Pool:
         when released (SHOW SERVERS' close_needed until then; WAIT_CLOSE waits for them)."""
         for srv in list(self.active) + list(self.idle):
             srv.close_needed = True
+        replication.close_marked(self, reason)     # never released: they go now
         self.close_all(reason)
 
     def welcome_messages(self, tparams: dict[str, str | None], tsig: tuple) -> bytes:
@@ -524,9 +526,9 @@ class Pool:
         self.cfg = cfg
         self.route = route
         self._quota_keys = self._make_quota_keys()
+        self.hosts.set_route(route)     # new servers go to the new host list
         if moved:
             self.mark_close_needed("database configuration changed")
-        retarget(self, route)           # a changed host list: servers to old hosts go
 
     # -- cross-worker hand-off (proc/peers.py; one process never calls these) -----
 

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pooler.pooling.pool import PoolError
+from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
     from pooler.pooling.pool import Pool
@@ -91,7 +91,7 @@ def _claim(pool: "Pool") -> bool:
 def _open(pool: "Pool", client) -> "ServerConn":
     try:
         srv = pool._open(client.server_startup)
-    except PoolError as exc:
+    except PoolerError as exc:          # PoolError: the login failed
         log.warning("C-%d %s@%s replication server login failed: %s", client.id,
                     pool.server_user, pool.name, exc)
         pool.wake_waiters(1)            # the slot it claimed is free again
@@ -104,3 +104,13 @@ def _open(pool: "Pool", client) -> "ServerConn":
 def close_dedicated(pool: "Pool", srv: "ServerConn") -> None:
     """The replication client left: its server goes with it."""
     pool.discard(srv, "replication client disconnected")
+
+
+def close_marked(pool: "Pool", reason: str) -> None:
+    """RECONNECT, or a reload that moved the database, marked the pool's servers
+    close_needed: a replication server is never released, so it goes now, with its
+    client, which may connect again to the new target (PgBouncer's janitor closes
+    close_needed replication servers at once too)."""
+    for srv in list(pool.active):
+        if srv.replication != "none" and srv.close_needed and srv.client is not None:
+            srv.client.kill(PoolerError("08006", f"replication connection closed: {reason}"))
