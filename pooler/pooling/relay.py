@@ -97,17 +97,15 @@ class Relay:
     """Relay state of one client; the server link comes and goes with the pool mode."""
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
-                 "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
-                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
-                 "dedicated")
+                 "hub", "query_start", "xact_start", "last_active", "parts", "refuse", "dedicated",
+                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
         self.cs = client.stream
         self.pool = client.pool
         self.stats = client.pool.stats
-        # A replication client's server is its own for the whole session (replication.py).
-        self.dedicated = client.replication != "none"
+        self.dedicated = client.replication != "none"     # its own server (replication.py)
         self.mode = SESSION if self.dedicated else client.pool.route.pool_mode
         cfg = client.pool.cfg
         self.stmts: ClientStatements | None = None
@@ -347,10 +345,8 @@ class Relay:
         step = self.step
         while True:
             if ev == EV_LINK:
-                if self.failed is not None:
-                    return J_FAILED
-                if self.dedicated:
-                    return J_LINK       # never an idle pooled server: one opened for it
+                if self.failed is not None or self.dedicated:   # replication: never a pooled one
+                    return J_FAILED if self.failed is not None else J_LINK
                 pool = self.pool
                 srv = pool.acquire_nowait()
                 if srv is None:
