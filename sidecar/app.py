@@ -36,7 +36,7 @@ from typing import Any, Callable
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CollectorRegistry
 
-from pooler.config.converters import ConfigError
+from pooler.config.converters import ConfigError, host_list
 from pooler.config.load import check_config_file, load_config
 from pooler.wire.reach import connect_probe
 
@@ -336,7 +336,8 @@ def _tcp_ok(host: str, port: int, timeout: float) -> bool:
 
 def _backends(cfg: Any) -> list[tuple[str, int]]:
     """The distinct PostgreSQL servers the config's database entries name."""
-    return sorted({(d.host, d.port) for d in cfg.databases.values() if d.host})
+    return sorted({addr for d in cfg.databases.values() if d.host
+                   for addr in host_list(d.host, d.port)})
 
 
 def _unavailable(e: ConsoleError) -> tuple[Response, int]:

@@ -90,7 +90,9 @@ def test_snapshot_is_plain_json_and_views_sum_workers():
     assert (row["maxwait"], row["maxwait_us"]) == (3, 5)         # the oldest waiter, not a sum
     totals = SHOWS["stats_totals"](view)
     assert totals.rows[0][:3] == ["app", 0, 30]                   # xact_count summed
-    assert [r for r in SHOWS["databases"](view).rows if r[0] == "app"][0][11] == 3
+    dbs = SHOWS["databases"](view)
+    [app] = [dict(zip([c for c, _ in dbs.columns], r)) for r in dbs.rows if r[0] == "app"]
+    assert app["current_connections"] == 3
 
 
 # --------------------------------------------------------------------------- vs PgBouncer

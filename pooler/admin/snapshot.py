@@ -151,6 +151,7 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
         "user": client.user,
         "database": pool.name if pool is not None else client.database,
         "pool_user": pool.user if pool is not None else None,
+        "replication": client.replication,      # none / logical / physical
         "state": str(shown_state(client)),  # login / idle / waiting / active / admin
         "addr": addr,
         "port": port,
@@ -215,7 +216,7 @@ def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock) -
     client = srv.client
     pump = srv.tls
     laddr, lport = _local_sock(pump.tls) if pump is not None else _local(srv.stream)
-    host = pool.route.host
+    host = srv.host                     # the one of the entry's host list it went to
     return {
         "id": global_id(wid, srv.id),
         "ptr": server_ptr(wid, srv.id),
@@ -223,7 +224,8 @@ def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock) -
         "database": pool.name,
         "state": st,                        # active / idle / used
         "addr": "unix" if host.startswith("/") else host,
-        "port": pool.route.port,
+        "port": srv.port,
+        "replication": srv.replication,
         "local_addr": laddr,
         "local_port": lport,
         "connect_time": clock.wall(srv.created),

@@ -183,7 +183,7 @@ def show_pools(v: View) -> Result:
 
 
 DATABASES_COLS = ("name:s host:s port:i database:s force_user:s pool_size:i min_pool_size:i "
-                  "reserve_pool:i server_lifetime:i pool_mode:s max_connections:i "
+                  "reserve_pool:i server_lifetime:i pool_mode:s load_balance_hosts:s max_connections:i "
                   "current_connections:i max_client_connections:i current_client_connections:i "
                   "paused:i disabled:i")
 
@@ -203,7 +203,7 @@ def show_databases(v: View) -> Result:
     rows = [_database_row(v, name, current.get(name, 0), clients.get(name, 0)) for name in names]
     rows = [r for r in rows if r is not None]
     rows.append([ADMIN_DB, None, cfg.listen_port, ADMIN_DB, ADMIN_DB, 2, 0, 0,
-                 int(cfg.server_lifetime), "statement", 0, 0, cfg.max_db_client_connections,
+                 int(cfg.server_lifetime), "statement", None, 0, 0, cfg.max_db_client_connections,
                  clients.get(ADMIN_DB, 0), 0, 0])
     return table(DATABASES_COLS, sorted(rows, key=lambda r: r[0]))
 
@@ -220,6 +220,7 @@ def _database_row(v: View, name: str, current: int, clients: int) -> list | None
         mode = entry.pool_mode if entry is not None else None
     return [name, route.host, route.port, route.dbname, route.user, route.pool_size,
             route.min_pool_size, route.reserve_pool_size, int(cfg.server_lifetime), mode,
+            route.load_balance_hosts if len(route.hosts) > 1 else None,   # PgBouncer: lists only
             route.max_db_connections, current, route.max_db_client_connections, clients,
             int(v.flag("paused_dbs", name)), int(v.flag("disabled_dbs", name))]
 
@@ -238,7 +239,8 @@ def _ts(wall: float) -> str:
 
 
 def _client_row(c: dict, state: str) -> list:
-    return ["C", c["user"] or "(nouser)", c["database"] or "(nodb)", "none", state, c["addr"],
+    return ["C", c["user"] or "(nouser)", c["database"] or "(nodb)", c.get("replication", "none"),
+            state, c["addr"],
             c["port"], c["local_addr"], c["local_port"], _ts(c["connect_time"]),
             _ts(c["request_time"]), c["wait_us"] // 1_000_000, c["wait_us"] % 1_000_000, 0,
             c["ptr"], c["link"] or "", 0, c.get("tls", ""), c["application_name"], c["prepared_statements"],
@@ -246,7 +248,8 @@ def _client_row(c: dict, state: str) -> list:
 
 
 def _server_row(s: dict, state: str) -> list:
-    return ["S", s["user"], s["database"], "none", state, s["addr"], s["port"], s["local_addr"],
+    return ["S", s["user"], s["database"], s.get("replication", "none"), state, s["addr"],
+            s["port"], s["local_addr"],
             s["local_port"], _ts(s["connect_time"]), _ts(s["request_time"]), 0, 0,
             int(s["close_needed"]), s["ptr"], s["link"] or "", s["remote_pid"], s.get("tls", ""),
             s["application_name"], s["prepared_statements"], s["id"]]

@@ -79,8 +79,9 @@ def demand(cfg: Config) -> dict[Server, Demand]:
         route = cfg.route(name)
         if route is None:
             continue
-        server = (route.host, route.port)
-        out.setdefault(server, Demand(server)).pools[name] = pool_connections(route)
+        # A host list: each host may get all of them (load_balance_hosts=disable).
+        for server in route.hosts:
+            out.setdefault(server, Demand(server)).pools[name] = pool_connections(route)
     return out
 
 
@@ -117,7 +118,7 @@ def logins(cfg: Config, server: Server) -> list[Login]:
     """The logins to try on `server`, best first (see the module's docstring)."""
     plain = _plain_passwords(cfg)
     routes = [r for r in (cfg.route(n) for n in [*cfg.pools, *cfg.databases])
-              if r is not None and (r.host, r.port) == server]
+              if r is not None and server in r.hosts]
     out: list[Login] = []
     for r in routes:
         password = r.password if r.password is not None else plain.get(r.user or "")

@@ -107,6 +107,32 @@ def str_list(v: Any) -> list[str]:
 
 COUNT = integer(0)
 PORT = integer(1, 65535)
+
+
+def ports(v: Any) -> int | str:
+    """A database entry's port: one port, or a comma-separated list of them (one per
+    host of a host list); a list is kept as its normalized text ('5432,5433')."""
+    if isinstance(v, str) and "," in v:
+        parts = [p.strip() for p in v.split(",")]
+        if all(p.isdigit() and 1 <= int(p) <= 65535 for p in parts):
+            return ",".join(str(int(p)) for p in parts)
+        raise Invalid("a comma-separated list of integers from 1 to 65535")
+    return PORT(v)
+
+
+def host_list(host: str, port: int | str) -> tuple[tuple[str, int], ...]:
+    """The (host, port) addresses of a database entry: `host` may list several hosts
+    (comma-separated, PgBouncer's host list), `port` one port for all or one per host.
+    Raises Invalid when the counts do not match."""
+    hosts = [h.strip() for h in host.split(",")]
+    if not all(hosts):
+        raise Invalid("a host, or a comma-separated list of hosts with none empty")
+    plist = [int(p) for p in str(port).split(",")]
+    if len(plist) == 1:
+        plist *= len(hosts)
+    elif len(plist) != len(hosts):
+        raise Invalid(f"one port for all hosts, or one per host ({len(hosts)} hosts)")
+    return tuple(zip(hosts, plist))
 TEXT = string()
 NONEMPTY = string(1, what="a non-empty string")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pooler.config import settings
+from pooler.config.converters import host_list
 from pooler.config.settings import Key
 
 
@@ -61,8 +62,8 @@ class AuthConfig:
 @dataclass
 class Route:
     name: str
-    host: str
-    port: int
+    host: str           # as configured: may be a host list ("a,b,c")
+    port: int           # the first port (the one of every host, unless a list was given)
     dbname: str
     user: str | None
     password: str | None
@@ -84,12 +85,15 @@ class Route:
     idle_transaction_timeout: float = 0.0
     client_idle_timeout: float = 0.0
     max_db_client_connections: int = 0   # clients of this entry (name), over all users
+    # Every (host, port) a server may be opened to, and how the next is picked.
+    hosts: tuple[tuple[str, int], ...] = ()
+    load_balance_hosts: str = "round-robin"
 
     def target(self) -> tuple:
         """What a server connection is opened with; when a reload changes it, the servers
         opened before lead to the old place (PgBouncer: the connection string changed)."""
-        return (self.host, self.port, self.dbname, self.user, self.password,
-                self.connect_query, self.application_name)
+        return (self.host, self.port, self.hosts, self.load_balance_hosts, self.dbname,
+                self.user, self.password, self.connect_query, self.application_name)
 
 
 @_with_keys(settings.GLOBAL)
@@ -131,8 +135,10 @@ class Config:
                password: str | None, mode: str, size: int, pool_user: str | None) -> Route:
         u = self.users.get(pool_user) if pool_user is not None else None
         reserve = _pick(entry.reserve_pool_size, self.reserve_pool_size)
+        hosts = host_list(entry.host, entry.port)     # validated: the counts match
         return Route(
-            name=name, host=entry.host, port=entry.port, dbname=dbname, user=user,
+            name=name, host=entry.host, port=hosts[0][1], dbname=dbname, user=user,
+            hosts=hosts, load_balance_hosts=entry.load_balance_hosts,
             password=password, pool_mode=_pick(_of(u, "pool_mode"), mode),
             pool_size=_pick(_of(u, "pool_size"), size),
             min_pool_size=_pick(entry.min_pool_size, self.min_pool_size),

@@ -47,7 +47,7 @@ class Key:
     @property
     def is_int(self) -> bool:
         """An integer: connection strings (text only) carry it as digits."""
-        return self.type in (int, int | None)
+        return self.type in (int, int | None, int | str)
 
     def field(self) -> dataclasses.Field:
         """The dataclass field declaring this key."""
@@ -157,7 +157,8 @@ AUTH: tuple[Key, ...] = (
 # databases (PgBouncer's [databases] connection-string keys).
 DATABASE: tuple[Key, ...] = (
     Key("host", str, c.NONEMPTY, "127.0.0.1"),   # starts with '/': a Unix socket directory
-    Key("port", int, c.PORT, 5432),
+    # A host list (host=a,b,c) takes one port for all or one per host (port=5432,5433).
+    Key("port", int | str, c.ports, 5432),
     Key("dbname", str | None, _OPT(c.NONEMPTY), None),
     Key("user", str | None, _OPT(c.NONEMPTY), None),
     Key("password", str | None, _OPT(c.TEXT), None, secret=True),
@@ -176,6 +177,8 @@ DATABASE: tuple[Key, ...] = (
     Key("auth_user", str | None, _OPT(c.NONEMPTY), None),
     Key("auth_query", str | None, _OPT(c.NONEMPTY), None),
     Key("auth_dbname", str | None, _OPT(c.NONEMPTY), None),
+    # PgBouncer 1.24: which entry of a host list a new server connection goes to.
+    Key("load_balance_hosts", str, c.choice(("round-robin", "disable")), "round-robin"),
 )
 
 # users: PgBouncer 1.24's [users] settings. None is unset: the database entry's or the

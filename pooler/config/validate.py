@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from pooler.config import settings
-from pooler.config.converters import ConfigError, Converter, Invalid, parse_connstr
+from pooler.config.converters import ConfigError, Converter, Invalid, host_list, parse_connstr
 from pooler.config.model import AuthConfig, Config, DatabaseEntry, PeerEntry, PoolEntry, UserEntry
 from pooler.config.settings import ADMIN_DB, MAX_PEER_ID, SECTIONS, int_names
 from pooler.wire import tls        # stdlib ssl only at import; no gevent in the master
@@ -129,8 +129,21 @@ def _parse_databases(raw: Any, errors: list[str]) -> dict[str, DatabaseEntry]:
             continue
         spec = _database_spec(spec_raw, path, errors)
         if spec is not None:
-            out[name] = DatabaseEntry(name=name, **_convert(spec, _DATABASE, path, errors))
+            values = _convert(spec, _DATABASE, path, errors)
+            if _hosts_fit(values, path, errors):
+                out[name] = DatabaseEntry(name=name, **values)
     return out
+
+
+def _hosts_fit(values: dict, path: str, errors: list[str]) -> bool:
+    """A host list and a port list must pair up (one port, or one per host)."""
+    try:
+        host_list(values.get("host", "127.0.0.1"), values.get("port", 5432))
+    except Invalid as exc:
+        key = "host" if exc.allowed.startswith("a host") else "port"
+        errors.append(_bad(_join(path, key), values.get(key), exc.allowed))
+        return False
+    return True
 
 
 def _parse_users(raw: Any, errors: list[str]) -> dict[str, UserEntry]:

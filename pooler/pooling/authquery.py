@@ -217,7 +217,9 @@ class AuthQuery:
         route = dataclasses.replace(target, application_name=APPLICATION_NAME)
         shim = SimpleNamespace(route=route, cfg=cfg, name=route.name)
         try:
-            return ServerConn.connect(shim, auth_user, password, None, cfg.server_connect_timeout)
+            # A host list: the auth queries go to its first host.
+            return ServerConn.connect(shim, auth_user, password, None, cfg.server_connect_timeout,
+                                      route.hosts[0] if route.hosts else (route.host, route.port))
         except ServerError as exc:
             log.warning('auth_query: auth_user "%s" cannot log in to %s: %s', auth_user, where, exc)
             sqlstate = "28000" if exc.fields or exc.sqlstate.startswith("28") else "08006"

@@ -17,6 +17,7 @@ from pooler.pooling.authquery import AuthQueryError
 from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed, Stream
 from pooler.pooling.params import startup_parameters, sync_sql
+from pooler.pooling.replication import REPLICATION_PARAM, replication_kind, replication_startup
 from pooler.pooling.pool import Pool
 from pooler.pooling.relay import Relay
 from pooler.errors import PoolerError
@@ -42,7 +43,8 @@ class Client:
     # An idle client is this object, its Relay and its socket: slots keep it small.
     __slots__ = ("worker", "cfg", "stream", "addr", "id", "user", "database", "pool", "relay",
                  "tparams", "tsig", "state", "local_superuser", "connect_time", "cancel_key",
-                 "user_client_key", "db_client_key", "glet", "close_reason", "tls", "arrived")
+                 "user_client_key", "db_client_key", "glet", "close_reason", "tls", "arrived",
+                 "replication", "server_startup")
 
     def __init__(self, worker: "Worker", stream: Stream, addr: str,
                  arrived: float | None = None) -> None:
@@ -67,6 +69,8 @@ class Client:
         self.glet = gevent.getcurrent()
         self.close_reason = "client close request"   # for the log line; fatal() sets it
         self.tls: tls.TlsPump | None = None         # set once a TLS handshake is done
+        self.replication = "none"                   # "logical" / "physical": a walsender client
+        self.server_startup: dict[str, str] | None = None   # replication: its server's extra startup
 
     # -- life cycle -------------------------------------------------------------
 
@@ -214,8 +218,11 @@ class Client:
         if not self.user:
             raise LoginFailed("08P01", "no user name in startup packet")
         self.database = sys.intern(params.get("database") or self.user)
-        if params.get("replication"):
-            raise LoginFailed("08P01", "replication connections are not supported by the pooler")
+        kind = replication_kind(params.get("replication"))
+        if kind is None:        # PostgreSQL's words for a value it does not take
+            raise LoginFailed("22023", 'invalid value for parameter "replication": '
+                              f'"{params["replication"]}"')
+        self.replication = kind
         cfg = self.cfg
         if not self.worker.try_add_client(self):
             raise LoginFailed("53300", "no more connections allowed (max_client_conn)")
@@ -239,6 +246,8 @@ class Client:
         if route.name in self.worker.disabled_dbs:
             raise LoginFailed("55000", f"database does not allow connections: {route.name}")
         startup = self._startup_parameters(params)
+        if self.replication != "none":
+            self.server_startup = replication_startup(self.replication, params, startup)
         scram_keys = self._authenticate(route)
         if self.worker.shutting_down:         # only the console is reachable now (PgBouncer's)
             raise LoginFailed("08P01", "pooler is shutting down")
@@ -255,7 +264,8 @@ class Client:
             self._fetch_welcome()
         self.tparams, self.tsig = self.worker.shared_tracked(self._initial_tracked(startup))
         if cfg.log_connections:
-            log.info("C-%d %s login attempt: db=%s user=%s", self.id, self._who(), self.database, self.user)
+            log.info("C-%d %s login attempt: db=%s user=%s replication=%s", self.id, self._who(),
+                     self.database, self.user, REPLICATION_PARAM[self.replication])
         self._welcome(self.pool.welcome_messages(self.tparams, self.tsig))
 
     def _admit_db(self, database: str, cap: int, exempt: bool = False) -> None:
@@ -273,6 +283,10 @@ class Client:
     def _startup_parameters(self, params: dict[str, str]) -> dict[str, str]:
         """Tracked parameters from the startup packet and its `options`; unknown ones
         refused as PgBouncer does."""
+        if self.replication != "none":
+            # Its server is its own and logs in with the very same `options` (PgBouncer):
+            # any setting may be in it, such as CREATE SUBSCRIPTION's extra_float_digits.
+            params = {k: v for k, v in params.items() if k != "options"}
         out, refusal = startup_parameters(params, self.worker.tracked_canon,
                                           self.cfg.ignore_startup_parameters)
         if refusal is not None:

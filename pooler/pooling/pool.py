@@ -17,6 +17,8 @@ from gevent.hub import get_hub
 from pooler.wire import protocol
 from pooler.config.model import Config, Route
 from pooler.pooling.clientstate import ClientState
+from pooler.pooling import replication
+from pooler.pooling.hosts import HostPicker
 from pooler.pooling.prepared import Counters
 from pooler.pooling.server import ServerConn, ServerError
 from pooler.errors import PoolerError
@@ -90,6 +92,7 @@ class Pool:
         self.paused = False
         self.hub = get_hub()
         self.scram_keys: tuple | None = None
+        self.hosts = HostPicker(route)      # which host of the entry's list a new server gets
         self._quota_keys = self._make_quota_keys()
 
     def _make_quota_keys(self) -> list[tuple[object, int]]:
@@ -279,31 +282,27 @@ class Pool:
             return False
         return time.monotonic() - oldest >= self.cfg.reserve_pool_timeout
 
-    def _open(self) -> ServerConn:
-        """Connect a new server; the quota claim is already held."""
+    def _open(self, startup: dict[str, str] | None = None) -> ServerConn:
+        """Connect a new server; the quota claim is already held. `startup`: the
+        replication parameters of a replication client's own server (replication.py),
+        whose failures say nothing of the pool's ordinary logins."""
         fail = self.last_login_failure
-        if fail and time.monotonic() - fail[0] < self.cfg.server_login_retry:
+        if fail and startup is None and time.monotonic() - fail[0] < self.cfg.server_login_retry:
             self.worker.quota.release(self._quota_keys)
             raise PoolError("08P01", f"server login has been failing, try again later (server_login_retry): {fail[1]}")
         self.connecting += 1
         try:
             srv = ServerConn.connect(self, self.server_user, self.password_for(), self.scram_keys,
-                                     self.cfg.server_connect_timeout)
-            if self.route.connect_query:
+                                     self.cfg.server_connect_timeout, self.hosts.next(), startup)
+            if self.route.connect_query and startup is None:
                 srv.run(self.route.connect_query)
         except BaseException as exc:
             self.connecting -= 1
             self.worker.quota.release(self._quota_keys)
             if isinstance(exc, ServerError):
-                self.last_login_failure = (time.monotonic(), str(exc))
-                # A server that worked and is down or restarting (no answer, 57P03
-                # starting up / shutting down, 53300 no slots): clients wait it out.
-                # One never reached, or a refusal for good (a bad password, no such
-                # database), fails them at once, as PgBouncer's fast fail does.
-                self.login_down = self.welcome is not None and (
-                    not exc.fields or exc.sqlstate in ("57P03", "53300"))
-                log.warning("%s@%s server login failed: %s", self.server_user, self.name, exc)
-                self._wake_next_waiter()
+                self.hosts.outcome(False)
+                if startup is None:
+                    self._login_failed(exc)
                 if exc.fields:
                     # PostgreSQL refused the login: pass its error on as PgBouncer does
                     # (e.g. 3D000 database "x" does not exist, 28P01 bad password).
@@ -312,16 +311,28 @@ class Pool:
                 raise PoolError(sqlstate, f"server login failed: {exc}") from exc
             raise
         self.connecting -= 1
+        self.hosts.outcome(True)
         if self.last_login_failure is not None:
             self.last_login_failure = None
             self.login_down = False
             self.wake_waiters(len(self.waiters))     # back up: everyone waiting retries
-        if self.welcome is None:
+        if self.welcome is None and startup is None:
             self.welcome = dict(srv.params)
             self._welcome_msgs.clear()
         log.info("S-%d %s@%s new connection to server (%s)", srv.id, self.server_user, self.name, srv.addr)
         self.active.add(srv)
         return srv
+
+    def _login_failed(self, exc: ServerError) -> None:
+        self.last_login_failure = (time.monotonic(), str(exc))
+        # A server that worked and is down or restarting (no answer, 57P03
+        # starting up / shutting down, 53300 no slots): clients wait it out.
+        # One never reached, or a refusal for good (a bad password, no such
+        # database), fails them at once, as PgBouncer's fast fail does.
+        self.login_down = self.welcome is not None and (
+            not exc.fields or exc.sqlstate in ("57P03", "53300"))
+        log.warning("%s@%s server login failed: %s", self.server_user, self.name, exc)
+        self._wake_next_waiter()
 
     def _wait(self, client, since: float = 0.0, timeout: float = 0.0) -> ServerConn | None:
         """Park until a server is handed over (or a slot frees up, or `timeout` passes:
@@ -489,6 +500,7 @@ class Pool:
         when released (SHOW SERVERS' close_needed until then; WAIT_CLOSE waits for them)."""
         for srv in list(self.active) + list(self.idle):
             srv.close_needed = True
+        replication.close_marked(self, reason)     # never released: they go now
         self.close_all(reason)
 
     def welcome_messages(self, tparams: dict[str, str | None], tsig: tuple) -> bytes:
@@ -514,6 +526,7 @@ class Pool:
         self.cfg = cfg
         self.route = route
         self._quota_keys = self._make_quota_keys()
+        self.hosts.set_route(route)     # new servers go to the new host list
         if moved:
             self.mark_close_needed("database configuration changed")
 

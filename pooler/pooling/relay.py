@@ -44,7 +44,7 @@ from greenlet import greenlet
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import relayexit, relayfaults, relaystep
+from pooler.pooling import relayexit, relayfaults, relaystep, replication
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
@@ -100,7 +100,7 @@ class Relay:
     """Relay state of one client; the server link comes and goes with the pool mode."""
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
-                 "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
+                 "hub", "query_start", "xact_start", "last_active", "parts", "refuse", "dedicated",
                  "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb")
 
     def __init__(self, client: "Client") -> None:
@@ -108,7 +108,8 @@ class Relay:
         self.cs = client.stream
         self.pool = client.pool
         self.stats = client.pool.stats
-        self.mode = client.pool.route.pool_mode
+        self.dedicated = client.replication != "none"     # its own server (replication.py)
+        self.mode = SESSION if self.dedicated else client.pool.route.pool_mode
         cfg = client.pool.cfg
         self.stmts: ClientStatements | None = None
         if self.mode != SESSION and cfg.max_prepared_statements > 0:
@@ -350,8 +351,8 @@ class Relay:
         step = self.step
         while True:
             if ev == EV_LINK:
-                if self.failed is not None:
-                    return J_FAILED
+                if self.failed is not None or self.dedicated:   # replication: never a pooled one
+                    return J_FAILED if self.failed is not None else J_LINK
                 pool = self.pool
                 srv = pool.acquire_nowait()
                 if srv is None:
@@ -570,6 +571,8 @@ class Relay:
         """Wait in the pool for a server and bring its parameters in line (greenlet only)."""
         client = self.client
         client.state = ClientState.WAITING
+        if self.dedicated:
+            return replication.acquire_dedicated(self.pool, client)
         srv = self.pool.acquire(client)
         self._sync(srv)
         return srv

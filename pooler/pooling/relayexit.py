@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pooler.pooling import replication
+
 if TYPE_CHECKING:
     from pooler.pooling.relay import Relay
 
@@ -39,6 +41,9 @@ def return_server(relay: "Relay") -> None:
     relay.server = None
     step.unlink()
     pool = relay.pool
+    if relay.dedicated:
+        replication.close_dedicated(pool, srv)      # a replication server is never reused
+        return
     clean = (step.send == step.recv and step.status == STATUS_IDLE and not step.unsynced
              and not step.c_skip and not step.s_skip and not step.skept and not srv.closed
              and step.pending is None)

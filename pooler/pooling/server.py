@@ -70,13 +70,16 @@ class ServerConn:
 
     __slots__ = ("id", "pool", "stream", "pid", "key", "params", "created", "last_used",
                  "client", "buf", "view", "stmts", "addr", "closed", "reset_needed", "tsig",
-                 "tls", "close_needed", "idle_cb", "__weakref__")
+                 "tls", "close_needed", "idle_cb", "host", "port", "replication", "__weakref__")
 
-    def __init__(self, pool: "Pool", stream: Stream, addr: str) -> None:
+    def __init__(self, pool: "Pool", stream: Stream, host: str, port: int) -> None:
         self.id = next(_ids)
         self.pool = pool
         self.stream = stream
-        self.addr = addr
+        self.host = host                # the entry of the database's host list it went to
+        self.port = port
+        self.addr = f"{host}:{port}"
+        self.replication = "none"       # logical / physical: a replication client's own server
         self.pid = 0
         self.key = 0
         self.params: dict[str, str] = {}
@@ -104,18 +107,25 @@ class ServerConn:
 
     @classmethod
     def connect(cls, pool: "Pool", user: str, password: str | None, scram_keys: tuple | None,
-                timeout: float) -> "ServerConn":
-        """Open and log in; raises ServerError with a message safe to show a client."""
+                timeout: float, address: tuple[str, int], startup: dict[str, str] | None = None
+                ) -> "ServerConn":
+        """Open a connection to `address` (host, port) and log in, with `startup`'s
+        parameters too (a replication client's); raises ServerError with a message safe
+        to show a client."""
         route = pool.route
-        addr = f"{route.host}:{route.port}"
+        host, port = address
+        addr = f"{host}:{port}"
         try:
             with gevent.Timeout(timeout or None, ServerError("08006", f"server connect timeout ({addr})")):
-                sock = connect_tcp(route.host, route.port, timeout)
-                stream, pump = _start_tls(Stream(sock, addr), route.host, addr)
-                conn = cls(pool, stream, addr)
+                sock = connect_tcp(host, port, timeout)
+                stream, pump = _start_tls(Stream(sock, addr), host, addr)
+                conn = cls(pool, stream, host, port)
                 conn.tls = pump
+                params = {"application_name": route.application_name} \
+                    if route.application_name else {}
+                params.update(startup or {})
                 try:
-                    conn._login(user, route.dbname, password, scram_keys, route.application_name)
+                    conn._login(user, route.dbname, password, scram_keys, params)
                 except BaseException:
                     conn.close(send_terminate=False)
                     raise
@@ -126,10 +136,8 @@ class ServerConn:
         return conn
 
     def _login(self, user: str, dbname: str, password: str | None, scram_keys: tuple | None,
-               application_name: str | None) -> None:
-        params = {"user": user, "database": dbname}
-        if application_name:
-            params["application_name"] = application_name
+               extra: dict[str, str]) -> None:
+        params = {"user": user, "database": dbname, **extra}
         s = self.stream
         s.sendall(protocol.startup_message(params))
         scram: ScramClient | None = None
@@ -222,12 +230,12 @@ class ServerConn:
     def cancel(self) -> None:
         """Send PostgreSQL a CancelRequest for whatever this backend is running, from a
         greenlet of its own (a new connection; the caller never waits for it)."""
-        route, pid, key = self.pool.route, self.pid, self.key
+        host, port, pid, key = self.host, self.port, self.pid, self.key
         timeout = self.pool.cfg.server_connect_timeout or 5.0
 
         def send() -> None:
             try:
-                sock = connect_tcp(route.host, route.port, timeout)
+                sock = connect_tcp(host, port, timeout)
                 try:
                     sock.sendall(protocol.cancel_request(pid, key))
                 finally:

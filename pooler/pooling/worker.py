@@ -251,7 +251,7 @@ class Worker:
         if srv is None:
             return True
         try:
-            sock = netio.connect_tcp(srv.pool.route.host, srv.pool.route.port, self.cfg.server_connect_timeout)
+            sock = netio.connect_tcp(srv.host, srv.port, self.cfg.server_connect_timeout)
             try:
                 sock.sendall(protocol.cancel_request(srv.pid, srv.key))
             finally:
