@@ -84,6 +84,7 @@ class Route:
     idle_transaction_timeout: float = 0.0
     client_idle_timeout: float = 0.0
     max_db_client_connections: int = 0   # clients of this entry (name), over all users
+    pinning: bool = True                 # keep a server with a client holding unmovable state
 
 
 @_with_keys(settings.GLOBAL)
@@ -136,6 +137,7 @@ class Config:
             self.max_db_client_connections,
             connect_query=entry.connect_query, application_name=entry.application_name,
             auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname,
+            pinning=_pick(entry.pinning, self.pinning),
             **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES})
 
     def user_client_limit(self, user: str) -> int:

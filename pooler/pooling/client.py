@@ -16,6 +16,7 @@ from pooler.pooling.authquery import AuthQueryError
 from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed, Stream
 from pooler.pooling.params import startup_parameters, sync_sql
+from pooler.pooling.sessionstate import ClientSession, diff_sql
 from pooler.pooling.pool import Pool
 from pooler.pooling.relay import Relay
 from pooler.errors import PoolerError
@@ -50,6 +51,7 @@ class Client:
         self.relay: Relay | None = None
         self.tparams: dict[str, str | None] = {}   # tracked parameters as the client sees them
         self.tsig: tuple = ()                      # their values, compared against ServerConn.tsig
+        self.session = ClientSession()             # untracked SET values, pin (sessionstate.py)
         self.state = ClientState.LOGIN
         self.local_superuser = False               # `pgbouncer` over the Unix socket (admin.py)
         self.connect_time = time.time()
@@ -219,7 +221,7 @@ class Client:
         if self.pool.welcome is None:
             self._fetch_welcome()
         self.tparams = self._initial_tracked(startup)
-        self.tsig = tuple(self.tparams.values())
+        self.tsig = self.signature()
         if cfg.log_connections:
             log.info("C-%d %s login attempt: db=%s user=%s", self.id, self._who(), self.database, self.user)
         values = dict(self.pool.welcome)
@@ -368,21 +370,30 @@ class Client:
         srv.params[name] = value
         if name in self.tparams:
             self.tparams[name] = value
-            self.tsig = tuple(self.tparams.values())
+            self.tsig = self.signature()
             srv.tsig = self.tsig
 
+    def signature(self) -> tuple:
+        """What the server must have for this client: tracked values, then SET ones."""
+        return (*self.tparams.values(), self.session.key)
+
     def sync_parameters(self, srv: "ServerConn") -> None:
-        """Make the server's tracked parameters equal to the client's before relaying."""
+        """Make the server's tracked parameters and session settings equal to the
+        client's before relaying (one batch: params.sync_sql, sessionstate.diff_sql)."""
         if srv.tsig == self.tsig:
             return              # the common case: this server last served the same values
         sparams = srv.params
         changes = [(k, v) for k, v in self.tparams.items() if sparams.get(k) != v]
-        if not changes:
-            return
-        srv.run(sync_sql(changes))
+        settings = self.session.settings
+        stmts = diff_sql(srv.sess, settings) if srv.sess != settings else []
+        if changes:
+            stmts.insert(0, sync_sql(changes))
+        if stmts:
+            srv.run(";".join(stmts))
         for k, v in changes:
             if v is None:
                 sparams.pop(k, None)
             else:
                 sparams[k] = v
+        srv.sess = settings
         srv.tsig = self.tsig

@@ -64,7 +64,8 @@ class LocalQuota:
 class Stats:
     """Counters of one pool in this worker (SHOW STATS / metrics read them)."""
     __slots__ = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
-                 "xact_time", "query_time", "wait_time", "max_wait", "prepared")
+                 "xact_time", "query_time", "wait_time", "max_wait", "prepared",
+                 "recovered_xacts", "recovered_queries", "recovery_failures")
 
     def __init__(self) -> None:
         self.server_assignment_count = 0
@@ -72,6 +73,8 @@ class Stats:
         self.xact_time = self.query_time = self.wait_time = 0.0
         self.max_wait = 0.0
         self.prepared = Counters()
+        # recovery.py: servers given back after their client left them busy, and not
+        self.recovered_xacts = self.recovered_queries = self.recovery_failures = 0
 
 
 class Waiter:

@@ -19,6 +19,8 @@ for work that may block:
   J_FAILED  the server died in a transaction block: the pooler answers the
             client until it ends the block (relayfaults.feed_failed)
   J_END     the client left (Terminate, EOF)
+  J_SESS    a transaction with session statements ended: read the session state
+            back before the server may go (sessionstate.py; pinned: it stays)
 
 A callback that hands work over stops (disarms) both watchers first and
 switches into the greenlet as its last statement; the greenlet does the job,
@@ -39,10 +41,11 @@ from gevent.hub import get_hub
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import relayfaults, relaystep
+from pooler.pooling import recovery, relayfaults, relaystep, sessionstate
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
-    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
+    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z, END_MASK,
+    F_AGAIN)
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
 from pooler.errors import PoolerError
@@ -71,6 +74,7 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
 J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED = (
     1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+J_SESS = 1024
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -209,6 +213,10 @@ class Relay:
             data, step.pending = step.pending, None
             self.cs.sendall(data)
             job &= ~J_FLUSH_C
+        if job & J_SESS:
+            job &= ~J_SESS
+            if not job & J_END:
+                job |= self._session_release()
         if job & J_REFUSE:
             self._refuse_transaction()
             job &= ~J_REFUSE
@@ -324,6 +332,9 @@ class Relay:
                     srv.stream.rw.start(self.on_server_cb)
             elif ev == EV_REWRITE:
                 self._rewrite()
+            elif ev == EV_SESSION:
+                step = self.step
+                sessionstate.note_text(self.client.session, step.cview[step.msg + 5:step.mend])
             elif ev >= EV_NONE and ev < F_AGAIN:
                 return _io_job(ev, J_END, J_LOST, "invalid message length")
             else:
@@ -365,6 +376,8 @@ class Relay:
         view = step.cview[msg:mend]
         stmts, sstmts, batch = self.stmts, self.server.stmts, step.send + 1
         if t == P:
+            if step.sess_seen:           # may be a SET of a custom setting (sessionstate)
+                sessionstate.note_text(self.client.session, view[5:])
             new = stmts.rewrite_parse(view, sstmts, batch)
         elif t == B:
             new = stmts.rewrite_bind(view, sstmts, batch)
@@ -481,6 +494,8 @@ class Relay:
                 self.refuse = False
                 return job | J_REFUSE
             if code == EV_RELEASE:
+                if step.sess_seen or self.client.session.pin:
+                    return job | (J_SESS if step.sess_seen else 0)   # pinned: stays linked
                 self._unlink(now)
                 return job
         if step.skept == len(step.sbuf):
@@ -513,6 +528,41 @@ class Relay:
             "0A000", "transaction blocks not allowed in statement pooling mode") +
             protocol.ready_for_query(b"I"))
         self._unlink(monotonic())
+
+    # -- session state (sessionstate.py, recovery.py) -----------------------------
+
+    def _session_release(self) -> int:
+        """At a release point after session statements (greenlet): read the session
+        state back; unlink unless something pins the server. Returns a job."""
+        srv, client = self.server, self.client
+        self.step.sess_seen = False
+        try:
+            pin = sessionstate.read_back(client, srv)
+        except ConnectionClosed:
+            return J_LOST
+        except PoolerError as exc:       # the server refused the probe: keep it, safely
+            log.warning("C-%d could not read session state on %r: %s", client.id, srv, exc)
+            pin = "session state unknown"
+        if pin != client.session.pin and self.pool.cfg.verbose:
+            log.info("C-%d %r pin: %s", client.id, srv, pin or "released")
+        client.session.pin = pin
+        if not pin:
+            self._unlink(monotonic())
+        return 0
+
+    def _leave_server(self, srv: "ServerConn", clean: bool) -> bool:
+        """The client left: make its server reusable (recover it if the client left
+        it busy, then forget what the client's session left on it); False: close it."""
+        step = self.step
+        if not clean and not recovery.recover(self, srv):
+            return False
+        if step.sess_seen or self.client.session.pin:
+            try:
+                sessionstate.leave(self.client, srv)
+            except (PoolerError, ConnectionClosed, OSError) as exc:
+                log.info("%r session state not cleared after its client left: %s", srv, exc)
+                return False
+        return True
 
     # -- linking ------------------------------------------------------------------
 
@@ -565,6 +615,10 @@ class Relay:
         clean = (step.send == step.recv and step.status == STATUS_IDLE and not step.unsynced
                  and not step.c_skip and not step.s_skip and not step.skept and not srv.closed
                  and step.pending is None)
+        if self.mode != SESSION and not self._leave_server(srv, clean):
+            clean = False
+        elif self.mode != SESSION:
+            clean = True                 # recovered (recovery.py)
         if not clean:
             if (step.send != step.recv or step.unsynced) and not srv.closed:
                 srv.cancel()     # so the backend stops the abandoned query (query_timeout too)
@@ -575,6 +629,7 @@ class Relay:
             try:
                 srv.run(reset)
                 srv.stmts.clear()
+                sessionstate.after_reset_query(srv, reset)
             except Exception as exc:
                 self.pool.discard(srv, f"server_reset_query failed: {exc}")
                 return
