@@ -449,13 +449,13 @@ def test_session_statement_is_reported_and_ordinary_ones_are_not(mk, impl):
     s = m(b"Q", b"SET work_mem = 1\0")
     assert link.client(Q + s + Q) == impl.EV_SESSION
     st = link.step
-    assert st.sess_seen and bytes(link.cbuf[st.msg:st.mend]) == s
+    assert st.sess_hit and bytes(link.cbuf[st.msg:st.mend]) == s
     assert st.client_walk() == impl.EV_DONE
     assert link.at_server() == Q + Q + s + Q and st.send == 4
-    st.sess_seen = False
+    assert not st.sess_seen                    # the relay's decision (sessionstate.on_text)
     off = mk(mode=impl.SESSION)                # session pooling looks at nothing
     off.link()
-    assert off.client(s) == impl.EV_DONE and not off.step.sess_seen
+    assert off.client(s) == impl.EV_DONE and not off.step.sess_hit
 
 
 def test_split_query_is_awaited_whole_in_transaction_mode(mk, impl):

@@ -321,6 +321,12 @@ def pins(p):
     return {c["id"]: c["pin"] for c in admin_dicts(p, "SHOW CLIENTS") if c["database"] == APP_DB}
 
 
+def pins_become(p, want):
+    """The state is read back just after the client got its ReadyForQuery: wait for it."""
+    wait_until(lambda: sorted(pins(p).values()) == sorted(want),
+               message=f"pins never became {want}: {pins(p)}")
+
+
 def test_advisory_lock_pins_and_blocks_a_second_client(pg, pooler_factory, pooler_config,
                                                        app_userlist):
     # Directly: a session lock outlives the transaction; another session cannot take it.
@@ -339,13 +345,13 @@ def test_advisory_lock_pins_and_blocks_a_second_client(pg, pooler_factory, poole
     pid = one(a, "SELECT pg_backend_pid()")
     ours = [one(b, "SELECT pg_try_advisory_lock(4242)")]
     assert one(a, "SELECT pg_backend_pid()") == pid              # kept its server
-    assert "advisory lock" in pins(p).values()
+    pins_become(p, ["advisory lock", ""])
     [srv] = [s for s in admin_dicts(p, "SHOW SERVERS") if s["remote_pid"] == pid]
     assert srv["pin"] == "advisory lock" and srv["link"]
     one(a, "SELECT pg_advisory_unlock(4242)")
-    assert set(pins(p).values()) == {""}                        # released: unpinned
+    pins_become(p, ["", ""])                                     # released: unpinned
     ours.append(one(b, "SELECT pg_try_advisory_lock(4242)"))      # now B holds it: B pinned
-    assert sorted(pins(p).values()) == ["", "advisory lock"]
+    pins_become(p, ["", "advisory lock"])
     one(b, "SELECT pg_advisory_unlock_all()")
     assert ours == direct == [False, True]
 
@@ -373,17 +379,16 @@ def test_temp_table_and_with_hold_cursor_pin_until_dropped(pg, pooler_factory, p
     one(a, "CREATE TEMP TABLE ss_tmp AS SELECT 5 AS x")
     one(b, "SELECT 1")
     assert one(a, "SELECT x FROM ss_tmp") == 5
-    assert set(pins(p).values()) == {"temporary table", ""}
+    pins_become(p, ["temporary table", ""])
     one(a, "BEGIN")
     one(a, "DECLARE ss_cur CURSOR WITH HOLD FOR SELECT generate_series(1, 3)")
     one(a, "COMMIT")
-    assert "temporary table, WITH HOLD cursor" in pins(p).values() or \
-        "WITH HOLD cursor, temporary table" in pins(p).values()
+    pins_become(p, ["WITH HOLD cursor, temporary table", ""])
     one(a, "DROP TABLE ss_tmp")
-    assert set(pins(p).values()) == {"WITH HOLD cursor", ""}
+    pins_become(p, ["WITH HOLD cursor", ""])
     assert one(a, "FETCH 2 FROM ss_cur") == 1
     one(a, "CLOSE ss_cur")
-    assert set(pins(p).values()) == {""}
+    pins_become(p, ["", ""])
 
 
 def test_pinned_client_leaving_leaves_a_clean_server(pg, pooler_factory, pooler_config,
@@ -408,5 +413,20 @@ def test_pinning_off_for_a_database(pg, pooler_factory, pooler_config, app_userl
     one(a, "SELECT pg_advisory_lock(5)")
     # Not pinned: B gets the same (only) server, holding A's lock, as under PgBouncer.
     assert one(b, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 1
-    assert set(pins(p).values()) == {""}
+    assert set(pins(p).values()) == {""}                          # (read back at once: B ran)
     one(a, "SELECT pg_advisory_unlock_all()")
+
+
+def test_pinned_client_whose_server_dies_is_closed(pg, pooler_factory, pooler_config,
+                                                   app_userlist):
+    """Its temp table and locks died with the backend: it cannot go on as if not."""
+    p = tx_pooler(pooler_factory, pooler_config, app_userlist)
+    a = auto(p)
+    one(a, "CREATE TEMP TABLE ss_lost (x int)")
+    pid = one(a, "SELECT pg_backend_pid()")
+    with superuser_conn(pg) as c, c.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg2.OperationalError):
+        one(a, "SELECT 1")
+    b = auto(p)
+    assert one(b, "SELECT 1") == 1

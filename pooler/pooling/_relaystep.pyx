@@ -213,7 +213,7 @@ cdef class Step:
     cdef public object csock, ssock, cbuf, cview, sbuf, sview, pending, tail
     cdef int cfd, sfd
     cdef public int mode
-    cdef public bint tracked, unsynced, in_copy_in, new_query, hold, want_z, watch, sess_seen
+    cdef public bint tracked, unsynced, in_copy_in, new_query, hold, want_z, watch, sess_seen, sess_hit
     cdef public Py_ssize_t cend, skept, c_skip, s_skip, msg, mend
     cdef public long long send, recv, queries, xacts, bytes_in, bytes_out
     cdef public int status
@@ -240,7 +240,7 @@ cdef class Step:
         self._qmask = 0
         self.unsynced = self.in_copy_in = self.new_query = self.hold = self.want_z = False
         self.watch = mode != SESSION     # look at Query/Parse texts for session statements
-        self.sess_seen = False
+        self.sess_seen = self.sess_hit = False
         self.status = 73
         self.queries = self.xacts = self.bytes_in = self.bytes_out = 0
         self._pos = self._seg = self._end = 0
@@ -377,7 +377,7 @@ cdef class Step:
                     hit = session_text_c(buf, pos + 5, mend if mend < end else end,
                                          mend <= end, True)
                     if hit:
-                        self.sess_seen = True
+                        self.sess_hit = True
                 self.unsynced = True
                 if self.tracked and REWRITE_KIND[t]:
                     if mend > end:
@@ -389,7 +389,7 @@ cdef class Step:
             elif kind == K_COPY_END:
                 self.in_copy_in = False
             if hit:
-                self.sess_seen = True
+                self.sess_hit = True
                 self.msg = pos
                 if mend > end:
                     self.c_skip = mend - end

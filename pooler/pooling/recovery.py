@@ -28,6 +28,7 @@ import gevent
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp
 from pooler.errors import PoolerError
+from pooler.pooling import sessionstate
 
 if TYPE_CHECKING:
     from pooler.pooling.relay import Relay
@@ -41,6 +42,21 @@ Z, COPY_IN, COPY_OUT = ord("Z"), ord("G"), ord("H")
 
 class _Timeout(Exception):
     pass
+
+
+def give_back(relay: "Relay", srv: "ServerConn", clean: bool) -> bool:
+    """The client left (transaction / statement pooling): make its server reusable,
+    recovering it if the client left it busy, then forgetting what the client's
+    session left on it (sessionstate.leave). False: the caller closes it."""
+    if not clean and not recover(relay, srv):
+        return False
+    if relay.step.sess_seen or relay.client.session.pin:
+        try:
+            sessionstate.leave(relay.client, srv)
+        except (PoolerError, ConnectionClosed, OSError) as exc:
+            log.info("%r session state not cleared after its client left: %s", srv, exc)
+            return False
+    return True
 
 
 def recover(relay: "Relay", srv: "ServerConn") -> bool:

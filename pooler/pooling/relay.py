@@ -19,8 +19,7 @@ for work that may block:
   J_FAILED  the server died in a transaction block: the pooler answers the
             client until it ends the block (relayfaults.feed_failed)
   J_END     the client left (Terminate, EOF)
-  J_SESS    a transaction with session statements ended: read the session state
-            back before the server may go (sessionstate.py; pinned: it stays)
+  J_SESS    session statements ran: read the state back (sessionstate.at_release)
 
 A callback that hands work over stops (disarms) both watchers first and
 switches into the greenlet as its last statement; the greenlet does the job,
@@ -215,8 +214,8 @@ class Relay:
             job &= ~J_FLUSH_C
         if job & J_SESS:
             job &= ~J_SESS
-            if not job & J_END:
-                job |= self._session_release()
+            if not job & J_END and not sessionstate.at_release(self):
+                job |= J_LOST
         if job & J_REFUSE:
             self._refuse_transaction()
             job &= ~J_REFUSE
@@ -333,8 +332,7 @@ class Relay:
             elif ev == EV_REWRITE:
                 self._rewrite()
             elif ev == EV_SESSION:
-                step = self.step
-                sessionstate.note_text(self.client.session, step.cview[step.msg + 5:step.mend])
+                sessionstate.on_text(self)
             elif ev >= EV_NONE and ev < F_AGAIN:
                 return _io_job(ev, J_END, J_LOST, "invalid message length")
             else:
@@ -376,8 +374,8 @@ class Relay:
         view = step.cview[msg:mend]
         stmts, sstmts, batch = self.stmts, self.server.stmts, step.send + 1
         if t == P:
-            if step.sess_seen:           # may be a SET of a custom setting (sessionstate)
-                sessionstate.note_text(self.client.session, view[5:])
+            if step.sess_hit:            # a session statement (sessionstate.py)
+                sessionstate.on_text(self)
             new = stmts.rewrite_parse(view, sstmts, batch)
         elif t == B:
             new = stmts.rewrite_bind(view, sstmts, batch)
@@ -529,41 +527,6 @@ class Relay:
             protocol.ready_for_query(b"I"))
         self._unlink(monotonic())
 
-    # -- session state (sessionstate.py, recovery.py) -----------------------------
-
-    def _session_release(self) -> int:
-        """At a release point after session statements (greenlet): read the session
-        state back; unlink unless something pins the server. Returns a job."""
-        srv, client = self.server, self.client
-        self.step.sess_seen = False
-        try:
-            pin = sessionstate.read_back(client, srv)
-        except ConnectionClosed:
-            return J_LOST
-        except PoolerError as exc:       # the server refused the probe: keep it, safely
-            log.warning("C-%d could not read session state on %r: %s", client.id, srv, exc)
-            pin = "session state unknown"
-        if pin != client.session.pin and self.pool.cfg.verbose:
-            log.info("C-%d %r pin: %s", client.id, srv, pin or "released")
-        client.session.pin = pin
-        if not pin:
-            self._unlink(monotonic())
-        return 0
-
-    def _leave_server(self, srv: "ServerConn", clean: bool) -> bool:
-        """The client left: make its server reusable (recover it if the client left
-        it busy, then forget what the client's session left on it); False: close it."""
-        step = self.step
-        if not clean and not recovery.recover(self, srv):
-            return False
-        if step.sess_seen or self.client.session.pin:
-            try:
-                sessionstate.leave(self.client, srv)
-            except (PoolerError, ConnectionClosed, OSError) as exc:
-                log.info("%r session state not cleared after its client left: %s", srv, exc)
-                return False
-        return True
-
     # -- linking ------------------------------------------------------------------
 
     def _acquire(self) -> "ServerConn":
@@ -593,6 +556,9 @@ class Relay:
             step.want_z = bool(srv.stmts.expect)
         self.xact_start = self.query_start = monotonic()
 
+    def unlink_now(self) -> None:
+        self._unlink(monotonic())
+
     def _unlink(self, now: float) -> None:
         """Return a clean server to the pool (transaction / statement mode)."""
         srv = self.server
@@ -615,10 +581,8 @@ class Relay:
         clean = (step.send == step.recv and step.status == STATUS_IDLE and not step.unsynced
                  and not step.c_skip and not step.s_skip and not step.skept and not srv.closed
                  and step.pending is None)
-        if self.mode != SESSION and not self._leave_server(srv, clean):
-            clean = False
-        elif self.mode != SESSION:
-            clean = True                 # recovered (recovery.py)
+        if self.mode != SESSION:         # a busy server is recovered if it can be
+            clean = recovery.give_back(self, srv, clean)
         if not clean:
             if (step.send != step.recv or step.unsynced) and not srv.closed:
                 srv.cancel()     # so the backend stops the abandoned query (query_timeout too)

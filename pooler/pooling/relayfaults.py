@@ -28,14 +28,17 @@ unpack_i32 = protocol.unpack_i32
 def server_lost(relay: "Relay") -> bool:
     """The linked server is gone (EOF, reset). True: the client stays (transaction and
     statement pooling) and has been told with a SQLSTATE; False: it was closed with
-    a FATAL, as PgBouncer does (session pooling, server_loss_closes_client, or a
-    message or COPY half-forwarded, which cannot be finished elsewhere)."""
+    a FATAL, as PgBouncer does (session pooling, server_loss_closes_client, a
+    message or COPY half-forwarded, which cannot be finished elsewhere, or a
+    client pinned to that server by state that died with it: sessionstate.py)."""
     srv, step = relay.server, relay.step
     relay.server = None
     step.unlink()
     relay.pool.discard(srv, "server conn crashed?")
+    # A pinned client's session state (locks, temp tables, ...) died with the server.
     keep = (relay.mode != "session" and not relay.pool.cfg.server_loss_closes_client
-            and not step.c_skip and not step.in_copy_in and step.pending is None)
+            and not step.c_skip and not step.in_copy_in and step.pending is None
+            and not relay.client.session.pin)
     if not keep:
         relay.client.fatal("08006", "server conn crashed?")
         return False

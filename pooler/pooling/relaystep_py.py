@@ -40,9 +40,10 @@ others
   EV_PROTO      invalid message length
 
 Session statements (sessionstate.py): with `watch` set (transaction and statement
-pooling), a Query or Parse whose text may change session state sets `sess_seen`
-(the relay reads the session state back at the release point) and is reported
-(EV_SESSION: the relay notes custom setting names). `session_text` is the test,
+pooling), a Query or Parse whose text may change session state sets `sess_hit`
+and is reported (EV_SESSION; a Parse being rewritten comes as EV_REWRITE): the
+relay looks at the text and sets `sess_seen` (read the state back at the
+release point) unless it only has transaction-local effect. `session_text` is the test,
 the same in both twins; a text not wholly in the buffer counts as a hit.
 """
 from __future__ import annotations
@@ -189,7 +190,8 @@ class Step:
         self.hold = False               # the relay cut messages: it sends parts + tail itself
         self.want_z = False             # report ReadyForQuery (EV_Z): set by the relay
         self.watch = mode != SESSION    # look at Query/Parse texts for session statements
-        self.sess_seen = False          # ... and one was seen (the relay clears it)
+        self.sess_hit = False           # ... this one may (the relay clears it)
+        self.sess_seen = False          # ... the relay must read the state back
         self.pending: bytes | None = None
         self.tail: bytes | None = None
         self.msg = self.mend = 0        # the message of a mid-walk event
@@ -315,7 +317,7 @@ class Step:
                     hit = session_text(buf, pos + 5, mend if mend < end else end,
                                        mend <= end, True)
                     if hit:
-                        self.sess_seen = True    # (a rewritten Parse: EV_REWRITE, not EV_SESSION)
+                        self.sess_hit = True    # (a rewritten Parse: EV_REWRITE, not EV_SESSION)
                 self.unsynced = True
                 if self.tracked and REWRITE_KIND[t]:
                     if mend > end:
@@ -327,7 +329,7 @@ class Step:
             elif kind == K_COPY_END:
                 self.in_copy_in = False
             if hit:
-                self.sess_seen = True
+                self.sess_hit = True
                 self.msg = pos
                 if mend > end:
                     self.c_skip = mend - end

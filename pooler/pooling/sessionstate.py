@@ -1,12 +1,13 @@
 """Session state under transaction pooling: settings that follow a client, and pins.
 
 Under transaction and statement pooling a client's session-level state must
-look as if it kept one server. The relay step marks a transaction that ran a
-statement which may change session state (`Step.sess_seen`: a Query or Parse
-starting with SET, RESET, DISCARD, DECLARE, CREATE, DROP, CLOSE, PREPARE,
-DEALLOCATE, LISTEN, UNLISTEN or a comment, a second statement after a `;`, a
-call of an advisory-lock function or of set_config; relaystep_py.session_text).
-Every other transaction costs nothing here.
+look as if it kept one server. The relay step reports a Query or Parse that
+may change session state (relaystep_py.session_text: starting with SET,
+RESET, DISCARD, DECLARE, CREATE, DROP, CLOSE, PREPARE, DEALLOCATE, LISTEN,
+UNLISTEN or a comment, a second statement after a `;`, a call of an
+advisory-lock function or of set_config); `on_text` notes the custom names it
+sets and, unless it is a lone SET LOCAL / SET TRANSACTION, marks the
+transaction (`Step.sess_seen`). Every other transaction costs nothing here.
 
 At the release point of a marked transaction (ReadyForQuery `I` answering the
 last request) the pooler does not guess what the statements did: it asks the
@@ -42,9 +43,11 @@ from typing import TYPE_CHECKING
 from pooler.wire import protocol
 from pooler.pooling.params import quote_literal
 from pooler.pooling.server import ServerError
+from pooler.wire.netio import ConnectionClosed
 
 if TYPE_CHECKING:
     from pooler.pooling.client import Client
+    from pooler.pooling.relay import Relay
     from pooler.pooling.server import ServerConn
 
 log = logging.getLogger("pooler.session")
@@ -105,15 +108,35 @@ def _canon_part(part: str) -> str:
     return part.lower()
 
 
-def note_text(session: ClientSession, text) -> None:
+def note_text(session: ClientSession, text: str) -> None:
     """A statement that may change session state: remember the custom setting names it
     sets (SET / RESET x.y, set_config('x.y', ...)) for the probe to read back."""
-    s = bytes(text).decode("utf-8", "replace")
+    s = text
     names = [".".join(_canon_part(p) for p in re.findall(_PART, m)) for m in _CUSTOM_SET.findall(s)]
     names += [m.replace("''", "'").lower() for m in _CUSTOM_CALL.findall(s)]
     for name in names:
         if len(session.custom) < MAX_CUSTOM and _CUSTOM_NAME.fullmatch(name):
             session.custom.add(name)
+
+
+# One statement with an effect that ends with the transaction: no read-back needed.
+_LOCAL_ONLY = re.compile(r"(?is)\s*set\s+(?:local|transaction|constraints)\b[^;]*;?\s*")
+
+
+def on_text(relay: "Relay") -> None:
+    """The step reported a statement that may change session state (EV_SESSION, or a
+    Parse being rewritten with `sess_hit`): note the custom names it sets, and ask for
+    the state to be read back at the release point unless its effect is local."""
+    step = relay.step
+    step.sess_hit = False
+    body = bytes(step.cview[step.msg + 5:step.mend])
+    if step.cbuf[step.msg] == 0x50:                     # Parse: name, then the text
+        body = body[body.find(0) + 1:]
+    whole = b"\0" in body                              # else a hit for being cut short
+    text = body.split(b"\0", 1)[0].decode("utf-8", "replace")
+    note_text(relay.client.session, text)
+    if not (whole and _LOCAL_ONLY.fullmatch(text)):
+        step.sess_seen = True
 
 
 def quote_ident(name: str) -> str:
@@ -242,3 +265,29 @@ def leave(client: "Client", srv: "ServerConn") -> None:
     learn what it left on the server; DISCARD ALL if it cannot stay for another."""
     if read_back(client, srv):
         discard_all(srv, client.worker.tracked)
+
+
+def at_release(relay: "Relay") -> bool:
+    """The relay's job J_SESS, at a release point after session statements (greenlet):
+    read the state back, then unlink unless something pins the server. False: the
+    server went away meanwhile (the relay's J_LOST)."""
+    srv, client = relay.server, relay.client
+    relay.step.sess_seen = False
+    try:
+        pin = read_back(client, srv)
+    except ConnectionClosed:
+        return False
+    except ServerError as exc:           # the server refused the probe: keep it, safely
+        log.warning("C-%d could not read session state on %r: %s", client.id, srv, exc)
+        pin = "session state unknown"
+    except BaseException:                # killed (ClientKill, timeout) with the probe unread
+        relay.server = None
+        relay.step.unlink()
+        relay.pool.discard(srv, "interrupted while reading session state")
+        raise
+    if pin != client.session.pin and relay.pool.cfg.verbose:
+        log.info("C-%d %r pin: %s", client.id, srv, pin or "released")
+    client.session.pin = pin
+    if not pin:
+        relay.unlink_now()
+    return True
