@@ -302,7 +302,7 @@ def test_kill_client_by_id(pooler):
     with pytest.raises(psycopg2.OperationalError):
         query(victim, "SELECT 1")
     assert query(bystander, "SELECT 1") == 1
-    assert admin.error(f"KILL_CLIENT {row['id']}").pgcode == "42704"     # client not found
+    assert admin.error(f"KILL_CLIENT {row['id']}").pgcode == "08P01"     # client not found
     bystander.close()
     admin.close()
 

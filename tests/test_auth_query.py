@@ -239,6 +239,28 @@ def test_per_database_auth_user_and_auth_dbname(aq, pg, pooler_factory, pooler_c
     assert "password authentication failed" in refused(p, APP_USER, APP_PASSWORD, db="postgres")
 
 
+def test_disabled_auth_dbname_refuses_logins_that_need_it(aq, pg, pooler_factory, pooler_config):
+    """DISABLE of the database auth_dbname names: the users auth_query would find are
+    refused with PgBouncer's 08P01 'authentication database "..." is disabled'; auth_file
+    users and, after ENABLE, everyone get in."""
+    p = pooler_factory(pooler_config(auth={"user": AQ_USER, "dbname": "postgres",
+                                           "query": "SELECT * FROM aq_pg.user_lookup($1)"},
+                                     admin_users=[SUPERUSER]),
+                       userlist={AQ_USER: AQ_PASSWORD, SUPERUSER: SUPERUSER_PASSWORD})
+    assert query_as(p, APP_USER, APP_PASSWORD) == (APP_USER, APP_DB, 42)    # found in postgres
+    admin = p.connect("pgbouncer", SUPERUSER, SUPERUSER_PASSWORD)
+    admin.autocommit = True
+    admin.cursor().execute("DISABLE postgres")
+    fields = startup_error(p, APP_USER)             # refused before any password is asked for
+    assert (fields["S"], fields["C"], fields["M"]) == (
+        "FATAL", "08P01", 'authentication database "postgres" is disabled')
+    assert 'authentication database "postgres" is disabled' in refused(p, APP_USER, APP_PASSWORD)
+    assert query_as(p, SUPERUSER, SUPERUSER_PASSWORD) == (SUPERUSER, APP_DB, 42)   # auth_file
+    admin.cursor().execute("ENABLE postgres")
+    assert query_as(p, APP_USER, APP_PASSWORD) == (APP_USER, APP_DB, 42)
+    admin.close()
+
+
 def test_ini_per_database_auth_settings(tmp_path):
     """pgbouncer.ini: auth_dbname and the [databases] auth_* keys are read, not ignored."""
     (tmp_path / "userlist.txt").write_text('"pgb" "secret"\n')

@@ -779,3 +779,49 @@ def test_workers_survive_reload_and_pause_signals_sent_to_them(pg, pooler_factor
     with conn.cursor() as cur:
         cur.execute("SELECT 1")
     conn.close()
+
+
+def test_a_worker_busy_with_its_own_queue_does_not_starve_another(pg, pooler_factory,
+                                                                 real_threads):
+    """Worker 0's three clients keep pool_size 2 busy and always queue, so each server
+    it releases goes straight to its own next client; it never has a spare idle one.
+    A client of the same pool in worker 1 must still get a server (an equal share is
+    given back: peers._share_fairly), instead of waiting until worker 0's load stops."""
+    p = start(pooler_factory, prefork_config(pg, 2, 2))
+    by_worker = spread_connections(p, 3, 2, limit=400)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def busy(conn) -> None:
+        try:
+            while not stop.is_set():
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_sleep(0.01)")
+                conn.commit()
+        except psycopg2.Error as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=busy, args=(c,), daemon=True) for c in by_worker[0]]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)          # worker 0 now holds both servers with a queue behind them
+        other = by_worker[1][0]
+        got: list = []
+
+        def served() -> None:
+            with other.cursor() as cur:
+                cur.execute("SELECT 'served'")
+                got.append(cur.fetchone()[0])
+            other.commit()
+        t = threading.Thread(target=served, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        t.join(15)
+        assert got == ["served"], \
+            f"worker 1's client not served in {time.monotonic() - t0:.1f}s while worker 0 was busy"
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(5)
+    assert not errors, errors[:3]

@@ -29,7 +29,7 @@ from conftest import (APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSW
 from pooler.config.converters import ConfigError
 from pooler.config.validate import parse_config
 from pooler.dev.devcluster import TempPostgres, find_pg_bindir
-from pooler.config.runtime import runtime_setting
+from pooler.config.runtime import runtime_setting, tls_problems
 from rawpg import SSL_REQUEST, PgError, RawConn
 
 OPENSSL = shutil.which("openssl")
@@ -132,12 +132,16 @@ def test_config_validation_names_the_keys(certs, tmp_path):
                         "server_tls_sslmode": "verify-full", "server_tls_ca_file": certs["ca.crt"],
                         **TRUST})
     assert cfg.client_tls_sslmode == "verify-ca" and cfg.server_tls_ca_file == certs["ca.crt"]
-    # The console's SET checks the TLS keys together.
+    # The console's SET takes a TLS key on its own (PgBouncer's): the set is checked
+    # when it is used, by tls_problems(); a value that is no value is still refused.
     plain = parse_config(TRUST)
-    with pytest.raises(ConfigError, match="client_tls_cert_file: is required"):
-        runtime_setting(plain, "client_tls_sslmode", "require")
-    with_files = runtime_setting(runtime_setting(plain, "client_tls_cert_file", certs["server.crt"]),
+    half = runtime_setting(plain, "client_tls_sslmode", "require")
+    assert any("client_tls_cert_file: is required" in e for e in tls_problems(half))
+    with pytest.raises(ConfigError, match="client_tls_sslmode: 'on' is not valid: one of"):
+        runtime_setting(plain, "client_tls_sslmode", "on")
+    with_files = runtime_setting(runtime_setting(half, "client_tls_cert_file", certs["server.crt"]),
                                  "client_tls_key_file", certs["server.key"])
+    assert tls_problems(with_files) == []
     assert runtime_setting(with_files, "client_tls_sslmode", "prefer").client_tls_sslmode == "prefer"
 
 
@@ -539,6 +543,40 @@ def test_pgbouncer_ini_drop_in(pg, pooler_factory, certs):
                        expect_fail=True)
     assert r.returncode != 0
     assert re.search(r"client_tls_cert_file: .*missing\.crt.* is not valid: a readable file", r.log()), r.log()
+
+
+def _served_cert(p) -> bytes:
+    c = tls_raw(p)
+    try:
+        return c.sock.getpeercert(binary_form=True)
+    finally:
+        c.close()
+
+
+def _der(path: str) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(Path(path).read_text())
+
+
+def test_console_set_of_tls_files_one_at_a_time(pooler_factory, pooler_config, app_userlist, certs):
+    """SET client_tls_cert_file, then client_tls_key_file (PgBouncer: each SET is taken;
+    while the pair does not match, a NOTICE says the TLS in use stays as it was)."""
+    p = pooler_factory(pooler_config(admin_users=[SUPERUSER], **client_tls(certs)), app_userlist)
+    assert _served_cert(p) == _der(certs["server.crt"])
+    admin = p.connect(db="pgbouncer", user=SUPERUSER, password=SUPERUSER_PASSWORD, sslmode="require")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"SET client_tls_cert_file = '{certs['wrong.crt']}'")
+        assert admin.notices == ["NOTICE:  TLS settings could not be applied, still using old "
+                                 "configuration\n"]
+        assert _served_cert(p) == _der(certs["server.crt"])        # the old pair, still working
+        cur.execute(f"SET client_tls_key_file = '{certs['wrong.key']}'")
+        assert len(admin.notices) == 1                             # the pair is whole again
+        assert _served_cert(p) == _der(certs["wrong.crt"])         # new connections get it
+        cur.execute("SHOW CONFIG")
+        config = {r[0]: r[1] for r in cur.fetchall()}
+    assert (config["client_tls_cert_file"], config["client_tls_key_file"]) == (
+        certs["wrong.crt"], certs["wrong.key"])
+    admin.close()
 
 
 def test_reload_turns_client_tls_on(pooler_factory, pooler_config, app_userlist, certs):

@@ -11,13 +11,13 @@ import time
 import psycopg2
 import pytest
 
-from conftest import (APP_DB, APP_PASSWORD, APP_USER, MD5_USER, SUPERUSER, Poller, backend_count,
-                      raw_client, run_threads, wait_until)
+from conftest import (APP_DB, APP_PASSWORD, APP_USER, MD5_USER, SUPERUSER, SUPERUSER_PASSWORD,
+                      Poller, backend_count, raw_client, run_threads, wait_until)
 from pooler.proc import shm
 from pooler.config.validate import parse_config
 from rawpg import PgError, RawConn, error_fields, query
 
-REFUSAL = "no more connections allowed (max_user_client_connections)"
+REFUSAL = "client connections exceeded (max_user_client_connections)"   # PgBouncer's words
 
 
 def start(pooler_factory, pooler_config, app_userlist, users: dict, **overrides):
@@ -117,7 +117,7 @@ def _login(p, user: str) -> RawConn | None:
     try:
         return raw_client(p.port, user=user)
     except PgError as exc:
-        assert (exc.fields["C"], exc.fields["M"], exc.fields["S"]) == ("53300", REFUSAL, "FATAL")
+        assert (exc.fields["C"], exc.fields["M"], exc.fields["S"]) == ("08P01", REFUSAL, "FATAL")
         return None
 
 
@@ -133,7 +133,7 @@ def _show_users(p) -> dict[str, dict]:
         conn.close()
 
 
-def test_max_user_client_connections_refuses_with_53300(pg, pooler_factory, pooler_config,
+def test_max_user_client_connections_refuses_as_pgbouncer(pg, pooler_factory, pooler_config,
                                                         app_userlist):
     p = start(pooler_factory, pooler_config, app_userlist,
               {APP_USER: {"max_user_client_connections": 2, "pool_size": 3}},
@@ -151,7 +151,9 @@ def test_max_user_client_connections_refuses_with_53300(pg, pooler_factory, pool
             users[APP_USER]["current_client_connections"]) == (2, 2)
     assert (users[MD5_USER]["max_user_client_connections"],
             users[MD5_USER]["current_client_connections"]) == (3, 3)
-    assert (users[APP_USER]["pool_size"], users[MD5_USER]["pool_size"]) == ("3", None)
+    # PgBouncer 1.25's text: the number as its "%9d" prints it, '' when unset.
+    assert (users[APP_USER]["pool_size"], users[MD5_USER]["pool_size"]) == ("        3", "")
+    assert (users[APP_USER]["reserve_pool_size"], users[APP_USER]["pool_mode"]) == ("", None)
     # The connected clients work; a client that leaves gives its place back.
     assert [w.rows("SELECT 1") for w in apps] == [[["1"]]] * 2
     apps.pop().terminate()
@@ -160,6 +162,84 @@ def test_max_user_client_connections_refuses_with_53300(pg, pooler_factory, pool
     assert _login(p, APP_USER) is None
     for w in apps + others:
         w.terminate()
+
+
+def test_max_user_client_connections_counts_auth_query_users(pg, pooler_factory, pooler_config):
+    """A user found by auth_query (not in the auth_file) is counted like any other."""
+    p = pooler_factory(pooler_config(auth={"user": SUPERUSER}, admin_users=[SUPERUSER],
+                                     users={APP_USER: {"max_user_client_connections": 2}}),
+                       userlist={SUPERUSER: SUPERUSER_PASSWORD})
+    conns = [p.connect() for _ in range(2)]             # app's password from pg_shadow
+    with pytest.raises(psycopg2.OperationalError, match=re.escape(REFUSAL)):
+        p.connect()
+    admin = p.connect("pgbouncer", SUPERUSER, SUPERUSER_PASSWORD)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SHOW USERS")
+        names = [d.name for d in cur.description]
+        rows = {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+    assert (rows[APP_USER]["max_user_client_connections"],
+            rows[APP_USER]["current_client_connections"]) == (2, 2)
+    assert rows[SUPERUSER]["current_client_connections"] == 1     # its console session
+    admin.close()
+    conns.pop().close()
+    conns.append(wait_until(lambda: _try_connect(p), 5,
+                            message="an auth_query user's freed place was not reusable"))
+    for c in conns:
+        c.close()
+
+
+def test_max_user_client_connections_counts_console_sessions(pg, pooler_factory, pooler_config,
+                                                              app_userlist):
+    """PgBouncer's rule on the console: a stats user's sessions count and are refused at
+    the cap; an admin user's count but always get in."""
+    userlist = {**app_userlist, "stats": "statspass"}
+    p = pooler_factory(pooler_config(admin_users=[SUPERUSER], stats_users=["stats"],
+                                     max_user_client_connections=1), userlist=userlist)
+    first = p.connect("pgbouncer", "stats", "statspass")
+    with pytest.raises(psycopg2.OperationalError, match=re.escape(REFUSAL)):
+        p.connect("pgbouncer", "stats", "statspass")
+    admins = [p.connect("pgbouncer", SUPERUSER, SUPERUSER_PASSWORD) for _ in range(2)]
+    admins[0].autocommit = True
+    with admins[0].cursor() as cur:
+        cur.execute("SHOW USERS")
+        names = [d.name for d in cur.description]
+        users = {r[0]: dict(zip(names, r)) for r in cur.fetchall()}
+    assert (users["stats"]["current_client_connections"],
+            users[SUPERUSER]["current_client_connections"]) == (1, 2)
+    for c in [first, *admins]:
+        c.close()
+
+
+def _try_connect(p):
+    try:
+        return p.connect()
+    except psycopg2.OperationalError:
+        return None
+
+
+def test_max_user_client_connections_and_failed_server_logins(pg, pooler_factory, pooler_config,
+                                                               app_userlist):
+    """A client whose pool cannot log in to PostgreSQL gets PostgreSQL's error and gives
+    its place back when it is closed (PgBouncer counts a client until it is gone)."""
+    dbs = {APP_DB: {"host": pg.host, "port": pg.port, "dbname": APP_DB},
+           "broken": {"host": pg.host, "port": pg.port, "dbname": "no_such_database"}}
+    p = start(pooler_factory, pooler_config, app_userlist,
+              {APP_USER: {"max_user_client_connections": 1}}, databases=dbs,
+              admin_users=[SUPERUSER])
+    seen = []
+    for _ in range(3):                  # each time the server's refusal, never the cap's
+        with pytest.raises(PgError) as exc:
+            raw_client(p.port, user=APP_USER, database="broken")
+        seen.append((exc.value.fields["C"], exc.value.fields["M"]))
+    # PostgreSQL's error first, then (within server_login_retry) the pooler's fast fail.
+    assert seen[0] == ("3D000", 'database "no_such_database" does not exist'), seen
+    assert all('"no_such_database" does not exist' in m and m != REFUSAL for _, m in seen), seen
+    wait_until(lambda: _show_users(p)[APP_USER]["current_client_connections"] == 0, 5)
+    w = raw_client(p.port, user=APP_USER)
+    assert w.rows("SELECT 1") == [["1"]]
+    assert _login(p, APP_USER) is None                    # and the cap still holds
+    w.terminate()
 
 
 # ----------------------------------------------------------------------------- query_timeout

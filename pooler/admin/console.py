@@ -32,6 +32,7 @@ from pooler.config.converters import ConfigError
 from pooler.config.load import load_config
 from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed
+from pooler.wire.tls import TLS_KEYS
 from pooler.errors import PoolerError
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pooler.admin")
 
 WAIT_PERIOD = 0.05
+PGBOUNCER_SQLSTATE = "08P01"    # what PgBouncer sends with every console error it words
 LOCAL_SUPERUSER = "pgbouncer"
 PEERCRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
 EXTENDED = frozenset(b"PBDECHSdcf")
@@ -62,6 +64,7 @@ class AdminConsole:
         self.pooler = pooler            # the whole pooler: snapshots and commands
         self.history = StatsHistory()
         self.queries = 0            # admin commands run here: PgBouncer counts them
+        self.logins = 0             # console logins: the admin database's client_login_count
 
     def trusts_local_superuser(self, client: "Client") -> bool:
         """PgBouncer's rule: user `pgbouncer` connecting over the Unix socket from the
@@ -89,9 +92,11 @@ class AdminConsole:
                 "standard_conforming_strings": "on", "is_superuser": "on"}
 
     def stats_dict(self) -> dict[str, int]:
-        return {"xact_count": self.queries, "query_count": self.queries}
+        return {"xact_count": self.queries, "query_count": self.queries,
+                "client_login_count": self.logins}
 
     def serve(self, client: "Client") -> None:
+        self.logins += 1
         Session(self, client).run()
 
 
@@ -176,13 +181,14 @@ class Session:
     def snapshots(self) -> list[dict]:
         return self.pooler.snapshots()
 
-    def known_database(self, name: str, what: str) -> str:
-        """Check a command's database argument as PgBouncer does."""
+    def known_database(self, name: str, what: str, sqlstate: str | None = None) -> str:
+        """Check a command's database argument as PgBouncer does (its words; its SQLSTATE,
+        08P01, where `sqlstate` says so: ours are 55000 and 3D000 otherwise)."""
         if name == ADMIN_DB:
-            raise AdminError("55000", f"cannot {what} admin db: {name}")
+            raise AdminError(sqlstate or "55000", f"cannot {what} admin db: {name}")
         if self.worker.cfg.route(name) is None and not any(
                 p["database"] == name for s in self.snapshots() for p in s["pools"]):
-            raise AdminError("3D000", f"no such database: {name}")
+            raise AdminError(sqlstate or "3D000", f"no such database: {name}")
         return name
 
     def wait_until(self, done: Callable[[list[dict]], bool], still: Callable[[], bool]) -> bool:
@@ -199,11 +205,17 @@ class Session:
             return Result("SET", notices=[protocol.notice_response("SET ignored")])
         self.need_admin()
         try:
-            runtime.runtime_setting(self.worker.cfg, key, value)
+            new = runtime.runtime_setting(self.worker.cfg, key, value)
         except ConfigError as e:
             raise AdminError(_set_sqlstate(e.errors[0]), f"SET failed: {e.errors[0]}") from None
         self.pooler.control("SET", f"{key.strip().lower()}={value}")
-        return Result(f"SET {key}={value}")
+        notices = []
+        if key.strip().lower() in TLS_KEYS and (problems := runtime.tls_problems(new)):
+            # PgBouncer's notice: the value is set, the TLS in use stays until the set works.
+            log.warning("SET %s: TLS settings not applied yet: %s", key, "; ".join(problems))
+            notices.append(protocol.notice_response(
+                "TLS settings could not be applied, still using old configuration"))
+        return Result(f"SET {key}={value}", notices=notices)
 
 
 def _set_sqlstate(error: str) -> str:
@@ -304,7 +316,7 @@ def cmd_resume(s: Session, db: str | None) -> Result:
     else:
         log.info("RESUME command issued")
         if s.worker.shutting_down or s.worker.shutdown_mode:
-            raise AdminError("55000", "pooler is shutting down")
+            raise AdminError(PGBOUNCER_SQLSTATE, "pooler is shutting down")
         if not s.worker.paused and not s.worker.paused_dbs:
             raise AdminError("55000", "pooler is not paused/suspended")
     s.pooler.control("RESUME", db)
@@ -328,10 +340,10 @@ def _toggle(s: Session, verb: str, db: str | None) -> Result:
     return Result(verb)
 
 
-def _on_databases(s: Session, verb: str, db: str | None) -> Result:
+def _on_databases(s: Session, verb: str, db: str | None, sqlstate: str | None = None) -> Result:
     """A command on one database or all of them, run in every worker."""
     if db:
-        s.known_database(db, verb.lower())
+        s.known_database(db, verb.lower(), sqlstate)
     log.info("%s%s command issued", verb, f" '{db}'" if db else "")
     s.pooler.control(verb, db)
     return Result(verb)
@@ -343,16 +355,23 @@ def cmd_reconnect(s: Session, db: str | None) -> Result:
 
 def cmd_kill(s: Session, db: str | None) -> Result:
     _not_paused(s)
-    return _on_databases(s, "KILL", db)
+    # PgBouncer refuses KILL's and KILL_CLIENT's arguments with its default SQLSTATE.
+    return _on_databases(s, "KILL", db, PGBOUNCER_SQLSTATE)
+
+
+_CLIENT_ID = re.compile(r"\s*\+?([0-9]+)")
 
 
 def cmd_kill_client(s: Session, arg: str | None) -> Result:
-    if not arg or not arg.isdigit():
-        raise AdminError("22P02", "invalid client pointer supplied")
-    if not any(c["id"] == int(arg) for snap in s.snapshots() for c in snap["clients"]):
-        raise AdminError("42704", "client not found")
-    log.info("KILL_CLIENT %s command issued", arg)
-    s.pooler.control("KILL_CLIENT", arg)
+    # PgBouncer reads the id as sscanf's %llu does: leading digits, the rest ignored.
+    m = _CLIENT_ID.match(arg or "")
+    if m is None:
+        raise AdminError(PGBOUNCER_SQLSTATE, "invalid client pointer supplied")
+    cid = int(m.group(1))
+    if not any(c["id"] == cid for snap in s.snapshots() for c in snap["clients"]):
+        raise AdminError(PGBOUNCER_SQLSTATE, "client not found")
+    log.info("KILL_CLIENT %d command issued", cid)
+    s.pooler.control("KILL_CLIENT", str(cid))
     return Result("KILL_CLIENT")
 
 

@@ -111,9 +111,7 @@ class Control:
 
     def _reconnect(self, db: str | None) -> None:
         for pool in self._pools(db):
-            for srv in list(pool.active) + list(pool.idle):
-                srv.close_needed = True         # the pool closes it when it is released
-            pool.close_all("RECONNECT")
+            pool.mark_close_needed("RECONNECT")
         self._ensure_closer()
 
     def _kill(self, db: str | None) -> None:
@@ -198,4 +196,4 @@ class Control:
 
 def _kill_client(client: "Client", sqlstate: str, message: str) -> None:
     log.info("C-%d %s closing because: %s", client.id, client._who(), message)
-    client.glet.kill(ClientKill(sqlstate, message), block=False)
+    client.kill(ClientKill(sqlstate, message))

@@ -53,6 +53,7 @@ def snapshot(worker: "Worker") -> dict[str, Any]:
         "servers": [s for p in pools for s in _servers(p, wid, clock)],
         "databases": _databases(pools, flags),
         "users": sorted(worker.userlist),
+        "peer_pools": worker.peer_pools.snapshot(),
         "admin_stats": admin.stats_dict() if admin is not None else {},
     }
 
@@ -105,6 +106,7 @@ def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
             "client_parse_count": prepared.client_parses,
             "server_parse_count": prepared.server_parses,
             "bind_count": prepared.binds,
+            "client_login_count": st.client_logins,
             "recovered_xact_count": st.recovered_xacts,
             "recovered_query_count": st.recovered_queries,
             "recovery_failed_count": st.recovery_failures,

@@ -60,7 +60,7 @@ def table(columns: str, rows: list[list]) -> Result:
 # Snapshot counter names, in the order PgBouncer 1.23 prints them.
 STAT_KEYS = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
              "xact_time_us", "query_time_us", "wait_time_us", "client_parse_count",
-             "server_parse_count", "bind_count")
+             "server_parse_count", "bind_count", "client_login_count")
 # Ours, in SHOW STATS only (after PgBouncer's columns): servers given back after their
 # client left inside a transaction / mid-query, and those closed instead (recovery.py).
 RECOVERY_KEYS = ("recovered_xact_count", "recovered_query_count", "recovery_failed_count")
@@ -296,20 +296,21 @@ def show_users(v: View) -> Result:
         conns[p["server_user"]] = conns.get(p["server_user"], 0) + sum(p[k] for k in SERVER_KEYS)
     clients: dict[str, int] = {}
     for c in v.clients:
-        if c["state"] not in ("login", "admin"):
+        if c["state"] != "login":       # console sessions count too, as in PgBouncer
             clients[c["user"]] = clients.get(c["user"], 0) + 1
     rows = [_user_row(cfg, n, conns.get(n, 0), clients.get(n, 0)) for n in sorted(names)]
     return table(USERS_COLS, rows)
 
 
 def _user_row(cfg: "Config", name: str, conns: int, clients: int) -> list:
-    """PgBouncer 1.24's row: the [users] entry's own pool settings (NULL when unset),
+    """PgBouncer 1.25's row: the [users] entry's own pool sizes (text, right-aligned in
+    9 characters as its printf does; '' when unset) and pool_mode (NULL when unset),
     then the caps in force for the user (its own, else the global one)."""
     u = cfg.users.get(name)
 
     def own(attr: str):
         return None if u is None else getattr(u, attr)
-    text = [None if own(k) is None else str(own(k)) for k in ("pool_size", "reserve_pool_size")]
+    text = ["" if own(k) is None else f"{own(k):9d}" for k in ("pool_size", "reserve_pool_size")]
     max_conns = own("max_user_connections")
     if max_conns is None:
         max_conns = cfg.max_user_connections
@@ -318,7 +319,7 @@ def _user_row(cfg: "Config", name: str, conns: int, clients: int) -> list:
 
 STATS_NAMES = ("server_assignment_count", "xact_count", "query_count", "received", "sent",
                "xact_time", "query_time", "wait_time", "client_parse_count",
-               "server_parse_count", "bind_count")
+               "server_parse_count", "bind_count", "client_login_count")
 
 
 def show_stats(v: View) -> Result:
@@ -343,7 +344,7 @@ TOTALS_NAMES = ("server_assignment_count", "xact_count", "query_count", "bytes_r
 
 def show_stats_totals(v: View) -> Result:
     cols = "database:s " + " ".join(f"{n}:N" for n in TOTALS_NAMES) + \
-        " client_parse_count:N server_parse_count:N bind_count:N"
+        " client_parse_count:N server_parse_count:N bind_count:N client_login_count:N"
     return table(cols, [[db, *(t[k] for k in STAT_KEYS)] for db, t in v.db_totals().items()])
 
 
@@ -351,7 +352,8 @@ def show_stats_averages(v: View) -> Result:
     totals = v.db_totals()
     avgs = v.history.averages(totals, v.cfg.stats_period)
     cols = "database:s " + " ".join(f"{n}:N" for n in TOTALS_NAMES) + \
-        " avg_client_parse_count:N avg_server_parse_count:N avg_bind_count:N"
+        " avg_client_parse_count:N avg_server_parse_count:N avg_bind_count:N" \
+        " avg_client_login_count:N"
     return table(cols, [[db, *(avgs[db][k] for k in STAT_KEYS)] for db in totals])
 
 
@@ -360,18 +362,46 @@ def show_totals(v: View) -> Result:
     avgs = v.history.averages(totals, v.cfg.stats_period)
     names = ("server_assignment_count", "xact_count", "query_count", "client_bytes",
              "server_bytes", "xact_time", "query_time", "wait_time", "ps_client_parse_count",
-             "ps_server_parse_count", "ps_bind_count")
+             "ps_server_parse_count", "ps_bind_count", "client_login_count")
     rows = [[f"total_{n}", sum(t[k] for t in totals.values())] for n, k in zip(names, STAT_KEYS)]
     rows += [[f"avg_{n}", sum(a[k] for a in avgs.values())] for n, k in zip(names, STAT_KEYS)]
     return table("name:s value:N", rows)
+
+
+def show_peers(v: View) -> Result:
+    """PgBouncer 1.25's columns. Its pool_size caps the connections forwarding cancel
+    requests to a peer; ours opens one per request (a peer's pool_size is ignored by
+    the ini reader), so the row shows what PgBouncer shows without one: default_pool_size."""
+    rows = [[pid, p.host, p.port, v.cfg.default_pool_size] for pid, p in sorted(v.cfg.peers.items())]
+    return table("peer_id:i host:s port:i pool_size:i", rows)
+
+
+PEER_POOL_KEYS = ("cl_active_cancel_req", "cl_waiting_cancel_req", "sv_active_cancel", "sv_login")
+
+
+def show_peer_pools(v: View) -> Result:
+    """One row per peer a cancel request was forwarded to, summed over workers."""
+    return table("peer_id:i " + " ".join(f"{k}:i" for k in PEER_POOL_KEYS),
+                 [[pid, *counts] for pid, counts in sorted(_peer_pools(v).items())])
+
+
+def _peer_pools(v: View) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for snap in v.snaps:
+        for pid, row in snap.get("peer_pools", {}).items():
+            counts = out.setdefault(int(pid), [0] * len(PEER_POOL_KEYS))
+            for i, k in enumerate(PEER_POOL_KEYS):
+                counts[i] += row[k]
+    return out
 
 
 def show_lists(v: View) -> Result:
     dbs = len(show_databases(v).rows)
     users = len(show_users(v).rows)
     servers = len(v.servers) + sum(p["sv_login"] for p in v.pools)
-    items = [("databases", dbs), ("users", users), ("peers", 0), ("pools", len(v.pools) + 1),
-             ("peer_pools", 0), ("free_clients", 0), ("used_clients", len(v.clients)),
+    items = [("databases", dbs), ("users", users), ("peers", len(v.cfg.peers)),
+             ("pools", len(v.pools) + 1), ("peer_pools", len(_peer_pools(v))),
+             ("free_clients", 0), ("used_clients", len(v.clients)),
              ("login_clients", sum(1 for c in v.clients if c["state"] == "login")),
              ("free_servers", 0), ("used_servers", servers), ("dns_names", 0), ("dns_zones", 0),
              ("dns_queries", 0), ("dns_pending", 0)]
@@ -431,7 +461,7 @@ def show_config(v: View) -> Result:
 def show_help(_v: View) -> Result:
     text = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
             "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE|PROCESSES\n"
-            "\tSHOW DNS_HOSTS|DNS_ZONES\n"
+            "\tSHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES\n"
             "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
             "\tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n"
             "\tENABLE <db>\n\tRECONNECT [<db>]\n\tKILL [<db>]\n\tKILL_CLIENT <client_id>\n"
@@ -450,7 +480,8 @@ SHOWS: dict[str, Callable[[View], Result]] = {
     "active_sockets": show_active_sockets, "users": show_users, "stats": show_stats,
     "stats_totals": show_stats_totals, "stats_averages": show_stats_averages,
     "totals": show_totals, "lists": show_lists, "state": show_state, "mem": show_mem,
-    "fds": show_fds, "processes": show_processes,
+    "fds": show_fds, "processes": show_processes, "peers": show_peers,
+    "peer_pools": show_peer_pools,
     "dns_hosts": lambda _v: table("hostname:s ttl:q addrs:s", []),
     "dns_zones": lambda _v: table("zonename:s serial:q count:i", []),
 }

@@ -86,6 +86,12 @@ class Route:
     max_db_client_connections: int = 0   # clients of this entry (name), over all users
     pinning: bool = True                 # keep a server with a client holding unmovable state
 
+    def target(self) -> tuple:
+        """What a server connection is opened with; when a reload changes it, the servers
+        opened before lead to the old place (PgBouncer: the connection string changed)."""
+        return (self.host, self.port, self.dbname, self.user, self.password,
+                self.connect_query, self.application_name)
+
 
 @_with_keys(settings.GLOBAL)
 class Config:

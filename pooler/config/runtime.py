@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from pooler.config import settings
-from pooler.config.converters import ConfigError, guess
+from pooler.config.converters import ConfigError, Invalid, guess
 from pooler.config.model import Config
 from pooler.config.settings import INI_NAMES, RESTART_ONLY, coerce, ini_spelling
 from pooler.config.validate import parse_config
-from pooler.wire.tls import TLS_KEYS
+from pooler.wire.tls import TLS_FILE_KEYS, TLS_KEYS
 
 
 def runtime_setting(cfg: Config, key: str, text: str) -> Config:
@@ -31,16 +32,45 @@ def runtime_setting(cfg: Config, key: str, text: str) -> Config:
             auth[path[len("auth."):]] = value
             return dataclasses.replace(cfg, auth=parse_config({"auth": auth}).auth)
         if path in TLS_KEYS:
-            # The TLS keys are checked together (a mode needs its files): validate the
-            # current set with this one changed, and take them all.
-            tls = {k: getattr(cfg, k) for k in TLS_KEYS}
-            tls[path] = value
-            parsed = parse_config({**tls, "auth": {"type": "trust"}}, source_path=cfg.source_path)
-            return dataclasses.replace(cfg, **{k: getattr(parsed, k) for k in TLS_KEYS})
+            return _tls_setting(cfg, path, value)
         parsed = parse_config({path: value, "auth": {"type": "trust"}})
     except ConfigError as e:
         raise ConfigError([ini_spelling(err) for err in e.errors]) from None
     return dataclasses.replace(cfg, **{path: getattr(parsed, path)})
+
+
+def _tls_setting(cfg: Config, path: str, value: Any) -> Config:
+    """A TLS key taken on its own, as PgBouncer does: a certificate and its key are SET
+    one after the other, and the pair in between is no error. Only the value itself is
+    checked here (a mode's name; a file path, made absolute as in a config file);
+    whether the set can be used is tls_problems()'s question, asked when it is applied
+    (an unusable set leaves the running TLS contexts as they were)."""
+    values = {k: getattr(cfg, k) for k in TLS_KEYS}
+    values[path] = value
+    try:
+        parsed = parse_config({**values, "auth": {"type": "trust"}}, source_path=cfg.source_path)
+        return dataclasses.replace(cfg, **{k: getattr(parsed, k) for k in TLS_KEYS})
+    except ConfigError:
+        pass                                  # the set is not usable (yet): the value alone
+    try:
+        converted = settings.converters(settings.GLOBAL)[path](value)
+    except Invalid as e:
+        raise ConfigError([f"{path}: {value!r} is not valid: {e.allowed}"]) from None
+    if converted and path in TLS_FILE_KEYS:
+        base = os.path.dirname(os.path.abspath(cfg.source_path)) if cfg.source_path else os.getcwd()
+        converted = os.path.normpath(os.path.join(base, converted))
+    return dataclasses.replace(cfg, **{path: converted})
+
+
+def tls_problems(cfg: Config) -> list[str]:
+    """Why the TLS settings of `cfg` cannot be used (files missing, unreadable, not a
+    pair); [] when they can."""
+    values = {k: getattr(cfg, k) for k in TLS_KEYS}
+    try:
+        parse_config({**values, "auth": {"type": "trust"}}, source_path=cfg.source_path)
+    except ConfigError as e:
+        return e.errors
+    return []
 
 
 def config_rows(cfg: Config, conffile: str | None) -> list[tuple[str, str | None, str | None, str]]:

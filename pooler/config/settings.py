@@ -108,6 +108,9 @@ GLOBAL: tuple[Key, ...] = (
     Key("query_wait_timeout", float, c.duration, 120.0),
     Key("client_idle_timeout", float, c.duration, 0.0),
     Key("client_login_timeout", float, c.duration, 60.0),
+    # ours: per worker, connections that have not sent a whole first packet (no greenlet
+    # yet); when full, the oldest (after 1 s) is closed, else the newcomer; 0 = no cap
+    Key("client_login_max_pending", int, c.COUNT, 1000),
     Key("idle_transaction_timeout", float, c.duration, 0.0),
     # ours: bound on a SIGTERM/SIGINT shutdown; 0 = none
     Key("shutdown_timeout", float, c.duration, 30.0),
@@ -126,6 +129,9 @@ GLOBAL: tuple[Key, ...] = (
     Key("log_pooler_errors", bool, c.boolean, True),
     Key("verbose", int, c.COUNT, 0),
     Key("stats_period", int, c.integer(1), 60),
+    # PgBouncer after 1.25.2 (#1488): a NOTICE sent to every client once it has logged
+    # in ("" = none), e.g. to tell people that they talk to a pooler, not to PostgreSQL.
+    Key("login_notify_message", str, c.TEXT, ""),
     Key("tcp_keepalive", bool, c.boolean, True),
     # TLS, PgBouncer's names and defaults (wire/tls.py). File paths are made absolute
     # (relative to the config file) by parse_config.

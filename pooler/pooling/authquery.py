@@ -103,6 +103,9 @@ class AuthQuery:
             if target is None:
                 raise AuthQueryError("08P01", f'auth_query: auth_dbname "{dbname}" is not a '
                                               "configured database")
+            if target.name in self.worker.disabled_dbs:
+                # DISABLE of the auth database refuses the logins that need it (PgBouncer's words).
+                raise AuthQueryError("08P01", f'authentication database "{dbname}" is disabled')
         return auth_user, query, target
 
     # -- lookup ---------------------------------------------------------------------

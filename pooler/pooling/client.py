@@ -5,6 +5,7 @@ import itertools
 import logging
 import secrets
 import struct
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,14 @@ class LoginFailed(PoolerError):
 class Client:
     """State of one client connection, from accept to close."""
 
-    def __init__(self, worker: "Worker", stream: Stream, addr: str) -> None:
+    # An idle client is this object, its Relay and its socket: slots keep it small.
+    __slots__ = ("worker", "cfg", "stream", "addr", "id", "user", "database", "pool", "relay",
+                 "tparams", "tsig", "state", "local_superuser", "connect_time", "cancel_key",
+                 "user_client_key", "db_client_key", "glet", "close_reason", "tls", "arrived",
+                 "session")
+
+    def __init__(self, worker: "Worker", stream: Stream, addr: str,
+                 arrived: float | None = None) -> None:
         self.worker = worker
         self.cfg = worker.cfg
         self.stream = stream
@@ -55,6 +63,7 @@ class Client:
         self.state = ClientState.LOGIN
         self.local_superuser = False               # `pgbouncer` over the Unix socket (admin.py)
         self.connect_time = time.time()
+        self.arrived = time.monotonic() if arrived is None else arrived   # accepted (monotonic)
         self.cancel_key = (0, 0)
         self.user_client_key: tuple | None = None   # max_user_client_connections claim held
         self.db_client_key: tuple | None = None     # max_db_client_connections claim held
@@ -65,8 +74,11 @@ class Client:
     # -- life cycle -------------------------------------------------------------
 
     def serve(self) -> None:
+        """Log the client in, in the greenlet the listener spawned; then hand it to the
+        relay, which lives on in loop callbacks after this greenlet ends (and closes
+        the client), or serve the admin console here."""
         try:
-            with gevent.Timeout(self.cfg.client_login_timeout or None,
+            with gevent.Timeout(self._login_time_left(),
                                 LoginFailed("08P01", "client_login_timeout")):
                 if not self._startup():
                     return
@@ -75,7 +87,6 @@ class Client:
                 return
             self.relay = Relay(self)
             self.state = ClientState.IDLE
-            self.relay.run()
         except LoginFailed as exc:
             log.info("C-%d %s login failed: %s", self.id, self._who(), exc)
             self.fatal(exc.sqlstate, str(exc))
@@ -86,18 +97,39 @@ class Client:
         except gevent.GreenletExit:
             raise
         except Exception as exc:
-            # A bug must cost one client, with an error it can read, never the worker.
-            log.exception("C-%d %s closing because: internal error (%s)", self.id, self._who(),
-                          type(exc).__name__)
-            self.fatal("XX000", f"pooler internal error: {type(exc).__name__}")
+            self.internal_error(exc)
         finally:
-            self._close()
+            if self.relay is None:
+                self.close()
+        if self.relay is not None:
+            self.relay.start()
+        self.glet = None                # the relay's callbacks carry the client from here
+
+    def _login_time_left(self) -> float | None:
+        """client_login_timeout counts from accept (prelogin.py held the first bytes)."""
+        limit = self.cfg.client_login_timeout
+        if not limit:
+            return None
+        return max(0.001, limit - (time.monotonic() - self.arrived))
+
+    def kill(self, exc: PoolerError) -> None:
+        """Disconnect with `exc` (timeouts, KILL, shutdown), wherever the client is."""
+        if self.relay is not None:
+            self.relay.kill(exc)
+        elif self.glet is not None:
+            self.glet.kill(exc, block=False)
+
+    def internal_error(self, exc: Exception) -> None:
+        """A bug must cost one client, with an error it can read, never the worker."""
+        log.error("C-%d %s closing because: internal error (%s)", self.id, self._who(),
+                  type(exc).__name__, exc_info=exc)
+        self.fatal("XX000", f"pooler internal error: {type(exc).__name__}")
 
     def _who(self) -> str:
         # PgBouncer's "db/user@addr:port", so log searches written for it still match.
         return f"{self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr}"
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self.worker.forget_client(self)
         if self.pool is not None:
             self.pool.clients.discard(self)
@@ -180,10 +212,11 @@ class Client:
             params.pop(o)
 
     def _login(self, params: dict[str, str]) -> None:
-        self.user = params.get("user", "")
+        # Interned: every client of an application carries the same few names.
+        self.user = sys.intern(params.get("user", ""))
         if not self.user:
             raise LoginFailed("08P01", "no user name in startup packet")
-        self.database = params.get("database") or self.user
+        self.database = sys.intern(params.get("database") or self.user)
         if params.get("replication"):
             raise LoginFailed("08P01", "replication connections are not supported by the pooler")
         cfg = self.cfg
@@ -195,9 +228,10 @@ class Client:
                 self._authenticate()
                 self.worker.admin.check_login(self)     # admin_users / stats_users only
             # The console is a database too; admin_users take a place but always get
-            # in (PgBouncer).
-            self._admit_db(ADMIN_DB, cfg.max_db_client_connections,
-                           exempt=self.user in cfg.admin_users)
+            # in (PgBouncer), in its database's count and in their user's.
+            exempt = self.user in cfg.admin_users or self.local_superuser
+            self._admit_db(ADMIN_DB, cfg.max_db_client_connections, exempt=exempt)
+            self._admit_user(exempt=exempt)
             self.state = ClientState.ADMIN                    # serve() runs the console
             self._welcome(self.worker.admin.welcome_params())
             return
@@ -209,19 +243,20 @@ class Client:
             raise LoginFailed("55000", f"database does not allow connections: {route.name}")
         startup = self._startup_parameters(params)
         scram_keys = self._authenticate(route)
+        if self.worker.shutting_down:         # only the console is reachable now (PgBouncer's)
+            raise LoginFailed("08P01", "pooler is shutting down")
         # Counted only once authenticated: clients that never prove who they are must
         # not be able to use up a database's or a user's connections.
         self._admit_db(route.name, route.max_db_client_connections)
-        if not self.worker.admit_user_client(self):
-            raise LoginFailed("53300", "no more connections allowed (max_user_client_connections)")
+        self._admit_user()
         self.pool = self.worker.get_pool(route, self.user)
         if scram_keys and self.pool.scram_keys is None:
             self.pool.scram_keys = scram_keys
         self.pool.clients.add(self)
+        self.pool.stats.client_logins += 1      # authenticated and admitted: PgBouncer's point
         if self.pool.welcome is None:
             self._fetch_welcome()
-        self.tparams = self._initial_tracked(startup)
-        self.tsig = self.signature()
+        self.tparams, self.tsig = self.worker.shared_tracked(self._initial_tracked(startup))
         if cfg.log_connections:
             log.info("C-%d %s login attempt: db=%s user=%s", self.id, self._who(), self.database, self.user)
         values = dict(self.pool.welcome)
@@ -232,6 +267,13 @@ class Client:
         if not self.worker.admit_db_client(self, database, cap, exempt):
             # PgBouncer's words and SQLSTATE (its default for a refused login).
             raise LoginFailed("08P01", "client connections exceeded (max_db_client_connections)")
+
+    def _admit_user(self, exempt: bool = False) -> None:
+        """max_user_client_connections of the login user, whichever way it authenticated
+        (auth_file or auth_query); the place is held until the client leaves, also when
+        the pool's server login fails (PgBouncer's count and its words)."""
+        if not self.worker.admit_user_client(self, exempt):
+            raise LoginFailed("08P01", "client connections exceeded (max_user_client_connections)")
 
     def _startup_parameters(self, params: dict[str, str]) -> dict[str, str]:
         """Tracked parameters from the startup packet and its `options`; unknown ones
@@ -258,6 +300,8 @@ class Client:
         out = [protocol.auth_ok()]
         out += [protocol.parameter_status(k, v) for k, v in values.items()]
         out.append(protocol.backend_key_data(pid, key))
+        if self.cfg.login_notify_message:     # after the key, before ReadyForQuery: PgBouncer's place
+            out.append(protocol.notice_response(self.cfg.login_notify_message))
         out.append(protocol.ready_for_query(b"I"))
         self.stream.sendall(b"".join(out))
 
@@ -369,7 +413,9 @@ class Client:
         value, _ = protocol.read_cstr(body, pos)
         srv.params[name] = value
         if name in self.tparams:
-            self.tparams[name] = value
+            tparams = dict(self.tparams)     # a copy: the dict is shared (Worker.shared_tracked)
+            tparams[name] = value
+            self.tparams = tparams
             self.tsig = self.signature()
             srv.tsig = self.tsig
 

@@ -70,14 +70,54 @@ def peer_address(host: str, port: int) -> str:
     return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}"
 
 
-def forward(cfg, owner: int, pid: int, key: int) -> bool:
+class PeerPools:
+    """Cancel requests being forwarded, per peer: PgBouncer's "peer pools" (SHOW
+    PEER_POOLS). A peer gets its row with its first forwarded request and keeps it."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, dict[str, int]] = {}
+
+    def row(self, peer_id: int) -> dict[str, int]:
+        return self.counts.setdefault(peer_id, {
+            "cl_active_cancel_req": 0, "cl_waiting_cancel_req": 0, "sv_active_cancel": 0,
+            "sv_login": 0})
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {str(k): dict(v) for k, v in self.counts.items()}
+
+
+def forward(cfg, owner: int, pid: int, key: int, pools: PeerPools | None = None) -> bool:
     """Send a CancelRequest for another peer's client to that peer (cooperatively;
     waits until the peer has closed the connection, i.e. handled it, so that the
-    client's cancel call returns after the cancel went out). False if dropped."""
-    peer = cfg.peers.get(owner)
-    if peer is None:
+    client's cancel call returns after the cancel went out). False if dropped.
+    `pools` counts it while it is on its way: connecting, then sent."""
+    if owner not in cfg.peers:
         log.info("cancel request for peer %d ignored: no such entry in peers", owner)
         return False
+    row = (pools or PeerPools()).row(owner)
+    row["cl_waiting_cancel_req"] += 1
+    row["sv_login"] += 1
+    connected = []
+
+    def on_connect() -> None:           # connected to the peer: waiting -> active
+        row["cl_waiting_cancel_req"] -= 1
+        row["sv_login"] -= 1
+        row["cl_active_cancel_req"] += 1
+        row["sv_active_cancel"] += 1
+        connected.append(True)
+    try:
+        return _forward(cfg, owner, pid, key, on_connect)
+    finally:
+        if connected:
+            row["cl_active_cancel_req"] -= 1
+            row["sv_active_cancel"] -= 1
+        else:
+            row["cl_waiting_cancel_req"] -= 1
+            row["sv_login"] -= 1
+
+
+def _forward(cfg, owner: int, pid: int, key: int, connected) -> bool:
+    peer = cfg.peers[owner]
     ttl = ttl_of(key)
     if ttl == 0:
         log.warning("cancel request for peer %d dropped: forwarded too many times (TTL exhausted); "
@@ -98,6 +138,7 @@ def forward(cfg, owner: int, pid: int, key: int) -> bool:
                     raise
             else:
                 sock = gsocket.create_connection((peer.host, peer.port))
+            connected()
             try:
                 sock.sendall(protocol.cancel_request(pid, key - 1))   # TTL - 1 (no borrow: ttl >= 1)
                 while sock.recv(64):

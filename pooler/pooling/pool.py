@@ -64,11 +64,12 @@ class LocalQuota:
 class Stats:
     """Counters of one pool in this worker (SHOW STATS / metrics read them)."""
     __slots__ = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
-                 "xact_time", "query_time", "wait_time", "max_wait", "prepared",
+                 "xact_time", "query_time", "wait_time", "max_wait", "prepared", "client_logins",
                  "recovered_xacts", "recovered_queries", "recovery_failures")
 
     def __init__(self) -> None:
         self.server_assignment_count = 0
+        self.client_logins = 0          # logins to the pool (PgBouncer's client_login_count)
         self.xact_count = self.query_count = self.bytes_in = self.bytes_out = 0
         self.xact_time = self.query_time = self.wait_time = 0.0
         self.max_wait = 0.0
@@ -79,16 +80,23 @@ class Stats:
 
 class Waiter:
     """A client parked until a server is handed to it: a greenlet blocked in
-    acquire(), or (with `cb`) a relay whose loop callback takes the server without
-    a greenlet switch; `glet` is the greenlet that timeouts are raised into."""
+    acquire() (`glet`), or (with `cb`) a relay whose loop callback takes the server
+    without a greenlet switch (no greenlet at all: `glet` is None)."""
     __slots__ = ("glet", "since", "client", "done", "cb")
 
-    def __init__(self, client, cb: Callable | None = None, glet=None) -> None:
-        self.glet = glet if glet is not None else getcurrent()
+    def __init__(self, client, cb: Callable | None = None) -> None:
+        self.glet = getcurrent() if cb is None else None
         self.since = time.monotonic()
         self.client = client
         self.done = False
         self.cb = cb
+
+    def fail(self, hub, exc: BaseException) -> None:
+        """The wait is over with an error (query_wait_timeout): raise it in the waiter."""
+        if self.glet is not None:
+            hub.loop.run_callback(self.glet.throw, exc)
+        else:
+            self.client.kill(exc)
 
 
 def shown_state(client) -> ClientState:
@@ -134,6 +142,9 @@ class Pool:
         self.active: set[ServerConn] = set()
         self.connecting = 0
         self.waiters: deque[Waiter] = deque()
+        # Servers to give back at release instead of handing them to a waiter here: set
+        # by the prefork ticker when other workers starve for this pool (peers.py).
+        self.owe_back = 0
         self.clients: set = set()
         self.stats = Stats()
         self.welcome: dict[str, str] | None = None   # server ParameterStatus values for new clients
@@ -204,10 +215,10 @@ class Pool:
         return not self.idle and not self.route.reserve_pool_size and \
             self.total >= self.route.pool_size
 
-    def enqueue(self, client, cb: Callable, glet) -> Waiter:
+    def enqueue(self, client, cb: Callable) -> Waiter:
         """Queue a callback waiter: cb(server) runs from the loop when one is handed
         over, cb(None) when it should retry through acquire() (resume, a freed slot)."""
-        w = Waiter(client, cb, glet)
+        w = Waiter(client, cb)
         self.waiters.append(w)
         return w
 
@@ -447,6 +458,13 @@ class Pool:
             self.discard(srv, "server closed" if srv.closed else
                          "RECONNECT" if srv.close_needed else "server lifetime over")
             return
+        if self.owe_back:               # prefork fairness (proc/peers.py _share_fairly)
+            self.owe_back -= 1
+            log.info("S-%d %s@%s closing because: a client waits for it in another worker",
+                     srv.id, self.server_user, self.name)
+            srv.close()
+            self._forget(srv, wake=False)    # the slot is for the other worker's client
+            return
         if self.waiters and not self.paused:
             if self._hand_over(srv):
                 self.active.add(srv)
@@ -461,7 +479,7 @@ class Pool:
             srv.close()
         self._forget(srv)
 
-    def _forget(self, srv: ServerConn) -> None:
+    def _forget(self, srv: ServerConn, wake: bool = True) -> None:
         self.active.discard(srv)
         try:
             self.idle.remove(srv)
@@ -469,7 +487,7 @@ class Pool:
             pass
         self.worker.quota.release(self._quota_keys)
         # A slot freed up: a waiter may now open its own server.
-        if self.waiters:
+        if wake and self.waiters:
             self._wake_next_waiter()
 
     # -- maintenance (janitor) --------------------------------------------------
@@ -500,7 +518,7 @@ class Pool:
                 if not w.done and now - w.since > wait_limit:
                     self.waiters.remove(w)
                     w.done = True
-                    self.hub.loop.run_callback(w.glet.throw, PoolError("08P01", "query_wait_timeout"))
+                    w.fail(self.hub, PoolError("08P01", "query_wait_timeout"))
 
     def _surplus_over_min(self) -> int:
         """Servers this pool holds beyond min_pool_size, counted over all workers."""
@@ -528,11 +546,23 @@ class Pool:
         for srv in list(self.idle):
             self.discard(srv, reason)
 
+    def mark_close_needed(self, reason: str) -> None:
+        """RECONNECT, or a reload that moved the database: idle servers go now, the others
+        when released (SHOW SERVERS' close_needed until then; WAIT_CLOSE waits for them)."""
+        for srv in list(self.active) + list(self.idle):
+            srv.close_needed = True
+        self.close_all(reason)
+
     def reconfigure(self, cfg: Config, route: Route) -> None:
-        """A reload: new limits (and quota caps) for the servers opened from now on."""
+        """A reload: new limits (and quota caps) for the servers opened from now on. If the
+        entry now leads elsewhere (PgBouncer: its connection string changed), the servers
+        opened the old way are closed as above, so new transactions reach the new target."""
+        moved = route.target() != self.route.target()
         self.cfg = cfg
         self.route = route
         self._quota_keys = self._make_quota_keys()
+        if moved:
+            self.mark_close_needed("database configuration changed")
 
     # -- cross-worker hand-off (proc/peers.py; one process never calls these) -----
 

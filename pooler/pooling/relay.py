@@ -4,9 +4,10 @@ The steady state runs in libev io-watcher callbacks, not in a greenlet: the
 client's read watcher stays started with `_on_client`, the linked server's
 with `_on_server`, and each wake-up is one call of the relay step
 (relaystep: compiled, or its pure-Python twin) that reads a chunk, walks the
-message headers, forwards what it can and returns an event. A greenlet
-switch costs more than the whole step, so the client's greenlet is woken only
-for work that may block:
+message headers, forwards what it can and returns an event. A client holds no
+greenlet while it relays or idles (a parked greenlet costs ~7 KB, more than
+the rest of an idle client): the login greenlet ends once the relay starts,
+and a callback that meets work that may block starts a greenlet for it:
 
   J_LINK    no idle server at hand: wait in the pool (and set parameters)
   J_SYNC    the idle server needs the client's parameters SET first
@@ -22,10 +23,12 @@ for work that may block:
   J_SESS    session statements ran: read the state back (sessionstate.at_release)
 
 A callback that hands work over stops (disarms) both watchers first and
-switches into the greenlet as its last statement; the greenlet does the job,
-arms the watchers again and parks in the hub. So a greenlet blocked in a job
-is never entered by a callback, and bytes of one client are never processed
-by two hands at once. What the step does with each message type is in
+starts the job's greenlet as its last statement (`_spawn`); the greenlet does
+the job, arms the watchers again and ends (`_work`). So a greenlet blocked in a
+job is never entered by a callback, and bytes of one client are never
+processed by two hands at once. Timeouts, KILL and shutdown reach a client
+through `kill()`: raised in the running job, or in a job started for it.
+What the step does with each message type is in
 relaystep_py.py; the relay acts only on the events it returns.
 """
 from __future__ import annotations
@@ -34,17 +37,17 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import gevent
-from gevent import getcurrent
+from gevent import GreenletExit, getcurrent
 from gevent.hub import get_hub
+from greenlet import greenlet
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import recovery, relayfaults, relaystep, sessionstate
+from pooler.pooling import relayexit, relayfaults, relaystep, sessionstate
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
-    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z, END_MASK,
-    F_AGAIN)
+    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
+    END_MASK, F_AGAIN)
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
 from pooler.errors import PoolerError
@@ -71,9 +74,8 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
          STATEMENT: relaystep.STATEMENT}
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
-J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED = (
-    1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-J_SESS = 1024
+J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED, J_SESS = (
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -98,8 +100,7 @@ class Relay:
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse",
-                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
-                 "on_handed_cb")
+                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -128,7 +129,6 @@ class Relay:
         # Bound once: a watcher started with the same callback object costs no allocation.
         self.on_client_cb = self._on_client
         self.on_server_cb = self._on_server
-        self.on_handed_cb = self._on_handed
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -143,51 +143,83 @@ class Relay:
     def status(self) -> int:
         return self.step.status
 
-    # -- the greenlet: start, slow jobs, end -----------------------------------
+    # -- greenlets: start, slow jobs, end -----------------------------------------
 
-    def run(self) -> None:
-        """Relay until the client leaves; the finally clause returns or closes the server."""
+    def start(self) -> None:
+        """Start relaying, in the client's login greenlet, which then ends: from here
+        the relay lives in loop callbacks, and a greenlet exists only while a job runs
+        (an idle client holds none: a parked greenlet costs ~7 KB)."""
         self.glet = getcurrent()
         early = self.cs.take_buffered()
+        job = 0
         try:
-            job = 0
             if early:
                 self._borrow()
                 self.step.cbuf[:len(early)] = early
                 self.step.cend = len(early)
                 job = self.client_events(self.step.client_start())
-            while True:
-                while job:
-                    job = self._do(job)
-                    if job == J_END:
-                        return
-                job = self._park()
-        except ClientKill as exc:
-            self.client.fatal(exc.sqlstate, str(exc))
-        except PoolError as exc:
-            self.client.fatal(exc.sqlstate, str(exc))
-        except ConnectionClosed:
-            pass
-        except protocol.ProtocolError as exc:
-            self.client.fatal("08P01", str(exc))
-        finally:
-            self.ended = True
-            self._leave_queue()
-            self._disarm()
-            self.step.cend = 0
-            self.give_back()
-            if self.synced is not None:
-                self.pool.release(self.synced)
-                self.synced = None
-            self.unlink_at_exit()
+        except BaseException as exc:
+            self._fail(exc)
+            relayexit.end(self)
+            return
+        self._work(job)
 
-    def _park(self) -> int:
-        """Arm the watchers and wait in the hub until a callback hands over a job."""
+    def _spawn(self, job: int) -> None:
+        """From a loop callback (watchers disarmed): run `job` in a new greenlet."""
+        g = self.glet = greenlet(self._work, self.hub)
+        g.switch(job)
+
+    def _work(self, job: int) -> None:
+        """Run jobs in this greenlet until none is left, then arm the watchers and let
+        the greenlet end (the relay goes on in callbacks); or end the relay."""
+        ended = True
+        try:
+            while job:
+                job = self._do(job)
+                if job == J_END:
+                    return
+            self.glet = None
+            self._arm()
+            ended = False
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            if ended:
+                relayexit.end(self)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Tell the client why it is closed (as its greenlet's handlers did)."""
+        if isinstance(exc, (ConnectionClosed, GreenletExit)):
+            return
+        if isinstance(exc, PoolerError):     # ClientKill, PoolError, ProtocolError, ...
+            self.client.fatal(exc.sqlstate, exc.message)
+            return
+        if not isinstance(exc, Exception):
+            raise exc
+        self.client.internal_error(exc)
+
+    def kill(self, exc: BaseException) -> None:
+        """Disconnect the client with `exc` (a ClientKill, a PoolError), from any greenlet."""
+        self.hub.loop.run_callback(self._kill_now, exc)
+
+    def _kill_now(self, exc: BaseException) -> None:
+        if self.ended:
+            return
+        g = self.glet
+        if g is not None:                # a job (or the start) is running: raise there
+            if not g.dead:
+                g.throw(exc)
+            return
+        self.exc = exc
+        self._disarm()
+        self._spawn(J_RAISE)
+
+    def _arm(self) -> None:
+        """Start the watchers: the steady state's callbacks take over."""
         self.cs.rw.start(self.on_client_cb)
         srv = self.server
         if srv is not None:
             srv.stream.rw.start(self.on_server_cb)
-        return self.hub.switch()
 
     def _disarm(self) -> None:
         disarm(self.cs.rw)
@@ -256,7 +288,7 @@ class Relay:
             job = J_RAISE
         if job:
             self._disarm()
-            self.glet.switch(job)
+            self._spawn(job)
 
     def _on_server(self) -> None:
         try:
@@ -266,7 +298,7 @@ class Relay:
             job = J_RAISE
         if job:
             self._disarm()
-            self.glet.switch(job)
+            self._spawn(job)
 
     def _on_handed(self, srv: "ServerConn | None") -> None:
         """The pool handed this queued client a server (None: retry via acquire())."""
@@ -292,7 +324,7 @@ class Relay:
             job = J_RAISE
         if job:
             self._disarm()
-            self.glet.switch(job)
+            self._spawn(job)
 
     def _leave_queue(self) -> None:
         w, self.waiter = self.waiter, None
@@ -319,7 +351,7 @@ class Relay:
                         # Wait as a callback: the releasing client's callback hands
                         # the server over (_on_handed), no greenlet switch either way.
                         self.client.state = ClientState.WAITING
-                        self.waiter = pool.enqueue(self.client, self.on_handed_cb, self.glet)
+                        self.waiter = pool.enqueue(self.client, self._on_handed)
                         disarm(self.cs.rw)
                         return 0
                     return J_LINK
@@ -556,9 +588,6 @@ class Relay:
             step.want_z = bool(srv.stmts.expect)
         self.xact_start = self.query_start = monotonic()
 
-    def unlink_now(self) -> None:
-        self._unlink(monotonic())
-
     def _unlink(self, now: float) -> None:
         """Return a clean server to the pool (transaction / statement mode)."""
         srv = self.server
@@ -568,33 +597,3 @@ class Relay:
         self.client.state = IDLE
         self.stats.xact_time += now - self.xact_start
         self.pool.release(srv, now)
-
-    def unlink_at_exit(self) -> None:
-        """The client is gone: reuse its server only if it is at a clean boundary."""
-        step = self.step
-        step.flush_stats(self.stats)
-        srv = self.server
-        if srv is None:
-            return
-        self.server = None
-        step.unlink()
-        clean = (step.send == step.recv and step.status == STATUS_IDLE and not step.unsynced
-                 and not step.c_skip and not step.s_skip and not step.skept and not srv.closed
-                 and step.pending is None)
-        if self.mode != SESSION:         # a busy server is recovered if it can be
-            clean = recovery.give_back(self, srv, clean)
-        if not clean:
-            if (step.send != step.recv or step.unsynced) and not srv.closed:
-                srv.cancel()     # so the backend stops the abandoned query (query_timeout too)
-            self.pool.discard(srv, "client disconnected while server was not ready")
-            return
-        reset = self.pool.cfg.server_reset_query
-        if reset and (self.mode == SESSION or self.pool.cfg.server_reset_query_always):
-            try:
-                srv.run(reset)
-                srv.stmts.clear()
-                sessionstate.after_reset_query(srv, reset)
-            except Exception as exc:
-                self.pool.discard(srv, f"server_reset_query failed: {exc}")
-                return
-        self.pool.release(srv)

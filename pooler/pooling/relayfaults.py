@@ -118,7 +118,7 @@ def refuse_input(relay: "Relay") -> None:
 def settle(relay: "Relay") -> None:
     """End what the server was sent (CopyFail for a COPY IN, Sync for an open extended
     batch, ROLLBACK of an open transaction), forwarding its answers, so it goes back
-    to the pool clean; on timeout unlink_at_exit closes it instead."""
+    to the pool clean; on timeout relayexit.return_server closes it instead."""
     srv, step = relay.server, relay.step
     if srv is None or srv.closed:
         return

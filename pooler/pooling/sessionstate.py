@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import TYPE_CHECKING
 
 from pooler.wire import protocol
@@ -76,18 +77,22 @@ _PROBE_PINS = (
 _FIRST = ("session_authorization", "role")
 
 
+_NONE: dict[str, str] = {}   # shared by every client without SET values: never changed
+
+
 class ClientSession:
-    """One client's session state beyond the tracked parameters."""
+    """One client's session state beyond the tracked parameters (small when unused:
+    an idle client's memory counts)."""
     __slots__ = ("settings", "key", "pin", "custom")
 
     def __init__(self) -> None:
-        self.settings: dict[str, str] = {}   # name (as pg_settings spells it) -> value
+        self.settings: dict[str, str] = _NONE   # name (as pg_settings spells it) -> value
         self.key: tuple = ()                 # settings as a comparable value (in Client.tsig)
         self.pin = ""                        # why the server stays linked ("" : it does not)
-        self.custom: set[str] = set()        # custom (dotted) names the client has set
+        self.custom: set[str] | None = None  # custom (dotted) names the client has set
 
     def set_settings(self, settings: dict[str, str]) -> None:
-        self.settings = settings
+        self.settings = settings or _NONE
         self.key = tuple(sorted(settings.items()))
 
 
@@ -115,8 +120,11 @@ def note_text(session: ClientSession, text: str) -> None:
     names = [".".join(_canon_part(p) for p in re.findall(_PART, m)) for m in _CUSTOM_SET.findall(s)]
     names += [m.replace("''", "'").lower() for m in _CUSTOM_CALL.findall(s)]
     for name in names:
-        if len(session.custom) < MAX_CUSTOM and _CUSTOM_NAME.fullmatch(name):
-            session.custom.add(name)
+        if _CUSTOM_NAME.fullmatch(name):
+            if session.custom is None:
+                session.custom = set()
+            if len(session.custom) < MAX_CUSTOM:
+                session.custom.add(name)
 
 
 # One statement with an effect that ends with the transaction: no read-back needed.
@@ -218,15 +226,20 @@ def read_back(client: "Client", srv: "ServerConn") -> str:
     rows = query_rows(srv, probe_sql(pool.server_user, sorted(canon), client.session.custom, pins))
     settings: dict[str, str] = {}
     reasons: list[str] = []
-    tparams = client.tparams
+    tparams, copied = client.tparams, False
     for kind, name, value in rows:
         if kind == "p":
             reasons.append(name)
         elif kind == "t" or name.lower() in canon:
             cname = canon.get(name.lower())
-            if cname is not None and kind == "t" and cname in tparams:
+            if cname is None or kind != "t" or cname not in tparams:
+                continue
+            srv.params[cname] = value
+            if tparams[cname] != value:
+                if not copied:                   # shared between clients: copy first
+                    tparams = client.tparams = dict(tparams)
+                    copied = True
                 tparams[cname] = value
-                srv.params[cname] = value
         else:
             settings[name] = value
     client.session.set_settings(settings)
@@ -289,5 +302,5 @@ def at_release(relay: "Relay") -> bool:
         log.info("C-%d %r pin: %s", client.id, srv, pin or "released")
     client.session.pin = pin
     if not pin:
-        relay.unlink_now()
+        relay._unlink(time.monotonic())
     return True

@@ -21,8 +21,10 @@ from pooler.pooling.client import Client
 from pooler.pooling.params import tracked_names
 from pooler.config.model import Config, Route
 from pooler.pooling.pool import LocalQuota, Pool
+from pooler.pooling.prelogin import Arrivals
 from pooler.pooling.relay import STATUS_IDLE, ClientKill
 from pooler.pooling.clientstate import ClientState
+from pooler.config.settings import ADMIN_DB
 
 log = logging.getLogger("pooler.worker")
 JANITOR_PERIOD = 0.5
@@ -52,10 +54,14 @@ class Worker:
         # layer that assembles the pooler (proc/); None: no console (a bare worker).
         self.admin = None
         self.auth_query = AuthQuery(self)  # auth_user / auth_query lookups and their cache
+        self.peer_pools = peering.PeerPools()   # cancel requests on their way to peers
         self.userlist: dict[str, str] = {}
         self._scram_cache: dict[str, str] = {}
         self.tracked: tuple[str, ...] = ()
         self.tracked_canon: dict[str, str] = {}
+        self._tracked_shared: dict[tuple, tuple[dict, tuple]] = {}   # shared_tracked()
+        # Connections whose first packet is not whole yet: no greenlet, no Client.
+        self.arrivals = Arrivals(self._spawn_login, cfg.client_login_max_pending)
         self.shutting_down = False
         self.stop_level = 0                  # STOP_* of the shutdown under way; 0: serving
         self._stopper: gevent.Greenlet | None = None
@@ -86,6 +92,7 @@ class Worker:
         self.tracked = tracked_names(cfg.track_extra_parameters)
         self.tracked_canon = {p.lower(): p for p in self.tracked}
         self.client_timeouts_on = cfg.any_client_timeout()
+        self.arrivals.max_pending = cfg.client_login_max_pending
         for key, pool in list(self.pools.items()):
             route = cfg.route(pool.name, pool.user)     # the pool's user: its [users] entry
             if route is None:
@@ -138,6 +145,20 @@ class Worker:
 
     # -- clients ------------------------------------------------------------------
 
+    def shared_tracked(self, tparams: dict[str, str | None]) -> tuple[dict, tuple]:
+        """(tracked parameters, their values' tuple) as one shared pair per distinct
+        set of values: an application's 10,000 clients hold one dict between them.
+        Clients never change the shared dict (Client.on_parameter_status copies)."""
+        key = tuple(tparams.items())
+        hit = self._tracked_shared.get(key)
+        if hit is None:
+            if len(self._tracked_shared) >= 4096:     # many distinct sets: just stop sharing old ones
+                self._tracked_shared.clear()
+            # The signature's last element is the client's SET settings (Client.signature,
+            # sessionstate.py): none at login.
+            hit = self._tracked_shared[key] = (tparams, (*tparams.values(), ()))
+        return hit
+
     def try_add_client(self, client: Client) -> bool:
         """max_client_conn counts every worker's clients (in shared memory, prefork)."""
         if self.peers is not None:
@@ -162,15 +183,16 @@ class Worker:
         client.db_client_key = key
         return True
 
-    def admit_user_client(self, client: Client) -> bool:
+    def admit_user_client(self, client: Client, exempt: bool = False) -> bool:
         """max_user_client_connections of the client's login user, counted over every
         worker by the quota (shared memory with several workers). Users without a cap
-        are not counted at all, so that logins cost nothing extra by default."""
+        are not counted at all, so that logins cost nothing extra by default. An
+        `exempt` client (an admin user on the console) is counted, never refused."""
         cap = self.cfg.user_client_limit(client.user)
         if not cap:
             return True
         key = ("user_clients", client.user)
-        if not self.quota.try_admit(key, cap):
+        if not self.quota.try_admit(key, 0 if exempt else cap):
             return False
         client.user_client_key = key
         return True
@@ -198,7 +220,7 @@ class Worker:
         if self.cfg.peer_id:
             owner = peering.peer_of(pid)
             if owner != self.cfg.peer_id:
-                peering.forward(self.cfg, owner, pid, key)
+                peering.forward(self.cfg, owner, pid, key, self.peer_pools)
                 return
             key = peering.as_issued(key)        # forwarded ones arrive with a lower TTL
         if not self.cancel_local(pid, key) and self.peers is not None:
@@ -248,30 +270,41 @@ class Worker:
         return secret
 
     def handle(self, gsock, addr) -> None:
+        """A new connection, in the hub (the listener spawns no greenlet): it gets one
+        when its first packet is whole (prelogin.Arrivals)."""
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "unix"
-        stream = netio.Stream(netio.raw_from_gevent(gsock), peer)
-        Client(self, stream, peer).serve()
+        self.arrivals.accept(netio.Stream(netio.raw_from_gevent(gsock), peer), peer)
+
+    def _spawn_login(self, stream: netio.Stream, peer: str, arrived: float) -> None:
+        gevent.spawn(self._login, stream, peer, arrived)
+
+    def _login(self, stream: netio.Stream, peer: str, arrived: float) -> None:
+        Client(self, stream, peer, arrived).serve()
 
     # -- running --------------------------------------------------------------------
 
     def start(self) -> None:
         for sock in self.listeners:
-            server = StreamServer(sock, self.handle)
+            server = StreamServer(sock, self.handle, spawn=None)
             server.max_accept = self.max_accept
             server.start()
             self.servers.append(server)
         gevent.spawn(self._janitor)
         log.info("worker %d listening", self.worker_id)
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, keep_unix: bool = False) -> None:
         """Close the listeners: with several workers the master closes its copies
-        too, so the kernel refuses new connections at once."""
+        too, so the kernel refuses new connections at once. `keep_unix`: as PgBouncer
+        does while shutting down, the Unix socket stays open, so an operator can still
+        reach the admin console (other logins are refused: Client._login)."""
         for server in self.servers:
-            server.close()
+            sock = getattr(server, "socket", None)        # gone once closed
+            if sock is not None and not (keep_unix and sock.family == socket.AF_UNIX):
+                server.close()
 
     def close_clients(self, sqlstate: str, message: str) -> None:
         for client in list(self.clients):
-            client.glet.kill(ClientKill(sqlstate, message), block=False)
+            client.kill(ClientKill(sqlstate, message))
 
     def _janitor(self) -> None:
         while True:
@@ -294,6 +327,7 @@ class Worker:
             if pool.route.min_pool_size and pool.total < pool.route.min_pool_size:
                 gevent.spawn(pool.fill_min)
         self.auth_query.maintain(now)
+        self.arrivals.expire(now, self.cfg.client_login_timeout)
         self._client_timeouts(now)
 
     def _client_timeouts(self, now: float) -> None:
@@ -303,7 +337,7 @@ class Worker:
             reason = self._timeout_reason(client, now)
             if reason:
                 log.info("C-%d %s closing because: %s", client.id, client._who(), reason[1])
-                client.glet.kill(ClientKill(*reason), block=False)
+                client.kill(ClientKill(*reason))
 
     def _timeout_reason(self, client: Client, now: float) -> tuple[str, str] | None:
         relay = client.relay
@@ -343,7 +377,7 @@ class Worker:
         transaction boundary. Whatever is left at the bound (or at STOP_NOW) is
         closed with 57P01."""
         self.shutting_down = True
-        self.stop_accepting()
+        self.stop_accepting(keep_unix=True)
         limit = self.cfg.shutdown_timeout
         deadline = time.monotonic() + limit if limit else math.inf      # 0: no bound
         drain_at = deadline - min(DRAIN_WINDOW, limit / 2) if limit else math.inf
@@ -359,12 +393,14 @@ class Worker:
                     draining = True
                     self._start_draining()
                 self._close_unlinked_clients()
-                if not self.clients:
-                    break
-            elif not any(c.state != ClientState.ADMIN for c in list(self.clients)):
+            # Console sessions stay usable until the end (PgBouncer's); they never hold
+            # a shutdown up: it ends when the other clients are gone.
+            if not any(not _on_console(c) for c in list(self.clients)):
                 break
             gevent.sleep(0.05)
+        self.stop_accepting()
         self.close_clients("57P01", "pooler is shutting down")
+        self.arrivals.close_all()
         gevent.sleep(0.05)
         for pool in self.pools.values():
             pool.close_all("pooler shutdown")
@@ -381,15 +417,25 @@ class Worker:
     def _close_unlinked_clients(self) -> None:
         """Clients between transactions can go now (session clients keep their server),
         and so can clients parked waiting for a server: their transaction has not begun.
-        Admin console sessions hold no transaction either."""
+        Console sessions stay (see _shutdown). Connections that have not sent their
+        startup packet go at the end (the login refuses all but the console meanwhile)."""
         for client in list(self.clients):
             relay = client.relay
-            if client.state in (ClientState.LOGIN, ClientState.ADMIN) or (relay is not None and relay.server is None and
-                                           (client.state != ClientState.WAITING or self._parked(client))):
-                client.glet.kill(ClientKill("57P01", "pooler is shutting down"), block=False)
+            if _on_console(client):
+                continue
+            between = relay is not None and relay.server is None and (
+                client.state != ClientState.WAITING or self._parked(client))
+            if client.state == ClientState.LOGIN or between:
+                client.kill(ClientKill("57P01", "pooler is shutting down"))
 
     @staticmethod
     def _parked(client: Client) -> bool:
         """Waiting in the pool's queue (not in the middle of opening a server)."""
         pool = client.pool
         return pool is not None and any(w.client is client and not w.done for w in pool.waiters)
+
+
+def _on_console(client: Client) -> bool:
+    """An admin console session, or a login to it (the database is known from the startup packet)."""
+    return client.state == ClientState.ADMIN or (client.state == ClientState.LOGIN and
+                                                 client.database == ADMIN_DB)

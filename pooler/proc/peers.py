@@ -185,6 +185,7 @@ class Peers:
         if not mine and not seg.total_waiting():
             return False
         self._give_back(now)
+        self._share_fairly()
         self._retry_waiters()
         return True
 
@@ -251,6 +252,24 @@ class Peers:
             if victims:
                 seg.worker_add(self.me, shm.W_HANDOFF_GIVEN, len(victims))
 
+    def _share_fairly(self) -> None:
+        """A worker whose own clients queue hands every released server to them, so
+        it never has a spare idle one: clients of the same pool waiting in another
+        worker would wait for ever (they can only open a server under the global
+        pool_size). Such a pool owes back what it holds over an equal share between
+        the workers that wait for it, paid at its next releases (Pool.owe_back)."""
+        seg, me = self.seg, self.me
+        for pool in list(self.worker.pools.values()):
+            owe = 0
+            slot = self.quota.slot(pool.pool_key)
+            if pool.waiters and not pool.paused and slot is not None:
+                others = sum(1 for w in self.live_workers()
+                             if w != me and seg.q[seg.waiting_index(w, slot)] > 0)
+                if others:
+                    share = max(1, pool.route.pool_size // (others + 1))
+                    owe = max(0, pool.total - share)
+            pool.owe_back = owe
+
     def _wanted_slots(self, pool) -> list[tuple[int, int]]:
         """(slot, cap) of this pool's capped keys on which someone waits."""
         out = []
@@ -297,4 +316,5 @@ def pool_stat_values(pool, now: float) -> list[int]:
             g.sv_login, int(g.maxwait * us), pool.route.pool_size,
             s.xact_count, s.query_count, s.bytes_in, s.bytes_out, int(s.xact_time * us),
             int(s.query_time * us), int(s.wait_time * us), int(s.max_wait * us),
-            s.prepared.client_parses, s.prepared.server_parses, s.prepared.binds]
+            s.prepared.client_parses, s.prepared.server_parses, s.prepared.binds,
+            s.client_logins]

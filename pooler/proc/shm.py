@@ -72,7 +72,7 @@ STAT_FIELDS = ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv
                "maxwait_us", "pool_size",
                "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time_us",
                "query_time_us", "wait_time_us", "max_wait_us", "client_parses", "server_parses",
-               "binds")
+               "binds", "client_logins")
 FIRST_CUMULATIVE = STAT_FIELDS.index("xact_count")
 NSTAT = 20                                    # fields reserved per record (room to grow)
 

@@ -46,7 +46,7 @@ class Stream:
         self.hub = get_hub()
         loop = self.hub.loop
         self.rw = loop.io(self.fd, READ)
-        self.ww = loop.io(self.fd, WRITE)
+        self.ww = None            # made when a send first has to wait (most never do)
         self.rbuf = bytearray()   # bytes read by read_message() but not yet consumed
         self.closed = False
         self.peer = peer
@@ -99,8 +99,11 @@ class Stream:
         if n == len(data):
             return
         view = memoryview(data)[n:]
+        ww = self.ww
+        if ww is None:
+            ww = self.ww = self.hub.loop.io(self.fd, WRITE)
         while view:
-            self.hub.wait(self.ww)
+            self.hub.wait(ww)
             try:
                 n = sock.send(view)
             except (BlockingIOError, InterruptedError):
@@ -131,7 +134,8 @@ class Stream:
             return
         self.closed = True
         self.rw.close()
-        self.ww.close()
+        if self.ww is not None:
+            self.ww.close()
         try:
             self.sock.close()
         except OSError:
