@@ -15,7 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from pooler.pooling.pool import shown_state
+from pooler.pooling.waiter import shown_state
 
 if TYPE_CHECKING:
     from pooler.pooling.client import Client

@@ -236,7 +236,7 @@ class Client:
             self._welcome(self.worker.admin.welcome_params())
             return
         # The pool's settings depend on its user too ([users]): resolve with the login user.
-        route = cfg.route(self.database, self.user)
+        route = self.worker.route(self.database, self.user)
         if route is None:
             raise LoginFailed("3D000", f"no such database: {self.database}")
         if route.name in self.worker.disabled_dbs:
@@ -259,9 +259,7 @@ class Client:
         self.tparams, self.tsig = self.worker.shared_tracked(self._initial_tracked(startup))
         if cfg.log_connections:
             log.info("C-%d %s login attempt: db=%s user=%s", self.id, self._who(), self.database, self.user)
-        values = dict(self.pool.welcome)
-        values.update({k: v for k, v in self.tparams.items() if v is not None})
-        self._welcome(values)
+        self._welcome(self.pool.welcome_messages(self.tparams, self.tsig))
 
     def _admit_db(self, database: str, cap: int, exempt: bool = False) -> None:
         if not self.worker.admit_db_client(self, database, cap, exempt):
@@ -293,12 +291,17 @@ class Client:
         srv = self.pool.acquire(self)
         self.pool.release(srv)
 
-    def _welcome(self, values: dict[str, str]) -> None:
+    def _welcome(self, params: dict[str, str] | bytes) -> None:
+        """AuthenticationOk, the ParameterStatus messages (prebuilt bytes, or values),
+        BackendKeyData, the login notice, ReadyForQuery."""
         pid, key = peering.new_cancel_key(self.cfg.peer_id)   # peer_id in it when peering
         self.cancel_key = (pid, key)
         self.worker.register_cancel_key(self)
         out = [protocol.auth_ok()]
-        out += [protocol.parameter_status(k, v) for k, v in values.items()]
+        if isinstance(params, bytes):
+            out.append(params)
+        else:
+            out += [protocol.parameter_status(k, v) for k, v in params.items()]
         out.append(protocol.backend_key_data(pid, key))
         if self.cfg.login_notify_message:     # after the key, before ReadyForQuery: PgBouncer's place
             out.append(protocol.notice_response(self.cfg.login_notify_message))

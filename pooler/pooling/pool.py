@@ -12,14 +12,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from gevent import getcurrent
 from gevent.hub import get_hub
 
+from pooler.wire import protocol
 from pooler.config.model import Config, Route
 from pooler.pooling.clientstate import ClientState
 from pooler.pooling.prepared import Counters
 from pooler.pooling.server import ServerConn, ServerError
 from pooler.errors import PoolerError
+from pooler.pooling.waiter import Waiter
 
 if TYPE_CHECKING:
     from pooler.pooling.worker import Worker
@@ -29,36 +30,6 @@ log = logging.getLogger("pooler.pool")
 
 class PoolError(PoolerError):
     """A client cannot get a server (PgBouncer-style text)."""
-
-
-class LocalQuota:
-    """Server-connection budget for one process: per pool, per database, per user."""
-
-    def __init__(self) -> None:
-        self.counts: dict[object, int] = {}
-
-    def try_claim(self, keys: list[tuple[object, int]]) -> bool:
-        """Claim one connection under every (key, cap) pair, or none (cap 0 = unlimited)."""
-        counts = self.counts
-        for key, cap in keys:
-            if cap and counts.get(key, 0) >= cap:
-                return False
-        for key, _ in keys:
-            counts[key] = counts.get(key, 0) + 1
-        return True
-
-    def try_admit(self, key: object, cap: int) -> bool:
-        """Count one client under `key` (max_user_client_connections), within `cap`."""
-        return self.try_claim([(key, cap)])
-
-    def release(self, keys: list[tuple[object, int]]) -> None:
-        counts = self.counts
-        for key, _ in keys:
-            counts[key] = counts.get(key, 1) - 1
-
-    def count(self, key: object) -> int:
-        """Connections held under `key` now."""
-        return self.counts.get(key, 0)
 
 
 class Stats:
@@ -76,38 +47,6 @@ class Stats:
         self.prepared = Counters()
         # recovery.py: servers given back after their client left them busy, and not
         self.recovered_xacts = self.recovered_queries = self.recovery_failures = 0
-
-
-class Waiter:
-    """A client parked until a server is handed to it: a greenlet blocked in
-    acquire() (`glet`), or (with `cb`) a relay whose loop callback takes the server
-    without a greenlet switch (no greenlet at all: `glet` is None)."""
-    __slots__ = ("glet", "since", "client", "done", "cb")
-
-    def __init__(self, client, cb: Callable | None = None) -> None:
-        self.glet = getcurrent() if cb is None else None
-        self.since = time.monotonic()
-        self.client = client
-        self.done = False
-        self.cb = cb
-
-    def fail(self, hub, exc: BaseException) -> None:
-        """The wait is over with an error (query_wait_timeout): raise it in the waiter."""
-        if self.glet is not None:
-            hub.loop.run_callback(self.glet.throw, exc)
-        else:
-            self.client.kill(exc)
-
-
-def shown_state(client) -> ClientState:
-    """The state SHOW CLIENTS and SHOW POOLS count `client` in. A client joins its pool
-    once authenticated; if it is still in LOGIN then, it waits for the pool's first
-    server (whose parameters it is greeted with): PgBouncer's "waiting for login",
-    shown and counted as waiting."""
-    state = client.state
-    if state == ClientState.LOGIN and client.pool is not None:
-        return ClientState.WAITING
-    return state
 
 
 # The states a pool's client is in while it waits for a server (see shown_state).
@@ -148,6 +87,7 @@ class Pool:
         self.clients: set = set()
         self.stats = Stats()
         self.welcome: dict[str, str] | None = None   # server ParameterStatus values for new clients
+        self._welcome_msgs: dict[tuple, bytes] = {}   # welcome_messages(), by tracked values
         self.last_login_failure: tuple[float, str] | None = None
         self.login_down = False     # that failure passes (PostgreSQL down/restarting)
         self.paused = False
@@ -381,6 +321,7 @@ class Pool:
             self.wake_waiters(len(self.waiters))     # back up: everyone waiting retries
         if self.welcome is None:
             self.welcome = dict(srv.params)
+            self._welcome_msgs.clear()
         log.info("S-%d %s@%s new connection to server (%s)", srv.id, self.server_user, self.name, srv.addr)
         self.active.add(srv)
         return srv
@@ -553,11 +494,26 @@ class Pool:
             srv.close_needed = True
         self.close_all(reason)
 
+    def welcome_messages(self, tparams: dict[str, str | None], tsig: tuple) -> bytes:
+        """The ParameterStatus messages a new client is greeted with: the server's
+        values with the client's tracked ones over them, built once per set of
+        tracked values (`tsig`, the values of `tparams`) rather than per login."""
+        msgs = self._welcome_msgs.get(tsig)
+        if msgs is None:
+            values = dict(self.welcome or {})
+            values.update({k: v for k, v in tparams.items() if v is not None})
+            msgs = b"".join(protocol.parameter_status(k, v) for k, v in values.items())
+            if len(self._welcome_msgs) >= 256:
+                self._welcome_msgs.clear()
+            self._welcome_msgs[tsig] = msgs
+        return msgs
+
     def reconfigure(self, cfg: Config, route: Route) -> None:
         """A reload: new limits (and quota caps) for the servers opened from now on. If the
         entry now leads elsewhere (PgBouncer: its connection string changed), the servers
         opened the old way are closed as above, so new transactions reach the new target."""
         moved = route.target() != self.route.target()
+        self._welcome_msgs.clear()          # the tracked parameters may have changed
         self.cfg = cfg
         self.route = route
         self._quota_keys = self._make_quota_keys()

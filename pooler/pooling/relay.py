@@ -165,7 +165,15 @@ class Relay:
         self._work(job)
 
     def _spawn(self, job: int) -> None:
-        """From a loop callback (watchers disarmed): run `job` in a new greenlet."""
+        """From a loop callback (watchers disarmed): run `job` in a new greenlet. A
+        client that leaves with no server linked is ended right here: nothing in
+        that can block, and a greenlet per disconnect costs what a login saves."""
+        if job == J_END and self.server is None and self.synced is None:
+            try:
+                relayexit.end(self)
+            except Exception:            # never into the hub's loop
+                log.exception("C-%d closing failed", self.client.id)
+            return
         g = self.glet = greenlet(self._work, self.hub)
         g.switch(job)
 

@@ -20,7 +20,8 @@ from pooler.version import version_line
 from pooler.pooling.client import Client
 from pooler.pooling.params import tracked_names
 from pooler.config.model import Config, Route
-from pooler.pooling.pool import LocalQuota, Pool
+from pooler.pooling.localquota import LocalQuota
+from pooler.pooling.pool import Pool
 from pooler.pooling.prelogin import Arrivals
 from pooler.pooling.relay import STATUS_IDLE, ClientKill
 from pooler.pooling.clientstate import ClientState
@@ -92,6 +93,7 @@ class Worker:
         self.tracked = tracked_names(cfg.track_extra_parameters)
         self.tracked_canon = {p.lower(): p for p in self.tracked}
         self.client_timeouts_on = cfg.any_client_timeout()
+        self._routes: dict[tuple[str, str], Route | None] = {}   # route(), for this cfg
         self.arrivals.max_pending = cfg.client_login_max_pending
         for key, pool in list(self.pools.items()):
             route = cfg.route(pool.name, pool.user)     # the pool's user: its [users] entry
@@ -99,6 +101,20 @@ class Worker:
                 pool.close_all("database removed from config")
                 continue
             pool.reconfigure(cfg, route)
+
+    def route(self, database: str, user: str) -> Route | None:
+        """cfg.route(), remembered per (database, user) until the config changes: a
+        login storm resolves each pair once."""
+        key = (database, user)
+        routes = self._routes
+        try:
+            return routes[key]
+        except KeyError:
+            pass
+        if len(routes) >= 4096:
+            routes.clear()
+        route = routes[key] = self.cfg.route(database, user)
+        return route
 
     def scram_secret_for(self, secret: str) -> str:
         """A SCRAM secret for a userlist entry, derived once per plaintext password.
