@@ -257,7 +257,7 @@ class Relay:
             if not job & J_END and not sessionstate.at_release(self):
                 job |= J_LOST
         if job & J_REFUSE:
-            self._refuse_transaction()
+            relayfaults.refuse_transaction(self)
             job &= ~J_REFUSE
         if job & J_LOST:
             if not relayfaults.server_lost(self):
@@ -550,22 +550,6 @@ class Relay:
         srv.view.release()
         srv.buf, srv.view = bigger, memoryview(bigger)
         step.sbuf, step.sview = srv.buf, srv.view
-
-    def _refuse_transaction(self) -> None:
-        """Statement mode: a statement opened a transaction. Roll it back, tell the client."""
-        srv = self.server
-        try:
-            srv.run("ROLLBACK")
-        except Exception:
-            self.server = None
-            self.step.unlink()
-            self.pool.discard(srv, "rollback failed in statement mode")
-            raise ClientKill("08P01", "server connection lost while refusing a transaction")
-        self.step.status = STATUS_IDLE
-        self.cs.sendall(protocol.error_response(
-            "0A000", "transaction blocks not allowed in statement pooling mode") +
-            protocol.ready_for_query(b"I"))
-        self._unlink(monotonic())
 
     # -- linking ------------------------------------------------------------------
 

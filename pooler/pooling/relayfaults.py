@@ -1,14 +1,17 @@
-"""The relay's slow paths for faults: a server lost under a client, and client input
-the pooler refuses. They run in the client's greenlet (relay.py's jobs J_LOST,
-J_FAILED, J_BAD) and may block; the steady state never comes here."""
+"""The relay's slow paths for faults: a server lost under a client, client input the
+pooler refuses, a transaction statement mode refuses. They run in the client's
+greenlet (relay.py's jobs J_LOST, J_FAILED, J_BAD, J_REFUSE) and may block; the
+steady state never comes here."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import gevent
 
 from pooler.wire import protocol
+from pooler.errors import PoolerError
 from pooler.pooling import relaystep
 from pooler.pooling.clientstate import ClientState
 from pooler.pooling.lostserver import FailedBlock, lost_error
@@ -137,3 +140,22 @@ def settle(relay: "Relay") -> None:
         if relay.server is not None and step.status != STATUS_IDLE and not step.skept:
             srv.run("ROLLBACK")
             step.status = STATUS_IDLE
+
+
+# -- statement pooling ----------------------------------------------------------------
+
+def refuse_transaction(relay: "Relay") -> None:
+    """Statement mode: a statement opened a transaction. Roll it back, tell the client."""
+    srv = relay.server
+    try:
+        srv.run("ROLLBACK")
+    except Exception:
+        relay.server = None
+        relay.step.unlink()
+        relay.pool.discard(srv, "rollback failed in statement mode")
+        raise PoolerError("08P01", "server connection lost while refusing a transaction")
+    relay.step.status = STATUS_IDLE
+    relay.cs.sendall(protocol.error_response(
+        "0A000", "transaction blocks not allowed in statement pooling mode") +
+        protocol.ready_for_query(b"I"))
+    relay._unlink(time.monotonic())
