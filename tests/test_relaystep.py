@@ -160,7 +160,8 @@ def test_unsynced_extended_batch_keeps_the_server(mk, impl):
 
 
 def test_message_split_across_reads_is_forwarded_in_pieces(mk, impl):
-    link = mk()
+    # Session mode: transaction pooling awaits a Query whole (test_session_text_...).
+    link = mk(mode=impl.SESSION)
     link.link()
     big = m(b"Q", b"x" * 1000 + b"\0")
     assert link.client(big[:3]) == impl.EV_DONE
@@ -414,3 +415,64 @@ def test_flush_stats(mk, impl):
     link.step.flush_stats(s)
     assert (s.query_count, s.xact_count, s.bytes_in, s.bytes_out) == (1, 1, len(Q), len(ROWS + Z_I))
     assert link.step.queries == 0
+
+
+# ----------------------------------------------------------- session statements (sessionstate.py)
+
+SESSION_TEXTS = [
+    (b"SET work_mem = '8MB'", True), (b"  \n\treset ALL", True), (b"select 1", False),
+    (b"select 1;", False), (b"select 1 ;  ", False), (b"SELECT 1; SET x.y = 1", True),
+    (b"/* c */ select 1", True), (b"-- c\nselect 1", True), (b"SELECT pg_advisory_lock(1)", True),
+    (b"select set_config('a.b', 'c', false)", True), (b"BEGIN", False), (b"ROLLBACK", False),
+    (b"DELETE FROM t", False), (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", True),
+    (b"discard all", True), (b"CREATE TEMP TABLE t (x int)", True), (b"close c", True),
+    (b"drop table t", True), (b"listen ch", True), (b"UNLISTEN *", True),
+    (b"PREPARE q AS SELECT 1", True), (b"DEALLOCATE q", True), (b"END", False), (b"", False),
+    (b"select 'a;b'", True),           # a ';' inside a literal: looked at, harmlessly
+]
+
+
+@pytest.mark.parametrize("text,hit", SESSION_TEXTS)
+def test_session_text_is_the_same_in_both_twins(impl, text, hit):
+    q = bytearray(b"Qxxxx" + text + b"\0")
+    assert impl.session_text(q, 5, len(q), True, False) is hit
+    assert impl.session_text(q, 5, len(q), False, False) is True     # not all there: a hit
+    p = bytearray(b"Pxxxxs1\0" + text + b"\0\0\x01\0\0\0\x3b")      # an OID byte ';' after it
+    assert impl.session_text(p, 5, len(p), True, True) is hit
+    assert impl.session_text(p, 5, len(p), False, True) is hit       # its text ends in view
+
+
+def test_session_statement_is_reported_and_ordinary_ones_are_not(mk, impl):
+    link = mk()
+    link.link()
+    assert link.client(Q) == impl.EV_DONE and not link.step.sess_seen
+    s = m(b"Q", b"SET work_mem = 1\0")
+    assert link.client(Q + s + Q) == impl.EV_SESSION
+    st = link.step
+    assert st.sess_hit and bytes(link.cbuf[st.msg:st.mend]) == s
+    assert st.client_walk() == impl.EV_DONE
+    assert link.at_server() == Q + Q + s + Q and st.send == 4
+    assert not st.sess_seen                    # the relay's decision (sessionstate.on_text)
+    off = mk(mode=impl.SESSION)                # session pooling looks at nothing
+    off.link()
+    assert off.client(s) == impl.EV_DONE and not off.step.sess_hit
+
+
+def test_split_query_is_awaited_whole_in_transaction_mode(mk, impl):
+    link = mk()
+    link.link()
+    big = m(b"Q", b"select " + b"x" * 1000 + b"; set a.b = 1\0")
+    assert link.client(big[:100]) == impl.EV_DONE
+    assert link.step.cend == 100 and link.at_server() == b"" and link.step.send == 0
+    assert link.client(big[100:]) == impl.EV_SESSION           # the ';' far in was seen
+    assert link.step.client_walk() == impl.EV_DONE
+    assert link.at_server() == big and link.step.send == 1
+
+
+def test_query_larger_than_the_buffer_counts_as_a_hit(mk, impl):
+    link = mk(bufsize=64)
+    link.link()
+    big = m(b"Q", b"select " + b"x" * 200 + b"\0")
+    assert link.client(big[:64]) == impl.EV_SESSION            # cannot be seen whole
+    assert link.step.client_walk() == impl.EV_DONE
+    assert link.step.c_skip == len(big) - 64

@@ -107,6 +107,9 @@ def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
             "server_parse_count": prepared.server_parses,
             "bind_count": prepared.binds,
             "client_login_count": st.client_logins,
+            "recovered_xact_count": st.recovered_xacts,
+            "recovered_query_count": st.recovered_queries,
+            "recovery_failed_count": st.recovery_failures,
         },
     }
 
@@ -164,6 +167,7 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
         "application_name": client.tparams.get("application_name") or "",
         "prepared_statements": len(stmts.names) if stmts is not None else 0,
         "tls": pump.info if pump is not None else "",
+        "pin": client.session.pin if relay is not None else "",
     }
 
 
@@ -236,4 +240,5 @@ def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock) -
         "application_name": (client.tparams.get("application_name") or "") if client is not None else "",
         "prepared_statements": len(srv.stmts.cache),
         "tls": pump.info if pump is not None else "",
+        "pin": client.session.pin if client is not None else "",
     }

@@ -61,6 +61,9 @@ def table(columns: str, rows: list[list]) -> Result:
 STAT_KEYS = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
              "xact_time_us", "query_time_us", "wait_time_us", "client_parse_count",
              "server_parse_count", "bind_count", "client_login_count")
+# Ours, in SHOW STATS only (after PgBouncer's columns): servers given back after their
+# client left inside a transaction / mid-query, and those closed instead (recovery.py).
+RECOVERY_KEYS = ("recovered_xact_count", "recovered_query_count", "recovery_failed_count")
 
 
 class StatsHistory:
@@ -126,10 +129,11 @@ class View:
                     m = merged[(p["database"], p["user"])] = {
                         "database": p["database"], "user": p["user"], "mode": p["mode"],
                         "server_user": p["server_user"], "wait_us": 0,
-                        "stats": {k: 0 for k in STAT_KEYS}, **{k: 0 for k in COUNT_KEYS}}
+                        "stats": {k: 0 for k in STAT_KEYS + RECOVERY_KEYS},
+                        **{k: 0 for k in COUNT_KEYS}}
                 for k in COUNT_KEYS:
                     m[k] += p[k]
-                for k in STAT_KEYS:
+                for k in STAT_KEYS + RECOVERY_KEYS:
                     m["stats"][k] += p["stats"].get(k, 0)
                 # The oldest waiter of all workers, not a sum.
                 m["wait_us"] = max(m["wait_us"], p["maxwait"] * 1_000_000 + p["maxwait_us"])
@@ -157,10 +161,10 @@ class View:
         """Counters per database, the admin console's own under 'pgbouncer'."""
         out: dict[str, dict[str, int]] = {}
         for p in self.pools:
-            t = out.setdefault(p["database"], {k: 0 for k in STAT_KEYS})
-            for k in STAT_KEYS:
-                t[k] += p["stats"][k]
-        admin = out.setdefault(ADMIN_DB, {k: 0 for k in STAT_KEYS})
+            t = out.setdefault(p["database"], {k: 0 for k in STAT_KEYS + RECOVERY_KEYS})
+            for k in STAT_KEYS + RECOVERY_KEYS:
+                t[k] += p["stats"].get(k, 0)
+        admin = out.setdefault(ADMIN_DB, {k: 0 for k in STAT_KEYS + RECOVERY_KEYS})
         for snap in self.snaps:
             for k, val in snap.get("admin_stats", {}).items():
                 admin[k] += val
@@ -227,7 +231,7 @@ def _database_row(v: View, name: str, current: int, clients: int) -> list | None
 
 SOCKET_COLS = ("type:s user:s database:s replication:s state:s addr:s port:i local_addr:s "
                "local_port:i connect_time:s request_time:s wait:i wait_us:i close_needed:i "
-               "ptr:s link:s remote_pid:i tls:s application_name:s prepared_statements:i id:i")
+               "ptr:s link:s remote_pid:i tls:s application_name:s prepared_statements:i id:i pin:s")
 DEBUG_COLS = " recv_pos:i pkt_pos:i pkt_remain:i send_pos:i send_remain:i pkt_avail:i send_avail:i"
 CLIENT_STATES = {"idle": "idle", "active": "active", "waiting": "waiting", "admin": "idle"}
 SOCKET_STATES = {"idle": "cl_active", "active": "cl_active", "waiting": "cl_waiting",
@@ -244,7 +248,7 @@ def _client_row(c: dict, state: str) -> list:
             c["port"], c["local_addr"], c["local_port"], _ts(c["connect_time"]),
             _ts(c["request_time"]), c["wait_us"] // 1_000_000, c["wait_us"] % 1_000_000, 0,
             c["ptr"], c["link"] or "", 0, c.get("tls", ""), c["application_name"], c["prepared_statements"],
-            c["id"]]
+            c["id"], c.get("pin", "")]
 
 
 def _server_row(s: dict, state: str) -> list:
@@ -252,7 +256,7 @@ def _server_row(s: dict, state: str) -> list:
             s["port"], s["local_addr"],
             s["local_port"], _ts(s["connect_time"]), _ts(s["request_time"]), 0, 0,
             int(s["close_needed"]), s["ptr"], s["link"] or "", s["remote_pid"], s.get("tls", ""),
-            s["application_name"], s["prepared_statements"], s["id"]]
+            s["application_name"], s["prepared_statements"], s["id"], s.get("pin", "")]
 
 
 def _by_pool(rows: list[dict]) -> list[dict]:
@@ -325,9 +329,10 @@ def show_stats(v: View) -> Result:
     totals = v.db_totals()
     avgs = v.history.averages(totals, v.cfg.stats_period)
     cols = ("database:s " + " ".join(f"total_{n}:N" for n in STATS_NAMES) + " " +
-            " ".join(f"avg_{n}:N" for n in _avg_names()))
-    rows = [[db, *(t[k] for k in STAT_KEYS), *(avgs[db][k] for k in STAT_KEYS)]
-            for db, t in totals.items()]
+            " ".join(f"avg_{n}:N" for n in _avg_names()) + " " +
+            " ".join(f"total_{n}:N" for n in RECOVERY_KEYS))
+    rows = [[db, *(t[k] for k in STAT_KEYS), *(avgs[db][k] for k in STAT_KEYS),
+             *(t[k] for k in RECOVERY_KEYS)] for db, t in totals.items()]
     return table(cols, rows)
 
 

@@ -88,6 +88,7 @@ class Route:
     # Every (host, port) a server may be opened to, and how the next is picked.
     hosts: tuple[tuple[str, int], ...] = ()
     load_balance_hosts: str = "round-robin"
+    pinning: bool = True                 # keep a server with a client holding unmovable state
 
     def target(self) -> tuple:
         """What a server connection is opened with; when a reload changes it, the servers
@@ -148,6 +149,7 @@ class Config:
             self.max_db_client_connections,
             connect_query=entry.connect_query, application_name=entry.application_name,
             auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname,
+            pinning=_pick(entry.pinning, self.pinning),
             **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES})
 
     def user_client_limit(self, user: str) -> int:

@@ -98,6 +98,12 @@ GLOBAL: tuple[Key, ...] = (
     # ours: a server lost under a client in transaction/statement pooling costs the
     # client its transaction, not its connection (relayfaults.py); true: close it (PgBouncer)
     Key("server_loss_closes_client", bool, c.boolean, False),
+    # ours: transaction/statement pooling keeps a server linked to a client holding state
+    # that cannot move (sessionstate.py); a databases entry may turn it off
+    Key("pinning", bool, c.boolean, True),
+    # ours: bound on giving back a server whose client left mid-transaction or mid-query
+    # (recovery.py); 0 closes such a server at once (PgBouncer)
+    Key("recovery_timeout", float, c.duration, 5.0),
     Key("query_timeout", float, c.duration, 0.0),
     Key("query_wait_timeout", float, c.duration, 120.0),
     Key("client_idle_timeout", float, c.duration, 0.0),
@@ -172,6 +178,7 @@ DATABASE: tuple[Key, ...] = (
     Key("max_db_client_connections", int | None, _OPT(c.COUNT), None),
     Key("connect_query", str | None, _OPT(c.TEXT), None),
     Key("application_name", str | None, _OPT(c.TEXT), None),
+    Key("pinning", bool | None, _OPT(c.boolean), None),     # ours; unset: the global one
     # PgBouncer's per-database auth_user / auth_query / auth_dbname; unset: auth.user /
     # auth.query / auth.dbname
     Key("auth_user", str | None, _OPT(c.NONEMPTY), None),

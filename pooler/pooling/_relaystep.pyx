@@ -10,7 +10,7 @@ Python object unless the relay has to act on one.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport errno, EAGAIN, EINTR, EPIPE, EBADF
-from libc.string cimport memmove
+from libc.string cimport memmove, memchr, memcmp
 from libc.stdint cimport uint64_t, int64_t, int32_t
 
 cdef extern from "<errno.h>" nogil:
@@ -35,6 +35,7 @@ DEF C_EV_ANSWER = 11
 DEF C_EV_CC = 12
 DEF C_EV_Z = 13
 DEF C_EV_REFUSE = 14
+DEF C_EV_SESSION = 15
 DEF C_EV_NONE = 16
 DEF C_EV_EOF = 17
 DEF C_EV_CLOSED = 18
@@ -44,6 +45,7 @@ DEF C_EV_HELD = 64
 
 EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE, EV_BAD = 0, 1, 2, 3, 4
 EV_LINK, EV_REWRITE, EV_PARAM, EV_ANSWER, EV_CC, EV_Z, EV_REFUSE = 8, 9, 10, 11, 12, 13, 14
+EV_SESSION = 15
 EV_NONE, EV_EOF, EV_CLOSED, EV_PROTO = 16, 17, 18, 19
 F_AGAIN, EV_HELD = 32, 64
 END_MASK = 7
@@ -92,6 +94,87 @@ for _i in b"13C":
     INTEREST_PS[_i] = 1
 
 
+# session_text(): see relaystep_py (the reference). The first three letters, lowered,
+# of SET RESET DISCARD DEALLOCATE DECLARE DROP CREATE CLOSE LISTEN UNLISTEN PREPARE.
+SESSION_WORDS = (b"set", b"res", b"dis", b"dea", b"dec", b"dro", b"cre", b"clo", b"lis",
+                 b"unl", b"pre")
+cdef unsigned char BLANK[256]
+cdef unsigned char SESSION_FIRST[256]
+cdef int SESSION_KEYS[16]
+cdef int N_SESSION_KEYS = 0
+for _i in range(256):
+    BLANK[_i] = 0
+    SESSION_FIRST[_i] = 0
+for _i in b" \t\n\r\f\0":
+    BLANK[_i] = 1
+for _w in SESSION_WORDS:
+    SESSION_FIRST[_w[0]] = 1
+    SESSION_KEYS[N_SESSION_KEYS] = (_w[0] << 16) | (_w[1] << 8) | _w[2]
+    N_SESSION_KEYS += 1
+
+
+cdef inline Py_ssize_t _find(const unsigned char *buf, Py_ssize_t start, Py_ssize_t stop,
+                             const char *needle, Py_ssize_t n) nogil:
+    """Index of needle in buf[start:stop), -1 if absent."""
+    cdef const unsigned char *p
+    while stop - start >= n:
+        p = <const unsigned char *>memchr(buf + start, needle[0], stop - start - n + 1)
+        if p == NULL:
+            return -1
+        start = p - buf
+        if memcmp(p, needle, n) == 0:
+            return start
+        start += 1
+    return -1
+
+
+cdef bint session_text_c(const unsigned char *buf, Py_ssize_t start, Py_ssize_t stop,
+                         bint whole, bint parse) nogil:
+    cdef Py_ssize_t i, j, k
+    cdef int key
+    cdef unsigned char b0
+    cdef const unsigned char *p
+    if parse:                                       # the text is the second string
+        p = <const unsigned char *>memchr(buf + start, 0, stop - start)
+        if p == NULL:
+            return True
+        start = p - buf + 1
+        p = <const unsigned char *>memchr(buf + start, 0, stop - start)
+        if p == NULL:
+            return True
+        stop = p - buf
+        whole = True
+    i = start
+    while i < stop and BLANK[buf[i]]:
+        i += 1
+    if i + 3 > stop:
+        return not whole
+    b0 = buf[i] | 0x20
+    if b0 == 0x2f or b0 == 0x2d:
+        return True
+    if SESSION_FIRST[b0]:
+        key = (b0 << 16) | ((buf[i + 1] | 0x20) << 8) | (buf[i + 2] | 0x20)
+        for k in range(N_SESSION_KEYS):
+            if SESSION_KEYS[k] == key:
+                return True
+    if not whole:
+        return True
+    p = <const unsigned char *>memchr(buf + i, 0x3b, stop - i)
+    if p != NULL:
+        j = p - buf + 1
+        while j < stop:
+            if not BLANK[buf[j]] and buf[j] != 0x3b:
+                return True
+            j += 1
+    return _find(buf, i, stop, b"advisory", 8) >= 0 or _find(buf, i, stop, b"set_config", 10) >= 0
+
+
+def session_text(bytearray buf, Py_ssize_t start, Py_ssize_t stop, bint whole, bint parse):
+    """relaystep_py.session_text, for the tests."""
+    return session_text_c(<const unsigned char *>PyByteArray_AS_STRING(buf), start, stop,
+                          whole, parse)
+
+
 cdef inline int64_t rd32(const unsigned char *p) nogil:
     return <int32_t>((<uint64_t>p[0] << 24) | (<uint64_t>p[1] << 16) | (<uint64_t>p[2] << 8) | p[3])
 
@@ -130,7 +213,7 @@ cdef class Step:
     cdef public object csock, ssock, cbuf, cview, sbuf, sview, pending, tail
     cdef int cfd, sfd
     cdef public int mode
-    cdef public bint tracked, unsynced, in_copy_in, new_query, hold, want_z
+    cdef public bint tracked, unsynced, in_copy_in, new_query, hold, want_z, watch, sess_seen, sess_hit
     cdef public Py_ssize_t cend, skept, c_skip, s_skip, msg, mend
     cdef public long long send, recv, queries, xacts, bytes_in, bytes_out
     cdef public int status
@@ -156,6 +239,8 @@ cdef class Step:
         self.send = self.recv = 0
         self._qmask = 0
         self.unsynced = self.in_copy_in = self.new_query = self.hold = self.want_z = False
+        self.watch = mode != SESSION     # look at Query/Parse texts for session statements
+        self.sess_seen = self.sess_hit = False
         self.status = 73
         self.queries = self.xacts = self.bytes_in = self.bytes_out = 0
         self._pos = self._seg = self._end = 0
@@ -255,10 +340,12 @@ cdef class Step:
         cdef int64_t ln, outstanding
         cdef unsigned char t, kind
         cdef int code = C_EV_DONE
+        cdef bint hit
         while end - pos >= 5:
             t = buf[pos]
             ln = rd32(buf + pos + 1)
             kind = CLIENT_KIND[t]
+            hit = False
             if kind == K_BAD or ln < 4 or ln > CLIENT_LIMIT[t]:
                 code = C_EV_BAD          # refused: nothing of it is forwarded
                 break
@@ -271,6 +358,11 @@ cdef class Step:
                 self.mend = mend
                 return C_EV_LINK
             if kind == K_COUNTED or (kind == K_SYNC and not self.in_copy_in):
+                if t == 0x51 and self.watch:
+                    if mend > end and mend - pos <= PyByteArray_GET_SIZE(self.cbuf):
+                        break
+                    hit = session_text_c(buf, pos + 5, mend if mend < end else end,
+                                         mend <= end, False)
                 outstanding = self.send - self.recv
                 if not outstanding:
                     self.new_query = True
@@ -279,6 +371,13 @@ cdef class Step:
                 self.send += 1
                 self.unsynced = False
             elif kind == K_EXT:
+                if t == 0x50 and self.watch:
+                    if mend > end and mend - pos <= PyByteArray_GET_SIZE(self.cbuf):
+                        break
+                    hit = session_text_c(buf, pos + 5, mend if mend < end else end,
+                                         mend <= end, True)
+                    if hit:
+                        self.sess_hit = True
                 self.unsynced = True
                 if self.tracked and REWRITE_KIND[t]:
                     if mend > end:
@@ -289,6 +388,15 @@ cdef class Step:
                     return C_EV_REWRITE
             elif kind == K_COPY_END:
                 self.in_copy_in = False
+            if hit:
+                self.sess_hit = True
+                self.msg = pos
+                if mend > end:
+                    self.c_skip = mend - end
+                    self._pos = self.mend = end
+                else:
+                    self._pos = self.mend = mend
+                return C_EV_SESSION
             if mend > end:
                 self.c_skip = mend - end
                 pos = end

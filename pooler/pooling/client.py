@@ -18,6 +18,7 @@ from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed, Stream
 from pooler.pooling.params import startup_parameters, sync_sql
 from pooler.pooling.replication import REPLICATION_PARAM, replication_kind, replication_startup
+from pooler.pooling.sessionstate import ClientSession, diff_sql
 from pooler.pooling.pool import Pool
 from pooler.pooling.relay import Relay
 from pooler.errors import PoolerError
@@ -44,7 +45,7 @@ class Client:
     __slots__ = ("worker", "cfg", "stream", "addr", "id", "user", "database", "pool", "relay",
                  "tparams", "tsig", "state", "local_superuser", "connect_time", "cancel_key",
                  "user_client_key", "db_client_key", "glet", "close_reason", "tls", "arrived",
-                 "replication", "server_startup")
+                 "replication", "server_startup", "session")
 
     def __init__(self, worker: "Worker", stream: Stream, addr: str,
                  arrived: float | None = None) -> None:
@@ -59,6 +60,7 @@ class Client:
         self.relay: Relay | None = None
         self.tparams: dict[str, str | None] = {}   # tracked parameters as the client sees them
         self.tsig: tuple = ()                      # their values, compared against ServerConn.tsig
+        self.session = ClientSession()             # untracked SET values, pin (sessionstate.py)
         self.state = ClientState.LOGIN
         self.local_superuser = False               # `pgbouncer` over the Unix socket (admin.py)
         self.connect_time = time.time()
@@ -430,21 +432,30 @@ class Client:
             tparams = dict(self.tparams)     # a copy: the dict is shared (Worker.shared_tracked)
             tparams[name] = value
             self.tparams = tparams
-            self.tsig = tuple(tparams.values())
+            self.tsig = self.signature()
             srv.tsig = self.tsig
 
+    def signature(self) -> tuple:
+        """What the server must have for this client: tracked values, then SET ones."""
+        return (*self.tparams.values(), self.session.key)
+
     def sync_parameters(self, srv: "ServerConn") -> None:
-        """Make the server's tracked parameters equal to the client's before relaying."""
+        """Make the server's tracked parameters and session settings equal to the
+        client's before relaying (one batch: params.sync_sql, sessionstate.diff_sql)."""
         if srv.tsig == self.tsig:
             return              # the common case: this server last served the same values
         sparams = srv.params
         changes = [(k, v) for k, v in self.tparams.items() if sparams.get(k) != v]
-        if not changes:
-            return
-        srv.run(sync_sql(changes))
+        settings = self.session.settings
+        stmts = diff_sql(srv.sess, settings) if srv.sess != settings else []
+        if changes:
+            stmts.insert(0, sync_sql(changes))
+        if stmts:
+            srv.run(";".join(stmts))
         for k, v in changes:
             if v is None:
                 sparams.pop(k, None)
             else:
                 sparams[k] = v
+        srv.sess = settings
         srv.tsig = self.tsig

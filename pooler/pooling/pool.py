@@ -37,7 +37,8 @@ class PoolError(PoolerError):
 class Stats:
     """Counters of one pool in this worker (SHOW STATS / metrics read them)."""
     __slots__ = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
-                 "xact_time", "query_time", "wait_time", "max_wait", "prepared", "client_logins")
+                 "xact_time", "query_time", "wait_time", "max_wait", "prepared", "client_logins",
+                 "recovered_xacts", "recovered_queries", "recovery_failures")
 
     def __init__(self) -> None:
         self.server_assignment_count = 0
@@ -46,6 +47,8 @@ class Stats:
         self.xact_time = self.query_time = self.wait_time = 0.0
         self.max_wait = 0.0
         self.prepared = Counters()
+        # recovery.py: servers given back after their client left them busy, and not
+        self.recovered_xacts = self.recovered_queries = self.recovery_failures = 0
 
 
 # The states a pool's client is in while it waits for a server (see shown_state).

@@ -22,15 +22,15 @@ and a callback that meets work that may block starts a greenlet for it:
   J_END     the client left (Terminate, EOF)
   J_RETRY   the first send to a server just linked failed: none of the request
             reached it, so it goes to another server (relayfaults.retry_unsent)
+  J_SESS    session statements ran: read the state back (sessionstate.at_release)
 
 A callback that hands work over stops (disarms) both watchers first and
 starts the job's greenlet as its last statement (`_spawn`); the greenlet does
 the job, arms the watchers again and ends (`_work`). So a greenlet blocked in a
 job is never entered by a callback, and bytes of one client are never
 processed by two hands at once. Timeouts, KILL and shutdown reach a client
-through `kill()`: raised in the running job, or in a job started for it.
-What the step does with each message type is in
-relaystep_py.py; the relay acts only on the events it returns.
+through `kill()`: raised in the running job, or in a job started for it. The
+relay acts only on the step's events (relaystep_py.py: what each message does).
 """
 from __future__ import annotations
 
@@ -38,16 +38,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from gevent import GreenletExit, getcurrent
-from gevent.hub import get_hub
+from gevent import GreenletExit, get_hub, getcurrent
 from greenlet import greenlet
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import relayexit, relayfaults, relaystep, replication
+from pooler.pooling import relayexit, relayfaults, relaystep, replication, sessionstate
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
-    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_TERMINATE, EV_Z, END_MASK, F_AGAIN)
+    EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
+    END_MASK, F_AGAIN)
 from pooler.pooling.pool import PoolError
 from pooler.pooling.prepared import ClientStatements, is_forget_all
 from pooler.errors import PoolerError
@@ -74,9 +74,8 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
          STATEMENT: relaystep.STATEMENT}
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
-J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED = (
-    1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-J_RETRY = 1024
+(J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED,
+ J_RETRY, J_SESS) = (1 << bit for bit in range(12))
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -148,9 +147,8 @@ class Relay:
     # -- greenlets: start, slow jobs, end -----------------------------------------
 
     def start(self) -> None:
-        """Start relaying, in the client's login greenlet, which then ends: from here
-        the relay lives in loop callbacks, and a greenlet exists only while a job runs
-        (an idle client holds none: a parked greenlet costs ~7 KB)."""
+        """Start relaying, in the client's login greenlet, which then ends: from here the
+        relay lives in loop callbacks, with a greenlet only while a job runs."""
         self.glet = getcurrent()
         early = self.cs.take_buffered()
         job = 0
@@ -256,8 +254,12 @@ class Relay:
             data, step.pending = step.pending, None
             self.cs.sendall(data)
             job &= ~J_FLUSH_C
+        if job & J_SESS:
+            job &= ~J_SESS
+            if not job & J_END and not sessionstate.at_release(self):
+                job |= J_LOST
         if job & J_REFUSE:
-            self._refuse_transaction()
+            relayfaults.refuse_transaction(self)
             job &= ~J_REFUSE
         if job & J_LOST:
             if not relayfaults.server_lost(self):
@@ -373,6 +375,8 @@ class Relay:
                     srv.stream.rw.start(self.on_server_cb)
             elif ev == EV_REWRITE:
                 self._rewrite()
+            elif ev == EV_SESSION:
+                sessionstate.on_text(self)
             elif ev >= EV_NONE and ev < F_AGAIN:
                 if linked and ev == EV_CLOSED:  # the walk's one send, the link's first
                     return J_RETRY
@@ -416,6 +420,8 @@ class Relay:
         view = step.cview[msg:mend]
         stmts, sstmts, batch = self.stmts, self.server.stmts, step.send + 1
         if t == P:
+            if step.sess_hit:            # a session statement (sessionstate.py)
+                sessionstate.on_text(self)
             new = stmts.rewrite_parse(view, sstmts, batch)
         elif t == B:
             new = stmts.rewrite_bind(view, sstmts, batch)
@@ -532,6 +538,8 @@ class Relay:
                 self.refuse = False
                 return job | J_REFUSE
             if code == EV_RELEASE:
+                if step.sess_seen or self.client.session.pin:
+                    return job | (J_SESS if step.sess_seen else 0)   # pinned: stays linked
                 self._unlink(now)
                 return job
         if step.skept == len(step.sbuf):
@@ -548,22 +556,6 @@ class Relay:
         srv.view.release()
         srv.buf, srv.view = bigger, memoryview(bigger)
         step.sbuf, step.sview = srv.buf, srv.view
-
-    def _refuse_transaction(self) -> None:
-        """Statement mode: a statement opened a transaction. Roll it back, tell the client."""
-        srv = self.server
-        try:
-            srv.run("ROLLBACK")
-        except Exception:
-            self.server = None
-            self.step.unlink()
-            self.pool.discard(srv, "rollback failed in statement mode")
-            raise ClientKill("08P01", "server connection lost while refusing a transaction")
-        self.step.status = STATUS_IDLE
-        self.cs.sendall(protocol.error_response(
-            "0A000", "transaction blocks not allowed in statement pooling mode") +
-            protocol.ready_for_query(b"I"))
-        self._unlink(monotonic())
 
     # -- linking ------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pooler.pooling import replication
+from pooler.pooling import recovery, replication, sessionstate
 
 if TYPE_CHECKING:
     from pooler.pooling.relay import Relay
@@ -47,6 +47,8 @@ def return_server(relay: "Relay") -> None:
     clean = (step.send == step.recv and step.status == STATUS_IDLE and not step.unsynced
              and not step.c_skip and not step.s_skip and not step.skept and not srv.closed
              and step.pending is None)
+    if relay.mode != "session":          # a busy server is recovered if it can be
+        clean = recovery.give_back(relay, srv, clean)
     if not clean:
         if (step.send != step.recv or step.unsynced) and not srv.closed:
             srv.cancel()     # so the backend stops the abandoned query (query_timeout too)
@@ -57,6 +59,7 @@ def return_server(relay: "Relay") -> None:
         try:
             srv.run(reset)
             srv.stmts.clear()
+            sessionstate.after_reset_query(srv, reset)
         except Exception as exc:
             pool.discard(srv, f"server_reset_query failed: {exc}")
             return

@@ -1,15 +1,17 @@
 """The relay's slow paths for faults: a dead server met before the request left, a
-server lost under a client, client input the pooler refuses. They run in the
-client's greenlet (relay.py's jobs J_RETRY, J_LOST, J_FAILED, J_BAD) and may block;
-the steady state never comes here."""
+server lost under a client, client input the pooler refuses, a transaction statement
+mode refuses. They run in the client's greenlet (relay.py's jobs J_RETRY, J_LOST,
+J_FAILED, J_BAD, J_REFUSE) and may block; the steady state never comes here."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import gevent
 
 from pooler.wire import protocol
+from pooler.errors import PoolerError
 from pooler.pooling import relaystep
 from pooler.pooling.clientstate import ClientState
 from pooler.pooling.lostserver import FailedBlock, lost_error
@@ -48,14 +50,17 @@ def retry_unsent(relay: "Relay") -> int:
 def server_lost(relay: "Relay") -> bool:
     """The linked server is gone (EOF, reset). True: the client stays (transaction and
     statement pooling) and has been told with a SQLSTATE; False: it was closed with
-    a FATAL, as PgBouncer does (session pooling, server_loss_closes_client, or a
-    message or COPY half-forwarded, which cannot be finished elsewhere)."""
+    a FATAL, as PgBouncer does (session pooling, server_loss_closes_client, a
+    message or COPY half-forwarded, which cannot be finished elsewhere, or a
+    client pinned to that server by state that died with it: sessionstate.py)."""
     srv, step = relay.server, relay.step
     relay.server = None
     step.unlink()
     relay.pool.discard(srv, "server conn crashed?")
+    # A pinned client's session state (locks, temp tables, ...) died with the server.
     keep = (relay.mode != "session" and not relay.pool.cfg.server_loss_closes_client
-            and not step.c_skip and not step.in_copy_in and step.pending is None)
+            and not step.c_skip and not step.in_copy_in and step.pending is None
+            and not relay.client.session.pin)
     if not keep:
         relay.client.fatal("08006", "server conn crashed?")
         return False
@@ -157,3 +162,22 @@ def settle(relay: "Relay") -> None:
         if relay.server is not None and step.status != STATUS_IDLE and not step.skept:
             srv.run("ROLLBACK")
             step.status = STATUS_IDLE
+
+
+# -- statement pooling ----------------------------------------------------------------
+
+def refuse_transaction(relay: "Relay") -> None:
+    """Statement mode: a statement opened a transaction. Roll it back, tell the client."""
+    srv = relay.server
+    try:
+        srv.run("ROLLBACK")
+    except Exception:
+        relay.server = None
+        relay.step.unlink()
+        relay.pool.discard(srv, "rollback failed in statement mode")
+        raise PoolerError("08P01", "server connection lost while refusing a transaction")
+    relay.step.status = STATUS_IDLE
+    relay.cs.sendall(protocol.error_response(
+        "0A000", "transaction blocks not allowed in statement pooling mode") +
+        protocol.ready_for_query(b"I"))
+    relay._unlink(time.monotonic())

@@ -31,11 +31,20 @@ mid-walk (resume with client_walk() / server_walk())
   EV_Z          ReadyForQuery while `want_z` (the relay sets it while the server
                 owes answers to statements it rewrote; after bookkeeping)
   EV_REFUSE     statement mode: a ReadyForQuery in a transaction (after bookkeeping)
+  EV_SESSION    a Query/Parse whose text may change session state (after it was
+                counted): buf[msg:mend] is what of it is in the buffer
 others
   EV_NONE       recv found nothing (EAGAIN)
   EV_EOF        the peer closed (or reset) the connection
   EV_CLOSED     a send failed: the other peer is gone
   EV_PROTO      invalid message length
+
+Session statements (sessionstate.py): with `watch` set (transaction and statement
+pooling), a Query or Parse whose text may change session state sets `sess_hit`
+and is reported (EV_SESSION; a Parse being rewritten comes as EV_REWRITE): the
+relay looks at the text and sets `sess_seen` (read the state back at the
+release point) unless it only has transaction-local effect. `session_text` is the test,
+the same in both twins; a text not wholly in the buffer counts as a hit.
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ IMPLEMENTATION = "python"
 
 EV_DONE, EV_QDONE, EV_RELEASE, EV_TERMINATE, EV_BAD = 0, 1, 2, 3, 4
 EV_LINK, EV_REWRITE, EV_PARAM, EV_ANSWER, EV_CC, EV_Z, EV_REFUSE = 8, 9, 10, 11, 12, 13, 14
+EV_SESSION = 15
 EV_NONE, EV_EOF, EV_CLOSED, EV_PROTO = 16, 17, 18, 19
 F_AGAIN, EV_HELD = 32, 64
 END_MASK = 7
@@ -83,6 +93,55 @@ for _t in b"ZSG":
 SERVER_INTEREST_PS = bytearray(SERVER_INTEREST)
 for _t in b"13C":
     SERVER_INTEREST_PS[_t] = 1
+
+# session_text(): the first three letters (ASCII, lowered) of a statement that may
+# change session state: SET, RESET, DISCARD, DEALLOCATE, DECLARE, DROP, CREATE, CLOSE,
+# LISTEN, UNLISTEN, PREPARE. A comment first ('/', '-') counts as a hit too.
+SESSION_WORDS = (b"set", b"res", b"dis", b"dea", b"dec", b"dro", b"cre", b"clo", b"lis",
+                 b"unl", b"pre")
+_BLANK = bytearray(256)
+for _t in b" \t\n\r\f\0":
+    _BLANK[_t] = 1
+_SESSION_FIRST = bytearray(256)
+for _w in SESSION_WORDS:
+    _SESSION_FIRST[_w[0]] = 1
+_SESSION_KEYS = frozenset((w[0] << 16) | (w[1] << 8) | w[2] for w in SESSION_WORDS)
+_QUERY, _PARSE = 0x51, 0x50
+
+
+def session_text(buf: bytearray, start: int, stop: int, whole: bool, parse: bool) -> bool:
+    """May the statement text in buf[start:stop) (a Query body, or with `parse` a Parse
+    body: name, then text) change session state? True for a session keyword first, a
+    comment first, a second statement after a ';', a call of an advisory-lock function
+    or of set_config, and whenever the text is not all there (`whole` False)."""
+    if parse:                                       # the text is the second string
+        start = buf.find(0, start, stop) + 1
+        stop = buf.find(0, start, stop) if start else -1
+        if stop < 0:
+            return True
+        whole = True                                # its end is in the buffer
+    blank = _BLANK
+    i = start
+    while i < stop and blank[buf[i]]:
+        i += 1
+    if i + 3 > stop:
+        return not whole
+    b0 = buf[i] | 0x20
+    if b0 == 0x2f or b0 == 0x2d:                    # '/' or '-': a comment first
+        return True
+    if _SESSION_FIRST[b0] and (b0 << 16 | (buf[i + 1] | 0x20) << 8 | (buf[i + 2] | 0x20)) in _SESSION_KEYS:
+        return True
+    if not whole:
+        return True
+    j = buf.find(0x3b, i, stop)                     # ';' followed by a statement
+    if j >= 0:
+        j += 1
+        while j < stop:
+            if not blank[buf[j]] and buf[j] != 0x3b:
+                return True
+            j += 1
+    return buf.find(b"advisory", i, stop) >= 0 or buf.find(b"set_config", i, stop) >= 0
+
 
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EBADF, errno.ENOTCONN)
 
@@ -130,6 +189,9 @@ class Step:
         self.new_query = False          # a request was sent while none was outstanding
         self.hold = False               # the relay cut messages: it sends parts + tail itself
         self.want_z = False             # report ReadyForQuery (EV_Z): set by the relay
+        self.watch = mode != SESSION    # look at Query/Parse texts for session statements
+        self.sess_hit = False           # ... this one may (the relay clears it)
+        self.sess_seen = False          # ... the relay must read the state back
         self.pending: bytes | None = None
         self.tail: bytes | None = None
         self.msg = self.mend = 0        # the message of a mid-walk event
@@ -223,6 +285,7 @@ class Step:
             t = buf[pos]
             ln = unpack_i32(buf, pos + 1)[0]
             kind = kinds[t]
+            hit = False
             if kind == K_BAD or ln < 4 or ln > CLIENT_LIMIT[t]:
                 code = EV_BAD            # refused: nothing of it is forwarded
                 break
@@ -235,6 +298,11 @@ class Step:
                 self.mend = mend
                 return EV_LINK
             if kind == K_COUNTED or (kind == K_SYNC and not self.in_copy_in):
+                if t == _QUERY and self.watch:
+                    if mend > end and mend - pos <= len(buf):
+                        break            # its text is looked at whole (sessionstate.py)
+                    hit = session_text(buf, pos + 5, mend if mend < end else end,
+                                       mend <= end, False)
                 outstanding = self.send - self.recv
                 if not outstanding:
                     self.new_query = True
@@ -243,6 +311,13 @@ class Step:
                 self.send += 1
                 self.unsynced = False
             elif kind == K_EXT:
+                if t == _PARSE and self.watch:
+                    if mend > end and mend - pos <= len(buf):
+                        break
+                    hit = session_text(buf, pos + 5, mend if mend < end else end,
+                                       mend <= end, True)
+                    if hit:
+                        self.sess_hit = True    # (a rewritten Parse: EV_REWRITE, not EV_SESSION)
                 self.unsynced = True
                 if self.tracked and REWRITE_KIND[t]:
                     if mend > end:
@@ -253,6 +328,15 @@ class Step:
                     return EV_REWRITE
             elif kind == K_COPY_END:
                 self.in_copy_in = False
+            if hit:
+                self.sess_hit = True
+                self.msg = pos
+                if mend > end:
+                    self.c_skip = mend - end
+                    self._pos = self.mend = end
+                else:
+                    self._pos = self.mend = mend
+                return EV_SESSION
             if mend > end:
                 self.c_skip = mend - end
                 pos = end

@@ -69,7 +69,7 @@ class ServerConn:
     """A logged-in connection to PostgreSQL, owned by one pool."""
 
     __slots__ = ("id", "pool", "stream", "pid", "key", "params", "created", "last_used",
-                 "client", "buf", "view", "stmts", "addr", "closed", "reset_needed", "tsig",
+                 "client", "buf", "view", "stmts", "addr", "closed", "reset_needed", "tsig", "sess",
                  "tls", "close_needed", "idle_cb", "host", "port", "replication", "__weakref__")
 
     def __init__(self, pool: "Pool", stream: Stream, host: str, port: int) -> None:
@@ -94,6 +94,7 @@ class ServerConn:
         self.reset_needed = False       # session-mode servers get server_reset_query before reuse
         self.close_needed = False       # RECONNECT: closed when next released (SHOW SERVERS says so)
         self.tsig: tuple | None = None  # the client parameter values last applied (None: unknown)
+        self.sess: dict[str, str] = {}  # session settings from SET on it (sessionstate.py)
         self.tls: tls.TlsPump | None = None   # server_tls_sslmode: the pump behind `stream`
         self.idle_cb = self._on_idle_readable   # bound once: armed at every release
         # A server's socket events go before clients' in one loop iteration: when a

@@ -170,7 +170,9 @@ class Worker:
         if hit is None:
             if len(self._tracked_shared) >= 4096:     # many distinct sets: just stop sharing old ones
                 self._tracked_shared.clear()
-            hit = self._tracked_shared[key] = (tparams, tuple(tparams.values()))
+            # The signature's last element is the client's SET settings (Client.signature,
+            # sessionstate.py): none at login.
+            hit = self._tracked_shared[key] = (tparams, (*tparams.values(), ()))
         return hit
 
     def try_add_client(self, client: Client) -> bool:
