@@ -98,8 +98,7 @@ def recover(relay: "Relay", srv: "ServerConn") -> bool:
 def _cancel_and_wait(srv: "ServerConn") -> None:
     """Send a CancelRequest for the backend and wait until PostgreSQL closes that
     connection, which it does after signalling the backend."""
-    route = srv.pool.route
-    s = Stream(connect_tcp(route.host, route.port, srv.pool.cfg.server_connect_timeout), "cancel")
+    s = Stream(connect_tcp(srv.host, srv.port, srv.pool.cfg.server_connect_timeout), "cancel")
     try:
         s.sendall(protocol.cancel_request(srv.pid, srv.key))
         try:
