@@ -28,9 +28,8 @@ starts the job's greenlet as its last statement (`_spawn`); the greenlet does
 the job, arms the watchers again and ends (`_work`). So a greenlet blocked in a
 job is never entered by a callback, and bytes of one client are never
 processed by two hands at once. Timeouts, KILL and shutdown reach a client
-through `kill()`: raised in the running job, or in a job started for it.
-What the step does with each message type is in
-relaystep_py.py; the relay acts only on the events it returns.
+through `kill()`: raised in the running job, or in a job started for it. The
+relay acts only on the step's events (relaystep_py.py: what each message does).
 """
 from __future__ import annotations
 
@@ -38,8 +37,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from gevent import GreenletExit, getcurrent
-from gevent.hub import get_hub
+from gevent import GreenletExit, get_hub, getcurrent
 from greenlet import greenlet
 
 from pooler.wire import protocol
@@ -74,9 +72,8 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
          STATEMENT: relaystep.STATEMENT}
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
-J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED = (
-    1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-J_RETRY = 1024
+(J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED,
+ J_RETRY) = (1 << bit for bit in range(11))
 P, B, D = protocol.P, protocol.B, protocol.D
 
 
@@ -147,9 +144,8 @@ class Relay:
     # -- greenlets: start, slow jobs, end -----------------------------------------
 
     def start(self) -> None:
-        """Start relaying, in the client's login greenlet, which then ends: from here
-        the relay lives in loop callbacks, and a greenlet exists only while a job runs
-        (an idle client holds none: a parked greenlet costs ~7 KB)."""
+        """Start relaying, in the client's login greenlet, which then ends: from here the
+        relay lives in loop callbacks, with a greenlet only while a job runs."""
         self.glet = getcurrent()
         early = self.cs.take_buffered()
         job = 0
