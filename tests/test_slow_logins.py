@@ -173,3 +173,30 @@ def test_garbage_connections_leave_nothing_behind(pg, pooler_factory, pooler_con
     assert grown < 1024, f"RSS grew by {grown} kB after 10,000 garbage connections"
     assert ok.query("SELECT 'fine'")[0] == [["fine"]]
     ok.close()
+
+
+def test_out_of_fds_pauses_accepting_then_serves_again(pg, pooler_factory, pooler_config,
+                                                      app_userlist):
+    """EMFILE on accept (pooling/listener.py): the listener logs it and pauses instead of
+    spinning on the error, and accepts again once fds are free; what was accepted before
+    is unharmed."""
+    import resource
+    p = _pooler(pooler_factory, pooler_config, app_userlist)
+    held = raw_client(p.port, password=app_userlist[APP_USER])
+    held.query("SELECT 1")
+    soft, hard = resource.prlimit(p.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (_fds(p.pid) + 3, hard))
+    try:
+        extra = [_open(p.port) for _ in range(10)]      # the kernel queues them: backlog
+        wait_until(lambda: "not accepting for" in p.log(), timeout=10,
+                   message="no EMFILE pause logged")
+        assert held.query("SELECT 2")[0] == [["2"]]
+        for s in extra:
+            s.close()
+    finally:
+        resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    # Accepting resumed: a new client logs in and is served.
+    fresh = raw_client(p.port, password=app_userlist[APP_USER])
+    assert fresh.query("SELECT 3")[0] == [["3"]]
+    fresh.close()
+    held.close()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from pooler.wire import authsecret, passwords, protocol, scram, tls
+from pooler.wire import authsecret, entropy, passwords, protocol, scram, tls
 from pooler.pooling import peering
 from pooler.pooling.authquery import AuthQueryError
 from pooler.config.settings import ADMIN_DB
@@ -389,7 +389,7 @@ class Client:
         return None
 
     def _auth_md5(self, secret: str) -> None:
-        salt = secrets.token_bytes(4)
+        salt = entropy.take(4)
         self.stream.sendall(protocol.auth_request(protocol.AUTH_MD5, salt))
         response = self._read_password().rstrip(b"\0").decode("ascii", "replace")
         if not passwords.verify_md5(secret, self.user, salt, response):

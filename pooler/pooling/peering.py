@@ -31,10 +31,9 @@ with peering they keep 44 random bits (PgBouncer: 45).
 from __future__ import annotations
 
 import logging
-import secrets
 import socket as _pysocket
 
-from pooler.wire import protocol
+from pooler.wire import entropy, protocol
 
 log = logging.getLogger("pooler.peering")
 
@@ -45,10 +44,10 @@ DEFAULT_PEER_PORT = 6432          # PgBouncer's default for a [peers] entry with
 def new_cancel_key(peer_id: int) -> tuple[int, int]:
     """A fresh (pid, key) for BackendKeyData; carries `peer_id` when it is not 0."""
     if not peer_id:
-        return secrets.randbits(31), secrets.randbits(31)
-    pid = (secrets.randbits(7) << 24) | ((peer_id & 0xFF) << 16) | \
-        (((peer_id >> 8) & 0xFF) << 8) | secrets.randbits(8)
-    return pid, secrets.randbits(31) | TTL_MASK
+        return entropy.randbits(31), entropy.randbits(31)
+    pid = (entropy.randbits(7) << 24) | ((peer_id & 0xFF) << 16) | \
+        (((peer_id >> 8) & 0xFF) << 8) | entropy.randbits(8)
+    return pid, entropy.randbits(31) | TTL_MASK
 
 
 def peer_of(pid: int) -> int:

@@ -1,6 +1,6 @@
 """A connection before its first packet: a socket and a few bytes, no greenlet.
 
-The listener accepts in the hub (gevent's StreamServer with spawn=None) and an
+The listener accepts in the hub (listener.py) and an
 `Arrival` collects the first packet (SSLRequest, GSSENCRequest, CancelRequest
 or the startup packet: all length-prefixed) in a read-watcher callback. Only
 once the packet is whole does the connection get a greenlet, which logs the

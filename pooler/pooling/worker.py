@@ -10,7 +10,6 @@ import time
 
 import gevent
 import gevent.event
-from gevent.server import StreamServer
 
 from pooler.wire import authsecret, netio, protocol, scram, tls, userlist
 from pooler import logs
@@ -20,6 +19,7 @@ from pooler.version import version_line
 from pooler.pooling.client import Client
 from pooler.pooling.params import tracked_names
 from pooler.config.model import Config, Route
+from pooler.pooling.listener import Listener
 from pooler.pooling.localquota import LocalQuota
 from pooler.pooling.pool import Pool
 from pooler.pooling.prelogin import Arrivals
@@ -50,7 +50,7 @@ class Worker:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.clients: set[Client] = set()
         self.cancel_keys: dict[tuple[int, int], Client] = {}
-        self.servers: list[StreamServer] = []
+        self.servers: list[Listener] = []
         # The admin console (the virtual database `pgbouncer`), given by the process
         # layer that assembles the pooler (proc/); None: no console (a bare worker).
         self.admin = None
@@ -285,11 +285,10 @@ class Worker:
             secret = self.auth_query.login_secret(pool.route, pool.server_user)
         return secret
 
-    def handle(self, gsock, addr) -> None:
+    def handle(self, sock: socket.socket, peer: str) -> None:
         """A new connection, in the hub (the listener spawns no greenlet): it gets one
         when its first packet is whole (prelogin.Arrivals)."""
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "unix"
-        self.arrivals.accept(netio.Stream(netio.raw_from_gevent(gsock), peer), peer)
+        self.arrivals.accept(netio.Stream(sock, peer), peer)
 
     def _spawn_login(self, stream: netio.Stream, peer: str, arrived: float) -> None:
         gevent.spawn(self._login, stream, peer, arrived)
@@ -301,8 +300,7 @@ class Worker:
 
     def start(self) -> None:
         for sock in self.listeners:
-            server = StreamServer(sock, self.handle, spawn=None)
-            server.max_accept = self.max_accept
+            server = Listener(sock, self.handle, self.max_accept)
             server.start()
             self.servers.append(server)
         gevent.spawn(self._janitor)
@@ -314,8 +312,7 @@ class Worker:
         does while shutting down, the Unix socket stays open, so an operator can still
         reach the admin console (other logins are refused: Client._login)."""
         for server in self.servers:
-            sock = getattr(server, "socket", None)        # gone once closed
-            if sock is not None and not (keep_unix and sock.family == socket.AF_UNIX):
+            if not (keep_unix and server.family == socket.AF_UNIX):
                 server.close()
 
     def close_clients(self, sqlstate: str, message: str) -> None:
