@@ -604,7 +604,9 @@ def test_admin_console_sees_and_commands_every_worker(pg, pooler_factory):
         with admin.cursor() as cur:
             cur.execute(sql)
 
-    assert sum(1 for c in show("CLIENTS") if c["database"] == APP_DB) == len(clients)
+    # The extra connections spread_connections closed take a moment to leave.
+    wait_until(lambda: sum(1 for c in show("CLIENTS") if c["database"] == APP_DB) == len(clients),
+               10, message="SHOW CLIENTS does not list exactly the open clients of every worker")
     pool = next(r for r in show("POOLS") if r["database"] == APP_DB)
     assert pool["cl_active"] == len(clients)
     # PAUSE from one worker's console holds the clients of both workers.
