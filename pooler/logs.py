@@ -23,6 +23,10 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "msg": record.getMessage(),
         }
+        # `extra={"fields": {...}}`: structured keys (the sidecar's access and audit
+        # lines) next to the message; they never replace the ones above.
+        for key, value in (getattr(record, "fields", None) or {}).items():
+            out.setdefault(key, value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

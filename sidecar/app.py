@@ -15,6 +15,9 @@ POST /resume    RESUME [db]     (?db=name; bearer token required)
 POST /reload    validate the config file, then RELOAD (bearer token required)
                 (the three take ?timeout=N, 0 < N <= 120 seconds: the wait for the
                 command, 504 when it expires; default --command-timeout)
+GET  /          the status page (a browser: pools, counts, a latency histogram, live);
+                JSON clients get the list of endpoints
+GET  /status    what the page shows, as JSON (SHOW POOLS, HISTOGRAMS, STATE)
 GET  /config    the effective settings (SHOW CONFIG; secrets are never in it)
 GET  /metrics   Prometheus text, pgbouncer_exporter and CloudNativePG names (also
                 alone on --metrics-port, if given: see metrics_server.py)
@@ -33,14 +36,16 @@ import sys
 import time
 from typing import Any, Callable
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CollectorRegistry
 
+from pooler import logs
 from pooler.config.converters import ConfigError, host_list
 from pooler.config.load import check_config_file, load_config
 from pooler.wire.reach import connect_probe
 
 from . import httperrors, pool_writes, pools
+from . import status as status_page
 from .console import Console, ConsoleError
 from .metrics_server import create_metrics_app, metrics_registry, metrics_response
 from .httperrors import Refusal
@@ -48,6 +53,9 @@ from .pool_writes import PoolWriter
 from .settings import Settings, from_args, parser
 
 log = logging.getLogger("sidecar")
+access = logging.getLogger("sidecar.access")
+audit = logging.getLogger("sidecar.audit")      # who changed what, from where
+QUIET_PATHS = frozenset(("/healthz", "/livez", "/readyz", "/metrics", "/status"))  # polled
 
 # A database name as a PAUSE/RESUME argument: quoted by us, so only '"' needs care.
 _DB_RE = re.compile(r"[^\x00\"]{1,63}")
@@ -65,6 +73,7 @@ def create_app(settings: Settings, console: Console | None = None,
     registry = registry or metrics_registry(console, settings.legacy_metrics)
     last_good = {"cfg": None}   # the pools API keeps serving if the file turns invalid
     httperrors.install(app)
+    _install_access_log(app)
 
     def current_config() -> Any:
         try:
@@ -77,8 +86,18 @@ def create_app(settings: Settings, console: Console | None = None,
 
     @app.get("/")
     def index() -> Response:
-        return jsonify(endpoints=["/healthz", "/readyz", "/config", "/metrics", "/pools",
-                                  "POST /pause", "POST /resume", "POST /reload"])
+        # A browser gets the status page; curl and programs (*/* or JSON) the endpoints.
+        if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+            return Response(status_page.page(), mimetype="text/html")
+        return jsonify(endpoints=["/", "/status", "/healthz", "/readyz", "/config", "/metrics",
+                                  "/pools", "POST /pause", "POST /resume", "POST /reload"])
+
+    @app.get("/status")
+    def status() -> tuple[Response, int]:
+        try:
+            return jsonify(status_page.status(console)), 200
+        except ConsoleError as e:
+            return _unavailable(e)
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
@@ -231,8 +250,29 @@ def _json_body() -> Any:
 
 
 def _audit(verb: str, name: str, what: dict) -> None:
-    log.info("pool %r %s by %s: %s", name, verb, request.remote_addr,
-             ", ".join(f"{k}={v}" for k, v in sorted(what.items())) or "-")
+    audit.info("pool %r %s by %s: %s", name, verb, request.remote_addr,
+               ", ".join(f"{k}={v}" for k, v in sorted(what.items())) or "-",
+               extra={"fields": {"event": "audit", "action": f"pool {verb}", "pool": name,
+                                 "changes": what, "remote_addr": request.remote_addr}})
+
+
+def _install_access_log(app: Flask) -> None:
+    """One line per request (JSON fields with log_format: json). Probes and scrapes
+    are logged at DEBUG: a kubelet asks every few seconds."""
+    @app.before_request
+    def started() -> None:
+        g.t0 = time.monotonic()
+
+    @app.after_request
+    def done(resp: Response) -> Response:
+        ms = round((time.monotonic() - g.get("t0", time.monotonic())) * 1000, 1)
+        level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
+        access.log(level, "%s %s %d %s %.1f ms", request.method, request.path, resp.status_code,
+                   request.remote_addr, ms,
+                   extra={"fields": {"event": "access", "method": request.method,
+                                     "path": request.path, "status": resp.status_code,
+                                     "remote_addr": request.remote_addr, "duration_ms": ms}})
+        return resp
 
 
 def _needs_token(settings: Settings) -> Callable:
@@ -305,7 +345,9 @@ def _run_command(console: Console, verb: str, db: str | None,
         code = 403 if e.sqlstate == "42501" else 404 if e.sqlstate == "3D000" else \
             400 if e.sqlstate == "F0000" else 409
         return jsonify(status="refused", sqlstate=e.sqlstate, reason=str(e), detail=e.detail), code
-    log.info("%s done (requested from %s)", sql, request.remote_addr)
+    audit.info("%s done (requested from %s)", sql, request.remote_addr,
+               extra={"fields": {"event": "audit", "action": verb.lower(), "database": db,
+                                 "remote_addr": request.remote_addr}})
     return jsonify(status="ok", command=tag, database=db), 200
 
 
@@ -364,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pooler-sidecar: invalid pooler config {args.config}:", *e.errors, sep="\n  ",
               file=sys.stderr)
         return 2
+    logs.setup(settings.log_format)       # as the pooler logs: text or JSON lines
     if settings.current_token() is None:
         log.warning("no token configured: /pause, /resume and /reload are disabled")
     console = Console(settings.target)

@@ -5,6 +5,8 @@ Two vocabularies, so existing dashboards and alerts work unchanged:
 * prometheus-community's pgbouncer_exporter: `pgbouncer_up`,
   `pgbouncer_version_info`, `pgbouncer_pools_*{database,user}`,
   `pgbouncer_databases_*{name,host,port,database,force_user,pool_mode}`,
+  (ours, from SHOW HISTOGRAMS) `pgbouncer_pools_{transaction_duration,query_duration,
+  client_wait}_seconds` histograms{database,user}, buckets 0.1 ms to 10 s,
   `pgbouncer_stats_totals_*_total{database}` (seconds, not microseconds),
   `pgbouncer_client_connections{database,user,application_name,state}` (SHOW
   CLIENTS counted, as 0.12 does), the SHOW LISTS counts (`pgbouncer_databases`,
@@ -28,7 +30,8 @@ import time
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector
 
 from .console import Console, ConsoleError, Rows
@@ -36,7 +39,7 @@ from .procmetrics import process_metrics
 
 log = logging.getLogger("sidecar.metrics")
 
-SHOWS = ("VERSION", "LISTS", "CONFIG", "POOLS", "DATABASES", "STATS", "CLIENTS")
+SHOWS = ("VERSION", "LISTS", "CONFIG", "POOLS", "DATABASES", "STATS", "CLIENTS", "HISTOGRAMS")
 US = 1e-6
 
 # SHOW POOLS column -> (exporter name, help). maxwait is handled apart (it adds maxwait_us).
@@ -172,6 +175,7 @@ def exporter_metrics(data: dict[str, Rows], legacy: bool = False) -> Iterator[Me
     if legacy:
         yield from _exporter_stats(data["STATS"], LEGACY_STATS_PREFIX)
     yield from _client_connections(data["CLIENTS"])
+    yield from _histograms(data["HISTOGRAMS"])
 
 
 def _exporter_pools(pools: Rows) -> Iterator[Metric]:
@@ -204,6 +208,34 @@ def _client_connections(clients: Rows) -> Iterator[Metric]:
     yield _gauge("pgbouncer_client_connections",
                  "Client connections by database, user, application name and state",
                  list(CLIENT_LABELS), [(list(key), n) for key, n in sorted(counts.items())])
+
+
+# SHOW HISTOGRAMS kind -> (histogram name, help). Ours: the exporter has no histogram.
+HISTOGRAMS = {
+    "xact": ("pgbouncer_pools_transaction_duration_seconds",
+             "Transactions (transaction and statement pooling), from server link to release"),
+    "query": ("pgbouncer_pools_query_duration_seconds",
+              "Requests, from the first unanswered one sent to the server to all answered"),
+    "wait": ("pgbouncer_pools_client_wait_seconds",
+             "Server assignments, from a request needing a server to one linked (0 if idle)"),
+}
+
+
+def _histograms(rows: Rows) -> Iterator[Metric]:
+    """SHOW HISTOGRAMS rows (cumulative, one per bucket) as Prometheus histograms."""
+    series: dict[str, dict[tuple[str, str], tuple[list, float]]] = {k: {} for k in HISTOGRAMS}
+    for r in rows:
+        per_pool = series.get(r["kind"])
+        if per_pool is None:
+            continue
+        buckets, _ = per_pool.setdefault((r["database"], r["user"]), ([], 0.0))
+        buckets.append((r["le"], float(r["count"])))
+        per_pool[(r["database"], r["user"])] = (buckets, float(r["sum_us"]) * US)
+    for kind, (name, help_) in HISTOGRAMS.items():
+        fam = HistogramMetricFamily(name, help_, labels=["database", "user"])
+        for (db, user), (buckets, total) in sorted(series[kind].items()):
+            fam.add_metric([db, user], buckets, total)
+        yield fam
 
 
 # ----------------------------------------------------------------------------- CNPG

@@ -40,6 +40,7 @@ class Settings:
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     client_ca_file: str | None = None   # CONNECTIONPOOL_CA_CERT (pools API); see pools.endpoint
     legacy_metrics: bool = False        # also the pre-0.11 exporter names pgbouncer_stats_*
+    log_format: str = "text"            # the pooler's log_format: the sidecar logs alike
 
     def current_token(self) -> str | None:
         """The configured token, or None: then state-changing endpoints are refused."""
@@ -128,7 +129,8 @@ def from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Se
                     client_ca_file=os.path.abspath(args.client_ca_file) if args.client_ca_file
                     else None,
                     legacy_metrics=args.legacy_metrics if args.legacy_metrics is not None
-                    else env_flag(env.get("POOLER_SIDECAR_LEGACY_METRICS")))
+                    else env_flag(env.get("POOLER_SIDECAR_LEGACY_METRICS")),
+                    log_format=cfg.log_format)
 
 
 def console_host(cfg: Config) -> str:

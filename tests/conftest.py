@@ -161,6 +161,21 @@ class Poller:
             self._sample()
 
 
+def admin_show(target, what: str, user: str = "admin", password: str | None = "adminpass",
+               **extra) -> list[dict]:
+    """`SHOW what` on the admin console of `target` (a PoolerProc or a bouncer.Bouncer:
+    anything with connect(db, user, password, **extra)) as a list of column -> value."""
+    conn = target.connect("pgbouncer", user, password, **extra)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(what if what.lstrip().upper().startswith("SHOW ") else f"SHOW {what}")
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str | None = None):
     """Poll `predicate` until it returns something truthy (returned); AssertionError on timeout."""
     deadline = time.monotonic() + timeout

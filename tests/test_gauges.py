@@ -17,11 +17,10 @@ import subprocess
 import threading
 import time
 
-import psycopg2
 import pytest
 
 from bouncer import ADMIN, ADMIN_PASSWORD, PGBOUNCER, Bouncer, require_pgbouncer
-from conftest import APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, wait_until
+from conftest import admin_show, APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, wait_until
 from pooler.proc import shm
 
 CHECK_DELAY = 3
@@ -72,15 +71,7 @@ def users(pg) -> dict[str, str]:
 
 
 def show(target, what: str) -> list[dict]:
-    conn = target.connect("pgbouncer", ADMIN, ADMIN_PASSWORD)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f"SHOW {what}")
-            names = [d.name for d in cur.description]
-            return [dict(zip(names, r)) for r in cur.fetchall()]
-    finally:
-        conn.close()
+    return admin_show(target, what, ADMIN, ADMIN_PASSWORD)
 
 
 def show_pools(target) -> dict[tuple[str, str], dict]:

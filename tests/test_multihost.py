@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 
 from bouncer import Bouncer
-from conftest import wait_until
+from conftest import admin_show, wait_until
 from rawpg import RawConn
 from pooler.dev.devcluster import TempPostgres, free_port
 
@@ -58,15 +58,7 @@ def held(p, n: int, what: str = "inet_server_port()"):
 
 
 def admin(p, what: str) -> list[dict]:
-    c = psycopg2.connect(p.dsn("pgbouncer", ADMIN, ADMIN_PW))
-    try:
-        c.autocommit = True
-        with c.cursor() as cur:
-            cur.execute(f"SHOW {what}")
-            cols = [d.name for d in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
-    finally:
-        c.close()
+    return admin_show(p, what, ADMIN, ADMIN_PW)
 
 
 def pooled_backends(cluster) -> int:

@@ -16,7 +16,7 @@ import threading
 import psycopg2
 import pytest
 
-from conftest import wait_until
+from conftest import admin_show, wait_until
 from pooler.dev.devcluster import TempPostgres
 from rawpg import PgError, RawConn
 
@@ -91,15 +91,7 @@ def walsenders(pub) -> list[tuple]:
 
 
 def admin_rows(p, what: str) -> list[dict]:
-    c = psycopg2.connect(p.dsn("pgbouncer", ADMIN, ADMIN_PW))
-    try:
-        c.autocommit = True
-        with c.cursor() as cur:
-            cur.execute(f"SHOW {what}")
-            cols = [d.name for d in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
-    finally:
-        c.close()
+    return admin_show(p, what, ADMIN, ADMIN_PW)
 
 
 def repl_conn(p, kind: str = "database", app: str = "rawrepl") -> RawConn:

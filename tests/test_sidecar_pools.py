@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 import yaml
 
-from conftest import APP_DB, APP_USER
+from conftest import admin_show, APP_DB, APP_USER
 from pooler.config.load import load_config
 from sidecar import pool_writes
 from sidecar.settings import from_args, parser
@@ -30,15 +30,7 @@ def overlay_of(pooler) -> Path:
 
 
 def admin_rows(pooler, what: str) -> list[dict]:
-    conn = pooler.connect(db="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SHOW {what}")
-            names = [d.name for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
-    finally:
-        conn.close()
+    return admin_show(pooler, what, ADMIN, ADMIN_PASSWORD)
 
 
 def row(rows: list[dict], key: str, name: str) -> dict | None:

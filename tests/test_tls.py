@@ -24,7 +24,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from conftest import (APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD,
+from conftest import (admin_show, APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD,
                       wait_until)
 from pooler.config.converters import ConfigError
 from pooler.config.validate import parse_config
@@ -94,16 +94,7 @@ def tls_raw(p, timeout: float = 10.0, ctx: ssl.SSLContext | None = None) -> RawC
 
 
 def admin_rows(p, sql: str) -> list[dict]:
-    conn = p.connect(db="pgbouncer", user=SUPERUSER, password=SUPERUSER_PASSWORD,
-                     sslmode="prefer")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r)) for r in cur.fetchall()]
-    finally:
-        conn.close()
+    return admin_show(p, sql, SUPERUSER, SUPERUSER_PASSWORD, sslmode="prefer")
 
 
 def open_fds(pid: int) -> int:

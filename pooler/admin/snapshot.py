@@ -111,6 +111,10 @@ def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
             "recovered_query_count": st.recovered_queries,
             "recovery_failed_count": st.recovery_failures,
         },
+        # histogram.py: per-bucket counts and the sum of the observed seconds (in us).
+        "hist": {"xact": [list(st.xact_hist), _us(st.xact_time)],
+                 "query": [list(st.query_hist), _us(st.query_time)],
+                 "wait": [list(st.wait_hist), _us(st.link_wait_time)]},
     }
 
 

@@ -16,7 +16,7 @@ from pooler.admin import procstat
 from pooler.config import runtime
 from pooler.wire import protocol
 from pooler.version import version_line
-from pooler.pooling import relaystep
+from pooler.pooling import histogram, relaystep
 from pooler.config.settings import ADMIN_DB
 from pooler.pooling.relay import CLIENT_BUF
 from pooler.pooling.server import SERVER_BUF
@@ -129,12 +129,13 @@ class View:
                     m = merged[(p["database"], p["user"])] = {
                         "database": p["database"], "user": p["user"], "mode": p["mode"],
                         "server_user": p["server_user"], "wait_us": 0,
-                        "stats": {k: 0 for k in STAT_KEYS + RECOVERY_KEYS},
+                        "stats": {k: 0 for k in STAT_KEYS + RECOVERY_KEYS}, "hist": {},
                         **{k: 0 for k in COUNT_KEYS}}
                 for k in COUNT_KEYS:
                     m[k] += p[k]
                 for k in STAT_KEYS + RECOVERY_KEYS:
                     m["stats"][k] += p["stats"].get(k, 0)
+                _add_hist(m["hist"], p.get("hist", {}))
                 # The oldest waiter of all workers, not a sum.
                 m["wait_us"] = max(m["wait_us"], p["maxwait"] * 1_000_000 + p["maxwait_us"])
         return [merged[k] for k in sorted(merged)]
@@ -169,6 +170,17 @@ class View:
             for k, val in snap.get("admin_stats", {}).items():
                 admin[k] += val
         return dict(sorted(out.items()))
+
+
+def _add_hist(into: dict, hist: dict) -> None:
+    """Sum one worker's histograms (kind -> [counts, sum_us]) into `into`."""
+    for kind, (counts, sum_us) in hist.items():
+        have = into.get(kind)
+        if have is None:
+            into[kind] = [list(counts), sum_us]
+        else:
+            have[0] = [a + b for a, b in zip(have[0], counts)]
+            have[1] += sum_us
 
 
 # --------------------------------------------------------------------------- SHOW tables
@@ -461,9 +473,21 @@ def show_config(v: View) -> Result:
     return table("key:s value:s default:s changeable:s", rows)
 
 
+def show_histograms(v: View) -> Result:
+    """Ours (PgBouncer has none): per pool and kind (histogram.KINDS), one row per
+    bucket with Prometheus' cumulative count; sum_us is the kind's observed total."""
+    rows = []
+    for p in v.pools:
+        for kind in histogram.KINDS:
+            counts, sum_us = p["hist"].get(kind, (histogram.new_counts(), 0))
+            for i, n in enumerate(histogram.cumulative(counts)):
+                rows.append([p["database"], p["user"], kind, histogram.bound_label(i), n, sum_us])
+    return table("database:s user:s kind:s le:s count:N sum_us:N", rows)
+
+
 def show_help(_v: View) -> Result:
     text = ("\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n"
-            "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE|PROCESSES\n"
+            "\tSHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE|PROCESSES|HISTOGRAMS\n"
             "\tSHOW PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES\n"
             "\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n"
             "\tSET key = arg\n\tRELOAD\n\tPAUSE [<db>]\n\tRESUME [<db>]\n\tDISABLE <db>\n"
@@ -484,7 +508,7 @@ SHOWS: dict[str, Callable[[View], Result]] = {
     "stats_totals": show_stats_totals, "stats_averages": show_stats_averages,
     "totals": show_totals, "lists": show_lists, "state": show_state, "mem": show_mem,
     "fds": show_fds, "processes": show_processes, "peers": show_peers,
-    "peer_pools": show_peer_pools,
+    "peer_pools": show_peer_pools, "histograms": show_histograms,
     "dns_hosts": lambda _v: table("hostname:s ttl:q addrs:s", []),
     "dns_zones": lambda _v: table("zonename:s serial:q count:i", []),
 }

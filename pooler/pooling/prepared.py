@@ -206,3 +206,27 @@ def _cstr_end(msg: memoryview, start: int) -> int:
 def is_forget_all(tag: bytes) -> bool:
     """CommandComplete tags after which the server has dropped every prepared statement."""
     return tag.startswith(b"DISCARD ALL") or tag.startswith(b"DEALLOCATE ALL")
+
+
+def rewrite(relay) -> None:
+    """The relay's EV_REWRITE: swap the current P/B/D/C message for its server-side
+    form (or drop it), keeping the bytes before it for the send."""
+    step = relay.step
+    t = step.cbuf[step.msg]
+    view = step.cview[step.msg:step.mend]
+    stmts, sstmts, batch = relay.stmts, relay.server.stmts, step.send + 1
+    if t == protocol.P:
+        new = stmts.rewrite_parse(view, sstmts, batch)
+    elif t == protocol.B:
+        new = stmts.rewrite_bind(view, sstmts, batch)
+    elif t == protocol.D:
+        new = stmts.rewrite_describe(view, sstmts, batch)
+    else:
+        new = stmts.rewrite_close(view, sstmts, batch)
+    step.want_z = True               # the server owes answers the relay must follow
+    if new is not None:
+        parts = relay.parts
+        if parts is None:
+            parts = relay.parts = []
+        parts.append(step.cut())
+        parts.append(new)

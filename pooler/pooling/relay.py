@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from gevent import GreenletExit, get_hub, getcurrent
@@ -48,8 +49,9 @@ from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
     END_MASK, F_AGAIN)
+from pooler.pooling.histogram import BOUNDS
 from pooler.pooling.pool import PoolError
-from pooler.pooling.prepared import ClientStatements, is_forget_all
+from pooler.pooling.prepared import ClientStatements, is_forget_all, rewrite
 from pooler.errors import PoolerError
 from pooler.pooling.clientstate import ClientState
 
@@ -76,7 +78,6 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
 (J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED,
  J_RETRY, J_SESS) = (1 << bit for bit in range(12))
-P, B, D = protocol.P, protocol.B, protocol.D
 
 
 def _io_job(ev: int, on_eof: int, on_closed: int, what: str) -> int:
@@ -118,7 +119,7 @@ class Relay:
         self.glet = None
         self.hub = get_hub()
         self.query_start = 0.0   # when the oldest unanswered request was sent
-        self.xact_start = 0.0    # when the server was linked
+        self.xact_start = 0.0    # when the server was linked (before: when one was needed)
         self.last_active = monotonic()
         self.parts: list | None = None    # bytes before cut messages, while a walk is held
         self.refuse = False
@@ -353,6 +354,7 @@ class Relay:
         step = self.step
         while True:
             if ev == EV_LINK:
+                self.xact_start = monotonic()    # the wait for a server starts (_link)
                 if self.failed is not None or self.dedicated:   # replication: never a pooled one
                     return J_FAILED if self.failed is not None else J_LINK
                 pool = self.pool
@@ -374,7 +376,9 @@ class Relay:
                 if getcurrent() is self.hub:
                     srv.stream.rw.start(self.on_server_cb)
             elif ev == EV_REWRITE:
-                self._rewrite()
+                if step.sess_hit:        # a session statement's Parse (sessionstate.py)
+                    sessionstate.on_text(self)
+                rewrite(self)
             elif ev == EV_SESSION:
                 sessionstate.on_text(self)
             elif ev >= EV_NONE and ev < F_AGAIN:
@@ -411,31 +415,6 @@ class Relay:
         elif cend == len(step.cbuf) and cend >= 5:
             self.grow_client_buf()
         return job
-
-    def _rewrite(self) -> None:
-        """Prepared statements: swap a P/B/D/C for its server-side form (or drop it)."""
-        step = self.step
-        msg, mend = step.msg, step.mend
-        t = step.cbuf[msg]
-        view = step.cview[msg:mend]
-        stmts, sstmts, batch = self.stmts, self.server.stmts, step.send + 1
-        if t == P:
-            if step.sess_hit:            # a session statement (sessionstate.py)
-                sessionstate.on_text(self)
-            new = stmts.rewrite_parse(view, sstmts, batch)
-        elif t == B:
-            new = stmts.rewrite_bind(view, sstmts, batch)
-        elif t == D:
-            new = stmts.rewrite_describe(view, sstmts, batch)
-        else:
-            new = stmts.rewrite_close(view, sstmts, batch)
-        step.want_z = True               # the server owes answers the relay must follow
-        if new is not None:
-            parts = self.parts
-            if parts is None:
-                parts = self.parts = []
-            parts.append(step.cut())
-            parts.append(new)
 
     def _borrow(self) -> None:
         buf, view = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
@@ -531,7 +510,9 @@ class Relay:
         code = ev & END_MASK
         if code:                         # EV_QDONE / EV_RELEASE: every request answered
             now = monotonic()
-            self.stats.query_time += now - self.query_start
+            d = now - self.query_start
+            self.stats.query_time += d
+            self.stats.query_hist[bisect_left(BOUNDS, d)] += 1
             self.last_active = now
             step.flush_stats(self.stats)
             if self.refuse:
@@ -578,7 +559,11 @@ class Relay:
 
     def _link(self, srv: "ServerConn") -> None:
         client = self.client
-        self.stats.server_assignment_count += 1
+        st = self.stats
+        st.server_assignment_count += 1
+        now = monotonic()
+        st.link_wait_time += now - self.xact_start      # since EV_LINK, 0 if one was idle
+        st.wait_hist[bisect_left(BOUNDS, now - self.xact_start)] += 1
         client.state = ACTIVE
         srv.client = client
         self.server = srv
@@ -586,7 +571,7 @@ class Relay:
         step.link(srv.stream.sock, srv.buf, srv.view)
         if self.stmts is not None:
             step.want_z = bool(srv.stmts.expect)
-        self.xact_start = self.query_start = monotonic()
+        self.xact_start = self.query_start = now
 
     def _unlink(self, now: float) -> None:
         """Return a clean server to the pool (transaction / statement mode)."""
@@ -595,5 +580,7 @@ class Relay:
         self.step.unlink()
         disarm(srv.stream.rw)
         self.client.state = IDLE
-        self.stats.xact_time += now - self.xact_start
+        d = now - self.xact_start
+        self.stats.xact_time += d
+        self.stats.xact_hist[bisect_left(BOUNDS, d)] += 1
         self.pool.release(srv, now)
