@@ -30,6 +30,7 @@ from pooler.config.converters import ConfigError
 from pooler.config.validate import parse_config
 from pooler.dev.devcluster import TempPostgres, find_pg_bindir
 from pooler.config.runtime import runtime_setting, tls_problems
+import rawpg
 from rawpg import SSL_REQUEST, PgError, RawConn
 
 OPENSSL = shutil.which("openssl")
@@ -595,3 +596,40 @@ def test_reload_turns_client_tls_on(pooler_factory, pooler_config, app_userlist,
     wait_until(tls_now, 10, message="client TLS not on after RELOAD")
     with pytest.raises(psycopg2.OperationalError, match="SSL required"):
         p.connect(sslmode="disable")
+
+
+def test_messages_larger_than_the_relay_buffer_over_client_tls(pooler_factory, pooler_config,
+                                                                app_userlist, certs):
+    """The relay reads TLS records itself (wire/tls.TlsSocket): a read whose buffer is
+    smaller than a record leaves decrypted bytes in OpenSSL that the fd never announces;
+    the relay must read them anyway. Queries of 64 KB to 1 MB, sizes around the relay's
+    64 KB buffer, in both pool modes' paths (each answered, none stuck)."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2,
+                                     **client_tls(certs)), app_userlist)
+    conn = p.connect(sslmode="require", connect_timeout=5)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SET statement_timeout = '20s'")
+        for size in (65_000, 65_531, 65_536, 70_000, 131_072 - 7, 300_001, 1_000_003):
+            cur.execute("SELECT length(%s)", ("y" * size,))
+            assert cur.fetchone() == (size,)
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    conn.close()
+    # Python's ssl writes 16 KB records (libpq 8 KB ones); a small query ahead of a big
+    # one in the same records shifts where the relay's buffer ends inside a record.
+    with tls_raw(p) as c:
+        c.login(APP_USER, APP_PASSWORD, APP_DB)
+        for pad in range(0, 16_384, 1_499):
+            big = 200_000 + pad
+            msgs = c.exchange(rawpg.query("SELECT 1" + " " * pad) +
+                              rawpg.query(f"SELECT length('{'z' * big}')"))
+            assert rawpg.rows_of(msgs) == [["1"], [str(big)]], rawpg.show(msgs)[:4]
+        # A named Parse is kept whole for its rewrite (max_prepared_statements): the
+        # buffer fills inside a record.
+        for n, pad in enumerate(range(0, 16_384, 2_003)):
+            big = 66_000 + pad           # the 64 KB boundary falls in the last records
+            sql = f"SELECT length('{'p' * big}')"
+            msgs = c.exchange(rawpg.query("SELECT 2" + " " * pad) + rawpg.parse(f"big{n}", sql) +
+                              rawpg.bind(f"big{n}") + rawpg.execute() + rawpg.SYNC)
+            assert rawpg.rows_of(msgs) == [["2"], [str(big)]], rawpg.show(msgs)[:6]

@@ -208,10 +208,31 @@ cdef inline ssize_t _recv(int fd, char *p, ssize_t n) except -2:
         raise OSError(errno, "recv failed")
 
 
+cdef ssize_t _py_recv(object sock, object view) except -2:
+    """A TLS side (wire/tls.TlsSocket): its recv_into, with _recv's results."""
+    try:
+        return sock.recv_into(view)
+    except (BlockingIOError, InterruptedError):
+        return -1
+    except OSError:
+        return 0
+
+
+cdef ssize_t _py_send(object sock, object view):
+    """A TLS side: its send, with _send's results."""
+    try:
+        return sock.send(view)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError:
+        return -1
+
+
 cdef class Step:
     """Wire state and byte moving of one client link (see relaystep_py)."""
     cdef public object csock, ssock, cbuf, cview, sbuf, sview, pending, tail
     cdef int cfd, sfd
+    cdef bint ctls, stls        # that side is a TLS connection: Python-level I/O
     cdef public int mode
     cdef public bint tracked, unsynced, in_copy_in, new_query, hold, want_z, watch, sess_seen, sess_hit
     cdef public Py_ssize_t cend, skept, c_skip, s_skip, msg, mend
@@ -225,8 +246,10 @@ cdef class Step:
     def __init__(self, client_sock, int mode, bint tracked):
         self.csock = client_sock
         self.cfd = client_sock.fileno()
+        self.ctls = getattr(client_sock, "tls_direct", False)
         self.ssock = None
         self.sfd = -1
+        self.stls = False
         self.mode = mode
         self.tracked = tracked
         if tracked:
@@ -264,6 +287,7 @@ cdef class Step:
     def link(self, sock, bytearray buf, view):
         self.ssock = sock
         self.sfd = sock.fileno()
+        self.stls = getattr(sock, "tls_direct", False)
         self.sbuf = buf
         self.sview = view
         self.send = self.recv = 0
@@ -318,8 +342,12 @@ cdef class Step:
 
     def client_in(self):
         cdef object buf = self.cbuf
-        cdef ssize_t n = _recv(self.cfd, PyByteArray_AS_STRING(buf) + self.cend,
-                               PyByteArray_GET_SIZE(buf) - self.cend)
+        cdef ssize_t n
+        if self.ctls:
+            n = _py_recv(self.csock, self.cview[self.cend:])
+        else:
+            n = _recv(self.cfd, PyByteArray_AS_STRING(buf) + self.cend,
+                      PyByteArray_GET_SIZE(buf) - self.cend)
         if n <= 0:
             return C_EV_EOF if n == 0 else C_EV_NONE
         self._end = self.cend + n
@@ -408,8 +436,12 @@ cdef class Step:
 
     def server_in(self):
         cdef object buf = self.sbuf
-        cdef ssize_t n = _recv(self.sfd, PyByteArray_AS_STRING(buf) + self.skept,
-                               PyByteArray_GET_SIZE(buf) - self.skept)
+        cdef ssize_t n
+        if self.stls:
+            n = _py_recv(self.ssock, self.sview[self.skept:])
+        else:
+            n = _recv(self.sfd, PyByteArray_AS_STRING(buf) + self.skept,
+                      PyByteArray_GET_SIZE(buf) - self.skept)
         if n <= 0:
             return C_EV_EOF if n == 0 else C_EV_NONE
         self._end = self.skept + n
@@ -492,7 +524,11 @@ cdef class Step:
             self.tail = PyBytes_FromStringAndSize(p + seg, pos - seg)
             code |= C_EV_HELD
         elif pos > seg and out >= 0:
-            n = _send(out, p + seg, pos - seg)
+            if self.stls if client else self.ctls:
+                n = _py_send(self.ssock if client else self.csock,
+                             (self.cview if client else self.sview)[seg:pos])
+            else:
+                n = _send(out, p + seg, pos - seg)
             if n < 0:
                 return C_EV_CLOSED
             if n < pos - seg:

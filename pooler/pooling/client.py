@@ -70,7 +70,7 @@ class Client:
         self.db_client_key: tuple | None = None     # max_db_client_connections claim held
         self.glet = gevent.getcurrent()
         self.close_reason = "client close request"   # for the log line; fatal() sets it
-        self.tls: tls.TlsPump | None = None         # set once a TLS handshake is done
+        self.tls: tls.TlsDirect | None = None       # set once a TLS handshake is done
         self.replication = "none"                   # "logical" / "physical": a walsender client
         self.server_startup: dict[str, str] | None = None   # replication: its server's extra startup
 
@@ -197,7 +197,7 @@ class Client:
             raise LoginFailed("08P01", "received unencrypted data after SSL request")
         s.sendall(b"S")
         try:
-            self.stream, self.tls = tls.wrap(s, ctxs.client, server_side=True)
+            self.stream, self.tls = tls.wrap(s, ctxs.client, server_side=True, direct=True)
         except tls.HandshakeFailed as exc:
             log.info("C-%d %s TLS handshake failed: %s", self.id, self._who(), exc)
             raise ConnectionClosed(str(exc)) from None

@@ -101,7 +101,8 @@ class Relay:
 
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse", "dedicated",
-                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb")
+                 "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
+                 "tls")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -131,6 +132,7 @@ class Relay:
         # Bound once: a watcher started with the same callback object costs no allocation.
         self.on_client_cb = self._on_client
         self.on_server_cb = self._on_server
+        self.tls = getattr(self.cs.sock, "tls_direct", False)     # wire/tls.TlsSocket
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -229,6 +231,19 @@ class Relay:
         srv = self.server
         if srv is not None:
             srv.stream.rw.start(self.on_server_cb)
+        if self.tls:
+            self._tls_more()
+
+    def _tls_more(self) -> None:
+        """TLS: bytes OpenSSL decrypted but a read had no room for are not announced
+        by the fd; read them from the loop as if it had fired."""
+        if self.cs.sock.pending():
+            self.hub.loop.run_callback(self._tls_kick)
+
+    def _tls_kick(self) -> None:
+        rw = self.cs.rw         # still waiting on the client in a callback? (else the next _arm)
+        if rw.active and rw.callback is self.on_client_cb and self.glet is None and not self.ended:
+            self._on_client()
 
     def _disarm(self) -> None:
         disarm(self.cs.rw)
@@ -300,6 +315,8 @@ class Relay:
         if job:
             self._disarm()
             self._spawn(job)
+        elif self.tls:
+            self._tls_more()
 
     def _on_server(self) -> None:
         try:
@@ -336,6 +353,8 @@ class Relay:
         if job:
             self._disarm()
             self._spawn(job)
+        elif self.tls:
+            self._tls_more()
 
     def _leave_queue(self) -> None:
         w, self.waiter = self.waiter, None

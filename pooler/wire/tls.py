@@ -1,17 +1,16 @@
 """TLS for clients (client_tls_*) and for server connections (server_tls_*), PgBouncer-style.
 
 The relay works on raw non-blocking sockets and waits on their fds (netio.py). A TLS
-socket does not fit that model: it raises SSLWantReadError instead of
-BlockingIOError, and it can hold decrypted bytes while its fd is not readable, so
-waiting on the fd could hang. So TLS is terminated outside the relay: after the
-handshake, the connection's owner (Client, ServerConn) gets a netio.Stream on one end
-of a `socketpair()` (a plain socket: the relay and the handshake code are unchanged)
-and a TlsPump moves bytes between the other end and the gevent TLS socket, one
-greenlet per direction (a single greenlet doing blocking writes both ways could
-deadlock: blocked writing to the relay while the relay is blocked writing to it).
+socket does not fit as it is: it raises SSLWantReadError instead of BlockingIOError,
+and it can hold decrypted bytes while its fd is not readable. Two ways around that:
 
-Cost: a TLS connection pays two extra syscalls per direction per chunk (the pump's
-recv and send on the socketpair) and two greenlets; plaintext connections pay nothing.
+* clients (`wrap(direct=True)`): a TlsSocket, the face of a non-blocking socket over
+  the C-level SSL object, so netio.Stream and the relay step read and write the TLS
+  connection themselves; the relay checks `pending()` where it would wait on the fd.
+* servers: after the handshake the owner (ServerConn) gets a netio.Stream on one end
+  of a `socketpair()` and a TlsPump moves bytes between the other end and the gevent
+  TLS socket, one greenlet per direction (a single greenlet doing blocking writes
+  both ways could deadlock). Costs two extra syscalls per direction per chunk.
 
 Contexts are built once per config (`configure`, from Worker.apply_config: so on
 start, RELOAD, SIGHUP and SET), and the files are re-read each time. `check` builds
@@ -19,6 +18,7 @@ them with the plain `ssl` module for config validation (the master imports no ge
 """
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -162,10 +162,13 @@ def describe(tls_sock) -> str:
         return ""
 
 
-def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None):
+def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None,
+         direct: bool = False):
     """TLS handshake on `stream`'s socket (cooperatively, under the caller's timeout);
-    returns (a new plain netio.Stream for the owner, the TlsPump). `stream` is closed
-    either way (its socket now belongs to the TLS layer); HandshakeFailed on failure."""
+    returns (a new netio.Stream for the owner, the TlsPump or TlsDirect behind it).
+    `direct`: the Stream reads and writes the TLS connection itself (TlsSocket), else
+    a plain socketpair end with a TlsPump. `stream` is closed either way (its socket
+    now belongs to the TLS layer); HandshakeFailed on failure."""
     from gevent import socket as gsocket
 
     from pooler.wire import netio
@@ -180,6 +183,8 @@ def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str
                                    server_hostname=None if server_side else server_hostname,
                                    do_handshake_on_connect=False)
         tls_sock.do_handshake()
+        if direct:
+            return netio.Stream(TlsSocket(tls_sock), stream.peer), TlsDirect(tls_sock)
         mine, theirs = gsocket.socketpair()
     except BaseException as exc:
         (tls_sock or gsock).close()
@@ -191,6 +196,96 @@ def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str
         raise
     owner_end = netio.raw_from_gevent(theirs)
     return netio.Stream(owner_end, stream.peer), TlsPump(tls_sock, mine)
+
+
+class TlsSocket:
+    """A TLS connection with the face of a non-blocking `_socket.socket`, for netio.Stream
+    and the relay step: recv_into/send go straight to the C-level SSL object over the
+    real fd (no pump, no socketpair), and "would block" is BlockingIOError, as for a
+    plain socket. The fd's readiness is the kernel's; bytes OpenSSL already decrypted
+    but not returned (`pending()`, when a read's buffer was smaller than a record) are
+    not, so a caller that waits on the fd checks pending() first (the relay does)."""
+
+    __slots__ = ("tls", "ssl", "fd", "family")
+    tls_direct = True           # the relay step does its I/O through these methods
+
+    def __init__(self, tls_sock) -> None:
+        self.tls = tls_sock                 # owns the fd; the SSL object refers back to it
+        self.ssl = tls_sock._sslobj         # the C object: non-blocking on gevent's real socket
+        self.fd = tls_sock.fileno()
+        self.family = tls_sock.family
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setblocking(self, _flag: bool) -> None:
+        """Always non-blocking underneath (gevent's socket); nothing to change."""
+
+    def pending(self) -> int:
+        return self.ssl.pending()
+
+    def recv_into(self, buf, nbytes: int = 0) -> int:
+        size = nbytes or len(buf)
+        if not size:
+            return 0
+        try:
+            return self.ssl.read(size, buf)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError(errno.EAGAIN, "TLS: no record yet") from None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0                        # close_notify, or the peer just went away
+        except ssl.SSLError as exc:
+            raise ConnectionResetError(errno.ECONNRESET, f"TLS: {exc.reason or exc}") from None
+
+    def recv(self, size: int) -> bytes:
+        buf = bytearray(size)
+        return bytes(buf[:self.recv_into(buf)])
+
+    def send(self, data) -> int:
+        if not len(data):
+            return 0
+        try:
+            return self.ssl.write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            # OpenSSL wants the same bytes again: every caller retries from here.
+            raise BlockingIOError(errno.EAGAIN, "TLS: socket full") from None
+        except ssl.SSLError as exc:
+            raise BrokenPipeError(errno.EPIPE, f"TLS: {exc.reason or exc}") from None
+
+    def sendmsg(self, parts: list) -> int:
+        return self.send(b"".join(parts))   # one record: encryption copies anyway
+
+    def getsockname(self):
+        return self.tls.getsockname()
+
+    def getpeername(self):
+        return self.tls.getpeername()
+
+    def close(self) -> None:
+        try:
+            self.tls.close()
+        except OSError:
+            pass
+
+
+class TlsDirect:
+    """What the owner keeps of a direct TLS connection (TlsSocket): the `tls` socket
+    and the `info` SHOW shows; closing the owner's Stream closes the connection."""
+
+    __slots__ = ("tls", "info")
+
+    def __init__(self, tls_sock) -> None:
+        self.tls = tls_sock
+        self.info = describe(tls_sock)
+
+    def release(self) -> None:
+        """Nothing is left to flush: the owner's writes went to the connection itself."""
+
+    def close(self) -> None:
+        try:
+            self.tls.close()
+        except OSError:
+            pass
 
 
 class TlsPump:
