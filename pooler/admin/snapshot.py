@@ -145,8 +145,8 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
     pool = client.pool
     srv = getattr(relay, "server", None)
     addr, port = _split_peer(client.addr)
-    pump = client.tls
-    laddr, lport = _local_sock(pump.tls) if pump is not None else _local(client.stream)
+    secured = client.tls
+    laddr, lport = _local_sock(secured.tls) if secured is not None else _local(client.stream)
     since = waits.get(id(client))
     wait = clock.mono_now - since if since is not None else 0.0
     last = getattr(relay, "last_active", None)
@@ -170,7 +170,7 @@ def _client(client: "Client", wid: int, clock: _Clock, waits: dict[int, float]) 
         "link": server_ptr(wid, srv.id) if srv is not None else None,
         "application_name": client.tparams.get("application_name") or "",
         "prepared_statements": len(stmts.names) if stmts is not None else 0,
-        "tls": pump.info if pump is not None else "",
+        "tls": secured.info if secured is not None else "",
         "pin": client.session.pin if relay is not None else "",
     }
 
@@ -198,7 +198,7 @@ def _local(stream) -> tuple[str, int]:
 
 def _local_sock(sock) -> tuple[str, int]:
     """(address, port) a socket is bound to; ('unix', 0) for a Unix socket.
-    (A TLS connection's stream is a socketpair end: its TLS socket is asked.)"""
+    (A TLS connection's stream is a TlsSocket: its gevent TLS socket is asked.)"""
     try:
         name = sock.getsockname()
     except OSError:
@@ -222,8 +222,8 @@ def _servers(pool: "Pool", wid: int, clock: _Clock) -> list[dict]:
 
 def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock) -> dict[str, Any]:
     client = srv.client
-    pump = srv.tls
-    laddr, lport = _local_sock(pump.tls) if pump is not None else _local(srv.stream)
+    secured = srv.tls
+    laddr, lport = _local_sock(secured.tls) if secured is not None else _local(srv.stream)
     host = srv.host                     # the one of the entry's host list it went to
     return {
         "id": global_id(wid, srv.id),
@@ -243,6 +243,6 @@ def _server(pool: "Pool", srv: "ServerConn", st: str, wid: int, clock: _Clock) -
         "remote_pid": srv.pid,
         "application_name": (client.tparams.get("application_name") or "") if client is not None else "",
         "prepared_statements": len(srv.stmts.cache),
-        "tls": pump.info if pump is not None else "",
+        "tls": secured.info if secured is not None else "",
         "pin": client.session.pin if client is not None else "",
     }

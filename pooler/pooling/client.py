@@ -197,7 +197,7 @@ class Client:
             raise LoginFailed("08P01", "received unencrypted data after SSL request")
         s.sendall(b"S")
         try:
-            self.stream, self.tls = tls.wrap(s, ctxs.client, server_side=True, direct=True)
+            self.stream, self.tls = tls.wrap(s, ctxs.client, server_side=True)
         except tls.HandshakeFailed as exc:
             log.info("C-%d %s TLS handshake failed: %s", self.id, self._who(), exc)
             raise ConnectionClosed(str(exc)) from None

@@ -44,7 +44,8 @@ from greenlet import greenlet
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import relayexit, relayfaults, relaystep, replication, sessionstate
+from pooler.pooling import (relayexit, relayfaults, relaystep, relaytls, replication,
+                            sessionstate)
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
@@ -132,7 +133,8 @@ class Relay:
         # Bound once: a watcher started with the same callback object costs no allocation.
         self.on_client_cb = self._on_client
         self.on_server_cb = self._on_server
-        self.tls = getattr(self.cs.sock, "tls_direct", False)     # wire/tls.TlsSocket
+        # relaytls bits: which sides are wire/tls.TlsSocket (the server's set at _link).
+        self.tls = relaytls.CLIENT if getattr(self.cs.sock, "tls_direct", False) else 0
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -232,18 +234,7 @@ class Relay:
         if srv is not None:
             srv.stream.rw.start(self.on_server_cb)
         if self.tls:
-            self._tls_more()
-
-    def _tls_more(self) -> None:
-        """TLS: bytes OpenSSL decrypted but a read had no room for are not announced
-        by the fd; read them from the loop as if it had fired."""
-        if self.cs.sock.pending():
-            self.hub.loop.run_callback(self._tls_kick)
-
-    def _tls_kick(self) -> None:
-        rw = self.cs.rw         # still waiting on the client in a callback? (else the next _arm)
-        if rw.active and rw.callback is self.on_client_cb and self.glet is None and not self.ended:
-            self._on_client()
+            relaytls.more(self)
 
     def _disarm(self) -> None:
         disarm(self.cs.rw)
@@ -316,7 +307,7 @@ class Relay:
             self._disarm()
             self._spawn(job)
         elif self.tls:
-            self._tls_more()
+            relaytls.more(self)        # TLS bytes the fd will not announce
 
     def _on_server(self) -> None:
         try:
@@ -327,6 +318,8 @@ class Relay:
         if job:
             self._disarm()
             self._spawn(job)
+        elif self.tls:
+            relaytls.more(self)
 
     def _on_handed(self, srv: "ServerConn | None") -> None:
         """The pool handed this queued client a server (None: retry via acquire())."""
@@ -354,7 +347,7 @@ class Relay:
             self._disarm()
             self._spawn(job)
         elif self.tls:
-            self._tls_more()
+            relaytls.more(self)        # TLS bytes the fd will not announce
 
     def _leave_queue(self) -> None:
         w, self.waiter = self.waiter, None
@@ -591,6 +584,8 @@ class Relay:
         if self.stmts is not None:
             step.want_z = bool(srv.stmts.expect)
         self.xact_start = self.query_start = now
+        if srv.tls is not None or self.tls:
+            self.tls = (self.tls & relaytls.CLIENT) | (relaytls.SERVER if srv.tls else 0)
 
     def _unlink(self, now: float) -> None:
         """Return a clean server to the pool (transaction / statement mode)."""

@@ -35,10 +35,11 @@ class ServerError(PoolerError):
         self.fields = fields or {}
 
 
-def _start_tls(stream: Stream, host: str, addr: str) -> tuple[Stream, "tls.TlsPump | None"]:
+def _start_tls(stream: Stream, host: str, addr: str) -> tuple[Stream, "tls.TlsDirect | None"]:
     """server_tls_sslmode: SSLRequest first, then the handshake on 'S'; on 'N' plain text
     for allow/prefer, an error for require/verify-*. Never over a Unix socket (as
-    PgBouncer). Returns the stream to log in on and the pump (None: plain text)."""
+    PgBouncer). Returns the stream to log in on (over a tls.TlsSocket) and the TlsDirect
+    (None: plain text)."""
     ctxs = tls.current()
     if ctxs.server is None or host.startswith("/"):
         return stream, None
@@ -95,7 +96,7 @@ class ServerConn:
         self.close_needed = False       # RECONNECT: closed when next released (SHOW SERVERS says so)
         self.tsig: tuple | None = None  # the client parameter values last applied (None: unknown)
         self.sess: dict[str, str] = {}  # session settings from SET on it (sessionstate.py)
-        self.tls: tls.TlsPump | None = None   # server_tls_sslmode: the pump behind `stream`
+        self.tls: tls.TlsDirect | None = None  # server_tls_sslmode: the TLS behind `stream`
         self.idle_cb = self._on_idle_readable   # bound once: armed at every release
         # A server's socket events go before clients' in one loop iteration: when a
         # server's FATAL/EOF and a client's request arrive together, the idle watch
@@ -119,9 +120,9 @@ class ServerConn:
         try:
             with gevent.Timeout(timeout or None, ServerError("08006", f"server connect timeout ({addr})")):
                 sock = connect_tcp(host, port, timeout)
-                stream, pump = _start_tls(Stream(sock, addr), host, addr)
+                stream, secured = _start_tls(Stream(sock, addr), host, addr)
                 conn = cls(pool, stream, host, port)
-                conn.tls = pump
+                conn.tls = secured
                 params = {"application_name": route.application_name} \
                     if route.application_name else {}
                 params.update(startup or {})
@@ -290,9 +291,7 @@ class ServerConn:
                 self.stream.sock.send(protocol.terminate())
             except OSError:
                 pass
-        self.stream.close()
-        if self.tls is not None:
-            self.tls.release()      # the Terminate is flushed, then the pump closes
+        self.stream.close()         # over TLS too: the Terminate went to the connection itself
 
     def __repr__(self) -> str:
         return f"S-{self.id}({self.addr} pid={self.pid})"

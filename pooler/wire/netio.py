@@ -54,7 +54,12 @@ class Stream:
     # -- raw I/O ------------------------------------------------------------
 
     def wait_readable(self) -> None:
-        """Park until the socket is readable (cheaper than hub.wait: no Waiter object)."""
+        """Park until the socket is readable (cheaper than hub.wait: no Waiter object).
+        A TLS socket (wire/tls.TlsSocket) may hold decrypted bytes the fd does not
+        announce: then it is readable now."""
+        sock = self.sock
+        if getattr(sock, "tls_direct", False) and sock.pending():
+            return
         rw = self.rw
         rw.start(getcurrent().switch)
         try:

@@ -2,15 +2,11 @@
 
 The relay works on raw non-blocking sockets and waits on their fds (netio.py). A TLS
 socket does not fit as it is: it raises SSLWantReadError instead of BlockingIOError,
-and it can hold decrypted bytes while its fd is not readable. Two ways around that:
-
-* clients (`wrap(direct=True)`): a TlsSocket, the face of a non-blocking socket over
-  the C-level SSL object, so netio.Stream and the relay step read and write the TLS
-  connection themselves; the relay checks `pending()` where it would wait on the fd.
-* servers: after the handshake the owner (ServerConn) gets a netio.Stream on one end
-  of a `socketpair()` and a TlsPump moves bytes between the other end and the gevent
-  TLS socket, one greenlet per direction (a single greenlet doing blocking writes
-  both ways could deadlock). Costs two extra syscalls per direction per chunk.
+and it can hold decrypted bytes while its fd is not readable. So after the handshake
+the owner (Client, ServerConn) gets a netio.Stream over a TlsSocket: the face of a
+non-blocking socket over the C-level SSL object, so netio.Stream and the relay step
+read and write the TLS connection themselves, on the real fd; whoever would wait on
+the fd checks `pending()` first (netio.Stream.wait_readable, pooling/relaytls.py).
 
 Contexts are built once per config (`configure`, from Worker.apply_config: so on
 start, RELOAD, SIGHUP and SET), and the files are re-read each time. `check` builds
@@ -28,8 +24,6 @@ from typing import Any
 
 log = logging.getLogger("pooler.tls")
 
-CHUNK = 65536               # most bytes moved per pump read
-RELEASE_GRACE = 5.0         # after its owner closed: time left to flush, then closed anyway
 VERIFYING = ("verify-ca", "verify-full")
 # The settings this module reads (PgBouncer's names). Declared here, not in the config
 # layer, because wire imports nothing above it; pooler/config/settings.py uses these.
@@ -162,13 +156,11 @@ def describe(tls_sock) -> str:
         return ""
 
 
-def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None,
-         direct: bool = False):
+def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None):
     """TLS handshake on `stream`'s socket (cooperatively, under the caller's timeout);
-    returns (a new netio.Stream for the owner, the TlsPump or TlsDirect behind it).
-    `direct`: the Stream reads and writes the TLS connection itself (TlsSocket), else
-    a plain socketpair end with a TlsPump. `stream` is closed either way (its socket
-    now belongs to the TLS layer); HandshakeFailed on failure."""
+    returns (a new netio.Stream over a TlsSocket for the owner, the TlsDirect behind
+    it). `stream` is closed either way (its socket now belongs to the TLS layer);
+    HandshakeFailed on failure."""
     from gevent import socket as gsocket
 
     from pooler.wire import netio
@@ -183,9 +175,6 @@ def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str
                                    server_hostname=None if server_side else server_hostname,
                                    do_handshake_on_connect=False)
         tls_sock.do_handshake()
-        if direct:
-            return netio.Stream(TlsSocket(tls_sock), stream.peer), TlsDirect(tls_sock)
-        mine, theirs = gsocket.socketpair()
     except BaseException as exc:
         (tls_sock or gsock).close()
         if isinstance(exc, ssl.SSLCertVerificationError):
@@ -194,8 +183,7 @@ def wrap(stream, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             raise HandshakeFailed(reason) from None
         raise
-    owner_end = netio.raw_from_gevent(theirs)
-    return netio.Stream(owner_end, stream.peer), TlsPump(tls_sock, mine)
+    return netio.Stream(TlsSocket(tls_sock), stream.peer), TlsDirect(tls_sock)
 
 
 class TlsSocket:
@@ -286,83 +274,3 @@ class TlsDirect:
             self.tls.close()
         except OSError:
             pass
-
-
-class TlsPump:
-    """Moves bytes between a TLS socket and the pump's end of a socketpair, one greenlet
-    per direction. EOF or an error on either side closes both sockets and both
-    greenlets, so EOF propagates both ways; `release()` (the owner closed its end)
-    bounds how long the pump may still flush."""
-
-    __slots__ = ("tls", "plain", "info", "closed", "_glets", "_grace")
-
-    def __init__(self, tls_sock, plain) -> None:
-        import gevent
-        self.tls = tls_sock
-        self.plain = plain
-        self.info = describe(tls_sock)
-        self.closed = False
-        self._grace = None
-        self._glets = (gevent.spawn(self._tls_to_plain), gevent.spawn(self._plain_to_tls))
-
-    def _tls_to_plain(self) -> None:
-        tls, plain = self.tls, self.plain
-        try:
-            while True:
-                data = tls.recv(CHUNK)
-                if not data:
-                    break
-                # Records already decrypted inside the SSL object: one send for all.
-                pending = tls.pending()
-                if pending:
-                    parts = [data]
-                    size = len(data)
-                    while pending and size < CHUNK:
-                        more = tls.recv(min(pending, CHUNK - size))
-                        if not more:
-                            break
-                        parts.append(more)
-                        size += len(more)
-                        pending = tls.pending()
-                    data = b"".join(parts)
-                plain.sendall(data)
-        except Exception as exc:   # noqa: BLE001 - the peer went away: close both sides
-            log.debug("TLS pump (from peer) ends: %s", exc)
-        finally:
-            self.close()
-
-    def _plain_to_tls(self) -> None:
-        tls, plain = self.tls, self.plain
-        try:
-            while True:
-                data = plain.recv(CHUNK)
-                if not data:
-                    break
-                tls.sendall(data)
-        except Exception as exc:   # noqa: BLE001
-            log.debug("TLS pump (to peer) ends: %s", exc)
-        finally:
-            self.close()
-
-    def release(self) -> None:
-        """The owner closed its end: what it wrote is flushed (then EOF closes the pump),
-        but for at most RELEASE_GRACE seconds, so a peer that does not read cannot keep
-        the pump alive."""
-        if not self.closed and self._grace is None:
-            import gevent
-            self._grace = gevent.spawn_later(RELEASE_GRACE, self.close)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        import gevent
-        me = gevent.getcurrent()
-        for g in (*self._glets, self._grace):
-            if g is not None and g is not me:
-                g.kill(block=False)
-        for s in (self.tls, self.plain):
-            try:
-                s.close()
-            except Exception:   # noqa: BLE001
-                pass
