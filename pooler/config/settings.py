@@ -177,6 +177,9 @@ DATABASE: tuple[Key, ...] = (
     # 0 or unset: the global max_db_client_connections (PgBouncer's "<= 0")
     Key("max_db_client_connections", int | None, _OPT(c.COUNT), None),
     Key("connect_query", str | None, _OPT(c.TEXT), None),
+    # PgBouncer 1.23: this entry's servers' lifetime; 0 or unset: the global
+    # server_lifetime (PgBouncer's "0 = not set" here, where the global 0 means "use once")
+    Key("server_lifetime", float | None, _OPT(c.duration), None),
     Key("application_name", str | None, _OPT(c.TEXT), None),
     Key("pinning", bool | None, _OPT(c.boolean), None),     # ours; unset: the global one
     # PgBouncer's per-database auth_user / auth_query / auth_dbname; unset: auth.user /
