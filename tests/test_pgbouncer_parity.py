@@ -15,7 +15,10 @@ import time
 import pytest
 
 from bouncer import ADMIN, ADMIN_PASSWORD
-from conftest import APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD, wait_until
+from conftest import (APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD, backend_count,
+                      superuser_conn, wait_until)
+from pooler.config.ini import load_ini
+from pooler.config.validate import parse_config
 from rawpg import RawConn, bind, close, describe, execute, parse, SYNC
 from test_admin import Admin
 
@@ -105,3 +108,134 @@ def test_yaml_database_server_lifetime(pooler_factory, pooler_config, pg):
     time.sleep(1.2)
     assert _pid(short) != pid
     short.close()
+
+
+# --------------------------------------------------------------------------- server_check_query
+
+EMPTY_QUERY = b"Q\x00\x00\x00\x05\x00"     # Query "": what PgBouncer 1.25 sends for <empty>
+
+
+class Recorder:
+    """A TCP relay between the pooler and PostgreSQL keeping every byte the pooler
+    sends, so that a test sees exactly what went to the server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.sent = bytearray()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.lsock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(down, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record:
+                    with self.lock:
+                        self.sent += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def bytes_sent(self) -> bytes:
+        with self.lock:
+            return bytes(self.sent)
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+@pytest.fixture
+def recorder(pg):
+    r = Recorder("127.0.0.1", pg.port)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("check_query, expect", [
+    (None, EMPTY_QUERY),                      # the default, <empty>
+    ("<empty>", EMPTY_QUERY),
+    ("select 7", b"Q\x00\x00\x00\x0dselect 7\x00"),
+    ("", None),                               # no check
+])
+def test_server_check_query_on_the_wire(pooler_factory, pooler_config, recorder, check_query,
+                                        expect):
+    """server_check_delay 0: every reuse of a server is preceded by the check, which by
+    default (PgBouncer 1.25) is an empty Query, not `select 1`; '' sends none."""
+    extra = {} if check_query is None else {"server_check_query": check_query}
+    dbs = {APP_DB: {"host": "127.0.0.1", "port": recorder.port}}
+    p = pooler_factory(pooler_config(databases=dbs, pool_mode="transaction", default_pool_size=1,
+                                     server_check_delay=0, admin_users=[ADMIN], **extra),
+                       userlist=USERS)
+    conn = p.connect()
+    conn.autocommit = True
+    for marker in ("first", "second"):
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT '{marker}'")
+    sent = recorder.bytes_sent()
+    between = sent[sent.index(b"SELECT 'first'"):sent.index(b"SELECT 'second'")]
+    assert b"select 1" not in sent
+    if expect is None:
+        assert EMPTY_QUERY not in between and b"Q\x00\x00\x00\x0dselect" not in between
+    else:
+        assert between.count(expect) == 1, between
+    config = {r["key"]: r for r in Admin(p).dicts("SHOW CONFIG")}
+    assert config["server_check_query"]["default"] == "<empty>"
+    assert config["server_check_query"]["value"] == ("<empty>" if check_query is None else check_query)
+    conn.close()
+
+
+def test_server_check_replaces_a_dead_idle_server_before_a_client_gets_it(pg, pooler_factory,
+                                                                           pooler_config):
+    """With the idle watch off (fault injection), a backend killed while idle is found
+    by the default empty-query check (server_check_delay 0) and replaced: the client
+    gets a new server and no error."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=1,
+                                     server_check_delay=0), userlist=USERS,
+                       env={"POOLER_FAULT_NO_IDLE_WATCH": "1"})
+    conn = p.connect()
+    conn.autocommit = True
+    old = _pid(conn)
+    with superuser_conn(pg) as su, su.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (old,))
+    wait_until(lambda: backend_count(pg, APP_DB, APP_USER) == 0, 5)
+    assert _pid(conn) not in (0, old)
+    log = p.log()
+    assert "closing because: server check failed" in log, log[-2000:]
+    assert "server conn crashed" not in log
+    conn.close()
+
+
+@pytest.mark.parametrize("line, value", [
+    (None, "<empty>"), ("server_check_query = <empty>", "<empty>"),
+    ("server_check_query =", ""), ("server_check_query = select 1", "select 1")])
+def test_ini_and_yaml_read_server_check_query_alike(tmp_path, line, value):
+    """Both readers: PgBouncer's default `<empty>`, '' (off) and a query as given."""
+    (tmp_path / "userlist.txt").write_text('"app" "apppass"\n')
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text("\n".join(["[databases]", "app = host=127.0.0.1 dbname=app server_lifetime=2",
+                              "[pgbouncer]", "listen_addr = 127.0.0.1", "auth_type = plain",
+                              f"auth_file = {tmp_path / 'userlist.txt'}", *([line] if line else [])]) + "\n")
+    cfg = load_ini(str(ini))
+    assert cfg.server_check_query == value
+    assert cfg.route("app").server_lifetime == 2.0 and cfg.databases["app"].server_lifetime == 2.0
+    yaml_cfg = parse_config({"databases": {"app": {"host": "127.0.0.1"}}, "auth": {"type": "trust"},
+                             **({} if line is None else {"server_check_query": value})})
+    assert yaml_cfg.server_check_query == value
+    assert yaml_cfg.route("app").server_lifetime == 3600.0

@@ -229,7 +229,7 @@ class Pool:
         # server_check_delay 0 means: check every time (PgBouncer).
         if self.server_is_used(srv, now):
             try:
-                srv.run(self.cfg.server_check_query)
+                srv.check(self.cfg.server_check_query)
             except Exception as exc:
                 log.info("S-%d %s@%s closing because: server check failed (%s)", srv.id,
                          self.server_user, self.name, exc)
