@@ -239,3 +239,63 @@ def test_ini_and_yaml_read_server_check_query_alike(tmp_path, line, value):
                              **({} if line is None else {"server_check_query": value})})
     assert yaml_cfg.server_check_query == value
     assert yaml_cfg.route("app").server_lifetime == 3600.0
+
+
+# --------------------------------------------------------------------------- prepared counters
+
+
+def _prepared_stats(admin: Admin, db: str = APP_DB) -> tuple[int, int, int]:
+    row = {r["database"]: r for r in admin.dicts("SHOW STATS")}[db]
+    totals = {r["database"]: r for r in admin.dicts("SHOW STATS_TOTALS")}[db]
+    assert (totals["client_parse_count"], totals["server_parse_count"], totals["bind_count"]) == (
+        row["total_client_parse_count"], row["total_server_parse_count"], row["total_bind_count"])
+    return row["total_client_parse_count"], row["total_server_parse_count"], row["total_bind_count"]
+
+
+def test_prepared_counters_count_as_pgbouncer(pg, pooler_factory, pooler_config):
+    """SHOW STATS total_client_parse_count / total_server_parse_count / total_bind_count
+    as PgBouncer's src/prepare.c increments them: a client's Parse of a named statement
+    (handle_parse_command); a Parse sent to a server lacking the statement, at the
+    client's Parse or before its Bind / Describe on another server
+    (ensure_statement_is_prepared_on_server), but not when the server has it already;
+    a client's Bind of a named statement, a name nobody prepared included. The unnamed
+    statement counts nowhere, and session pooling (no tracking) counts nothing."""
+    dbs = {APP_DB: {"host": pg.host, "port": pg.port},
+           "postgres": {"host": pg.host, "port": pg.port, "pool_mode": "session"}}
+    p = pooler_factory(pooler_config(databases=dbs, pool_mode="transaction", default_pool_size=1,
+                                     admin_users=[ADMIN], auth={"type": "trust"}), userlist=USERS)
+    admin = Admin(p)
+    a = RawConn(p.host, p.port)
+    a.login(APP_USER, None, APP_DB)
+    b = RawConn(p.host, p.port)
+    b.login(APP_USER, None, APP_DB)
+    run = lambda conn, *msgs: conn.exchange(b"".join(msgs) + SYNC)   # noqa: E731
+
+    run(a, parse("", "SELECT 1"), bind(""), execute())              # unnamed: nothing
+    assert _prepared_stats(admin) == (0, 0, 0)
+    run(a, parse("s1", "SELECT 2"))                                  # new on the server
+    assert _prepared_stats(admin) == (1, 1, 0)
+    run(a, bind("s1"), execute(), bind("s1"), execute())            # two binds, no parse
+    assert _prepared_stats(admin) == (1, 1, 2)
+    run(b, parse("s2", "SELECT 2"))        # the same statement, the server has it: no server parse
+    run(b, bind("s2"), execute())
+    assert _prepared_stats(admin) == (2, 1, 3)
+    admin.run("RECONNECT app")                                        # a new server next
+    run(a, bind("s1"), execute())          # prepared there first: a server parse and a bind
+    assert _prepared_stats(admin) == (2, 2, 4)
+    run(b, describe("S", "s2"))            # that server has it now: nothing
+    admin.run("RECONNECT app")
+    run(b, describe("S", "s2"))            # a Describe prepares it too, and is no bind
+    assert _prepared_stats(admin) == (2, 3, 4)
+    msgs = run(a, bind("nosuch"), execute())                        # counted, then refused
+    assert "E" in [t for t, _ in msgs]
+    run(a, close("S", "s1"), parse("s1", "SELECT 3"), bind("s1"), execute())
+    assert _prepared_stats(admin) == (3, 4, 6)
+
+    s = RawConn(p.host, p.port)                                      # session pooling: no tracking
+    s.login(SUPERUSER, None, "postgres")
+    run(s, parse("s1", "SELECT 2"), bind("s1"), execute())
+    assert _prepared_stats(admin, "postgres") == (0, 0, 0)
+    for c in (a, b, s):
+        c.close()
+    admin.conn.close()
