@@ -136,15 +136,15 @@ class Pool:
     def acquire_nowait(self) -> ServerConn | None:
         """The most recently used idle server if it can be handed out without blocking
         (used recently enough that server_check_delay asks for no check: server_is_used,
-        inlined; within its server_lifetime: life_over); else None. The relay calls
-        this from a loop callback; acquire() is the waiting path."""
+        inlined; not stale, inlined too); else None. The relay calls this from a loop
+        callback; acquire() is the waiting path."""
         idle = self.idle
         if idle and not self.paused and not self.cfg.server_round_robin:
             srv = idle[-1]
-            cfg, now = self.cfg, time.monotonic()
+            cfg, now, lifetime = self.cfg, time.monotonic(), self.route.server_lifetime
             if not srv.closed and (not cfg.server_check_query or
                                    now - srv.last_used <= cfg.server_check_delay) and \
-                    not self.stale(srv, now):
+                    not 0 < lifetime <= now - srv.created:
                 idle.pop()
                 self.active.add(srv)
                 return srv
