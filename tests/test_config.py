@@ -50,7 +50,7 @@ def test_defaults_match_pgbouncer():
         "max_client_conn": 100, "max_db_connections": 0, "max_user_connections": 0,
         "max_user_client_connections": 0, "max_prepared_statements": 200,
         "server_reset_query": "DISCARD ALL",
-        "server_reset_query_always": False, "server_check_query": "select 1",
+        "server_reset_query_always": False, "server_check_query": "<empty>",
         "server_check_delay": 30.0, "server_lifetime": 3600.0, "server_idle_timeout": 600.0,
         "server_connect_timeout": 15.0, "server_login_retry": 15.0,
         "server_round_robin": False, "query_timeout": 0.0, "query_wait_timeout": 120.0,

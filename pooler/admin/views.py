@@ -235,7 +235,7 @@ def _database_row(v: View, name: str, current: int, clients: int) -> list | None
         entry = cfg.databases.get(name) or cfg.databases.get("*")
         mode = entry.pool_mode if entry is not None else None
     return [name, route.host, route.port, route.dbname, route.user, route.pool_size,
-            route.min_pool_size, route.reserve_pool_size, int(cfg.server_lifetime), mode,
+            route.min_pool_size, route.reserve_pool_size, int(route.server_lifetime), mode,
             route.load_balance_hosts if len(route.hosts) > 1 else None,   # PgBouncer: lists only
             route.max_db_connections, current, route.max_db_client_connections, clients,
             int(v.flag("paused_dbs", name)), int(v.flag("disabled_dbs", name))]

@@ -71,8 +71,7 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
 DB_KEYS = frozenset(k.name for k in settings.DATABASE)
 DB_ALIASES = settings.aliases(settings.DATABASE)
 DB_INTS = settings.int_names(settings.DATABASE)
-DB_UNSUPPORTED = {"client_encoding", "datestyle",
-                  "timezone", "server_lifetime",
+DB_UNSUPPORTED = {"client_encoding", "datestyle", "timezone",
                   "target_session_attrs", "query_wait_timeout"}
 # [users] settings (settings.USER), and PgBouncer's that we do not implement -> their
 # values that behave the same here (no warning for those).

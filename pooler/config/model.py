@@ -89,6 +89,7 @@ class Route:
     hosts: tuple[tuple[str, int], ...] = ()
     load_balance_hosts: str = "round-robin"
     pinning: bool = True                 # keep a server with a client holding unmovable state
+    server_lifetime: float = 3600.0      # the entry's own (PgBouncer 1.23), else the global one
 
     def target(self) -> tuple:
         """What a server connection is opened with; when a reload changes it, the servers
@@ -150,6 +151,7 @@ class Config:
             connect_query=entry.connect_query, application_name=entry.application_name,
             auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname,
             pinning=_pick(entry.pinning, self.pinning),
+            server_lifetime=entry.server_lifetime or self.server_lifetime,
             **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES})
 
     def user_client_limit(self, user: str) -> int:

@@ -25,6 +25,7 @@ ADMIN_DB = "pgbouncer"  # the admin console's virtual database; never a real one
 MAX_PEER_ID = 16383  # PgBouncer's: the peer id takes 14 bits of the cancel key
 
 
+EMPTY_CHECK_QUERY = "<empty>"  # server_check_query's PgBouncer spelling of "an empty Query"
 REQUIRED: Any = object()    # a Key's default when the key must be given (MISSING is taken)
 
 
@@ -88,7 +89,9 @@ GLOBAL: tuple[Key, ...] = (
     Key("capacity_headroom", int, c.COUNT, 0),
     Key("server_reset_query", str, c.TEXT, "DISCARD ALL"),
     Key("server_reset_query_always", bool, c.boolean, False),
-    Key("server_check_query", str, c.TEXT, "select 1"),
+    # PgBouncer 1.25 (#1233): "<empty>" sends an empty Query, a round trip with nothing
+    # to parse or plan (cheaper than its old "select 1"); "" turns the check off.
+    Key("server_check_query", str, c.TEXT, EMPTY_CHECK_QUERY),
     Key("server_check_delay", float, c.duration, 30.0),
     Key("server_lifetime", float, c.duration, 3600.0),
     Key("server_idle_timeout", float, c.duration, 600.0),
@@ -177,6 +180,9 @@ DATABASE: tuple[Key, ...] = (
     # 0 or unset: the global max_db_client_connections (PgBouncer's "<= 0")
     Key("max_db_client_connections", int | None, _OPT(c.COUNT), None),
     Key("connect_query", str | None, _OPT(c.TEXT), None),
+    # PgBouncer 1.23: this entry's servers' lifetime; 0 or unset: the global
+    # server_lifetime (PgBouncer's "0 = not set" here, where the global 0 means "use once")
+    Key("server_lifetime", float | None, _OPT(c.duration), None),
     Key("application_name", str | None, _OPT(c.TEXT), None),
     Key("pinning", bool | None, _OPT(c.boolean), None),     # ours; unset: the global one
     # PgBouncer's per-database auth_user / auth_query / auth_dbname; unset: auth.user /

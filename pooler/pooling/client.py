@@ -302,7 +302,7 @@ class Client:
     def _fetch_welcome(self) -> None:
         """The pool has never connected: open a server now to learn its parameters."""
         srv = self.pool.acquire(self)
-        self.pool.release(srv)
+        self.pool.release(srv, fresh=True)      # no client used it (server_lifetime 0)
 
     def _welcome(self, params: dict[str, str] | bytes) -> None:
         """AuthenticationOk, the ParameterStatus messages (prebuilt bytes, or values),

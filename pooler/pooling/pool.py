@@ -144,14 +144,15 @@ class Pool:
     def acquire_nowait(self) -> ServerConn | None:
         """The most recently used idle server if it can be handed out without blocking
         (used recently enough that server_check_delay asks for no check: server_is_used,
-        inlined); else None. The relay calls this from a loop callback; acquire() is
-        the waiting path."""
+        inlined; not stale, inlined too); else None. The relay calls this from a loop
+        callback; acquire() is the waiting path."""
         idle = self.idle
         if idle and not self.paused and not self.cfg.server_round_robin:
             srv = idle[-1]
-            cfg = self.cfg
+            cfg, now, lifetime = self.cfg, time.monotonic(), self.route.server_lifetime
             if not srv.closed and (not cfg.server_check_query or
-                                   time.monotonic() - srv.last_used <= cfg.server_check_delay):
+                                   now - srv.last_used <= cfg.server_check_delay) and \
+                    not 0 < lifetime <= now - srv.created:
                 idle.pop()
                 self.active.add(srv)
                 return srv
@@ -229,10 +230,14 @@ class Pool:
         if srv.closed:
             self._forget(srv)
             return False
+        now = time.monotonic()
+        if self.stale(srv, now):
+            self.discard(srv, "server lifetime over")
+            return False
         # server_check_delay 0 means: check every time (PgBouncer).
-        if self.server_is_used(srv, time.monotonic()):
+        if self.server_is_used(srv, now):
             try:
-                srv.run(self.cfg.server_check_query)
+                srv.check(self.cfg.server_check_query)
             except Exception as exc:
                 log.info("S-%d %s@%s closing because: server check failed (%s)", srv.id,
                          self.server_user, self.name, exc)
@@ -406,15 +411,26 @@ class Pool:
     def _wake_next_waiter(self) -> None:
         self._hand_over(None)
 
-    def release(self, srv: ServerConn, now: float = 0.0) -> None:
-        """A client is done with `srv` (clean, at ReadyForQuery 'I')."""
+    def life_over(self, srv: ServerConn, now: float) -> bool:
+        """Older than its database's server_lifetime (PgBouncer: 0 = used only once)."""
+        return now - srv.created >= self.route.server_lifetime
+
+    def stale(self, srv: ServerConn, now: float) -> bool:
+        """An idle server life_over that the janitor has not come round to yet: not
+        handed out. (With server_lifetime 0 a server not yet used, min_pool_size's or
+        the one a first login opened, still serves once, as in PgBouncer.)"""
+        lifetime = self.route.server_lifetime
+        return 0 < lifetime <= now - srv.created
+
+    def release(self, srv: ServerConn, now: float = 0.0, fresh: bool = False) -> None:
+        """A client is done with `srv` (clean, at ReadyForQuery 'I'). `fresh`: just
+        logged in, never used (min_pool_size): not yet subject to server_lifetime."""
         self.active.discard(srv)
         srv.client = None
         if not now:
             now = time.monotonic()
         srv.last_used = now
-        if srv.closed or srv.close_needed or (
-                self.cfg.server_lifetime and now - srv.created > self.cfg.server_lifetime):
+        if srv.closed or srv.close_needed or (not fresh and self.life_over(srv, now)):
             self.discard(srv, "server closed" if srv.closed else
                          "RECONNECT" if srv.close_needed else "server lifetime over")
             return
@@ -464,7 +480,7 @@ class Pool:
                 surplus -= 1
                 self.idle.remove(srv)
                 self.discard(srv, "server idle timeout")
-            elif cfg.server_lifetime and now - srv.created > cfg.server_lifetime:
+            elif self.life_over(srv, now):
                 self.idle.remove(srv)
                 self.discard(srv, "server lifetime over")
         if self.waiters and (self._reserve_allowed() or
@@ -500,7 +516,7 @@ class Pool:
                 srv = self._open()
             except PoolError:
                 return
-            self.release(srv)
+            self.release(srv, fresh=True)
 
     def close_all(self, reason: str) -> None:
         for srv in list(self.idle):

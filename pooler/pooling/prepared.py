@@ -30,7 +30,12 @@ UNDO_CLIENT_PARSE, UNDO_CLIENT_CLOSE, UNDO_SERVER_CLOSE = range(3)   # see Serve
 
 
 class Counters:
-    """Prepared-statement statistics, as PgBouncer's SHOW STATS reports them."""
+    """Prepared-statement statistics, counted where PgBouncer's src/prepare.c counts:
+    `client_parses` a client's Parse of a named statement; `server_parses` a Parse the
+    pooler sends for a statement the server does not have yet (at the client's Parse,
+    or before a Bind / Describe on another server); `binds` a client's Bind of a named
+    statement. The unnamed statement is the client's and the server's business: none
+    of them counts it. (ServerStatements.cache says what a server has.)"""
     __slots__ = ("client_parses", "server_parses", "binds")
 
     def __init__(self) -> None:
@@ -113,23 +118,25 @@ class ClientStatements:
         if sname is not None:
             # Already prepared on this server: re-prepare it so the client's
             # ParseComplete comes from the server, in order with everything else.
+            # Not a server parse for SHOW STATS: PgBouncer, which answers such a Parse
+            # itself, counts none, and the server had the statement already.
             out.append(protocol.close_statement(sname))
             srv.expect.append([batch, CLOSE_DONE, False, None, (UNDO_SERVER_CLOSE, tail, sname)])
             srv.cache.move_to_end(tail)
         else:
             sname = self._new_name(srv, tail, batch, out)
+            self.counters.server_parses += 1
         out.append(protocol.parse_msg(sname, tail))
         srv.expect.append([batch, PARSE_DONE, True, tail, (UNDO_CLIENT_PARSE, self.names, name, tail)])
-        self.counters.server_parses += 1
         return b"".join(out)
 
     def rewrite_bind(self, msg: memoryview, srv: ServerStatements, batch: int) -> bytes | None:
         portal_end = _cstr_end(msg, 5)
         stmt_end = _cstr_end(msg, portal_end + 1)
         name = bytes(msg[portal_end + 1:stmt_end])
-        self.counters.binds += 1
         if not name:
             return None
+        self.counters.binds += 1        # before the lookup: an unknown name counts too (PgBouncer)
         pre, sname = self._ensure(name, srv, batch)
         if sname is None:
             return None                 # unknown to us: let the server report it

@@ -13,6 +13,7 @@ import gevent
 from pooler.wire import authsecret, passwords, protocol, tls
 from pooler.wire.scram import ScramClient
 from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp, disarm
+from pooler.config.settings import EMPTY_CHECK_QUERY
 from pooler.pooling.prepared import ServerStatements
 from pooler.errors import PoolerError
 
@@ -228,6 +229,12 @@ class ServerConn:
             elif mtype == ord("E"):
                 fields = protocol.parse_error_fields(body)
                 error = ServerError(fields.get("C", "XX000"), fields.get("M", "query failed"), fields)
+
+    def check(self, check_query: str) -> None:
+        """Run server_check_query: PgBouncer's `<empty>` is an empty Query (answered by
+        EmptyQueryResponse and ReadyForQuery), any other text that query. ServerError
+        or OSError: the server is not fit for a client."""
+        self.run("" if check_query == EMPTY_CHECK_QUERY else check_query)
 
     def cancel(self) -> None:
         """Send PostgreSQL a CancelRequest for whatever this backend is running, from a
