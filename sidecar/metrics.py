@@ -203,11 +203,24 @@ def _exporter_stats(stats: Rows, prefix: str) -> Iterator[Metric]:
 
 
 def _client_connections(clients: Rows) -> Iterator[Metric]:
-    """SHOW CLIENTS rows counted by (database, user, application_name, state)."""
+    """SHOW CLIENTS rows counted by (database, user, application_name, state), and
+    (ours) the clients whose server is pinned to them, by reason (a client pinned for
+    two reasons counts under each)."""
     counts = Counter(tuple(_label(c.get(k)) for k in CLIENT_LABELS) for c in clients)
     yield _gauge("pgbouncer_client_connections",
                  "Client connections by database, user, application name and state",
                  list(CLIENT_LABELS), [(list(key), n) for key, n in sorted(counts.items())])
+    pinned = Counter((_label(c.get("database")), _label(c.get("user")), reason)
+                     for c in clients for reason in _pin_reasons(c.get("pin")))
+    yield _gauge("pgbouncer_pools_client_pinned_connections",
+                 "Clients holding their server across transactions (transaction pooling), "
+                 "by reason: advisory lock, WITH HOLD cursor, temporary table, SQL PREPARE, "
+                 "LISTEN, session state unknown", ["database", "user", "reason"],
+                 [(list(key), n) for key, n in sorted(pinned.items())])
+
+
+def _pin_reasons(pin: Any) -> list[str]:
+    return [r for r in str(pin).split(", ") if r] if pin else []
 
 
 # SHOW HISTOGRAMS kind -> (histogram name, help). Ours: the exporter has no histogram.

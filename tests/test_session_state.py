@@ -13,7 +13,7 @@ import threading
 import psycopg2
 import pytest
 
-from conftest import (APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD,
+from conftest import (admin_show, APP_DB, APP_PASSWORD, APP_USER, SUPERUSER, SUPERUSER_PASSWORD,
                       superuser_conn, wait_until)
 from pooler.dev.devcluster import find_pg_bindir
 
@@ -48,15 +48,7 @@ def one(conn, sql, params=None):
 
 
 def admin_dicts(p, sql):
-    c = p.connect("pgbouncer", SUPERUSER, SUPERUSER_PASSWORD)
-    c.autocommit = True
-    try:
-        with c.cursor() as cur:
-            cur.execute(sql)
-            cols = [d.name for d in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
-    finally:
-        c.close()
+    return admin_show(p, sql, SUPERUSER, SUPERUSER_PASSWORD)
 
 
 def both(pg, p):

@@ -174,3 +174,21 @@ def test_process_metrics_of_a_one_process_pooler(pooler):
     assert got[("pgbouncer_process_resident_memory_bytes", ())] == pytest.approx(
         proc_rss(pooler.pid), rel=0.3)
     assert APP_PASSWORD not in str(got)
+
+
+def test_pinned_clients_are_counted_by_reason(pooler):
+    client = make_client(pooler)
+    holder = pooler.connect()
+    holder.autocommit = True
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(77)")      # pins its server (transaction mode)
+        key = (("database", APP_DB), ("reason", "advisory lock"), ("user", APP_USER))
+        wait_until(lambda: scrape(client).get(("pgbouncer_pools_client_pinned_connections", key)) == 1,
+                   timeout=10, message="the advisory lock's pin never showed in the metrics")
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(77)")
+        wait_until(lambda: ("pgbouncer_pools_client_pinned_connections", key) not in scrape(client),
+                   timeout=10, message="the pin stayed in the metrics after the unlock")
+    finally:
+        holder.close()
