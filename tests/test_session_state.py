@@ -283,7 +283,7 @@ def test_psycopg3_and_asyncpg_keep_their_settings(pg, pooler_factory, pooler_con
 
 def test_psql_script_matches_direct(pg, pooler_factory, pooler_config, app_userlist, tmp_path):
     """psql sends each statement with its ';'; a second psql runs in between (\\!).
-    pool_size 2: the SQL PREPARE pins the script's server, the other psql takes the second."""
+    The SQL PREPARE follows the script to whichever server it gets (sqlprepare.py)."""
     p = tx_pooler(pooler_factory, pooler_config, app_userlist, default_pool_size=2)
     psql = os.path.join(find_pg_bindir(), "psql")
 

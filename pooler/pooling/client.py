@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import gevent
 
 from pooler.wire import authsecret, entropy, passwords, protocol, scram, tls
-from pooler.pooling import peering
+from pooler.pooling import peering, sqlprepare
 from pooler.pooling.authquery import AuthQueryError
 from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed, Stream
@@ -447,11 +447,15 @@ class Client:
         sparams = srv.params
         changes = [(k, v) for k, v in self.tparams.items() if sparams.get(k) != v]
         settings = self.session.settings
-        stmts = diff_sql(srv.sess, settings) if srv.sess != settings else []
+        stmts, prepares = [], []
+        if srv.sess != settings:
+            stmts = diff_sql(srv.sess, settings)
+            prepares = sqlprepare.diff_sql(srv.sess, settings)[1]    # each its own Query
         if changes:
             stmts.insert(0, sync_sql(changes))
-        if stmts:
-            srv.run(";".join(stmts))
+        queries = ([";".join(stmts)] if stmts else []) + prepares
+        if queries:
+            srv.run(*queries)
         for k, v in changes:
             if v is None:
                 sparams.pop(k, None)

@@ -206,19 +206,24 @@ class ServerConn:
 
     # -- pooler-issued queries -------------------------------------------------
 
-    def run(self, sql: str) -> str:
-        """Run a simple query whose results nobody reads; returns the ReadyForQuery status.
+    def run(self, sql: str, *more: str) -> str:
+        """Run a simple query whose results nobody reads (and `more`, each its own Query,
+        sent in the same write); returns the last ReadyForQuery status.
 
         ParameterStatus messages update self.params, so SETs the pooler issues
         keep its picture of the server current. An ErrorResponse raises
-        ServerError after the server is back at ReadyForQuery.
+        ServerError (the first one) after the server is back at ReadyForQuery.
         """
         s = self.stream
-        s.sendall(protocol.query(sql))
+        s.sendall(b"".join(protocol.query(q) for q in (sql, *more)))
         error: ServerError | None = None
+        left = 1 + len(more)
         while True:
             mtype, body = s.read_message()
             if mtype == ord("Z"):
+                left -= 1
+                if left:
+                    continue
                 if error:
                     raise error
                 return chr(body[0])
@@ -226,7 +231,7 @@ class ServerConn:
                 name, pos = protocol.read_cstr(body, 0)
                 self.params[name], _ = protocol.read_cstr(body, pos)
                 self.tsig = None
-            elif mtype == ord("E"):
+            elif mtype == ord("E") and error is None:
                 fields = protocol.parse_error_fields(body)
                 error = ServerError(fields.get("C", "XX000"), fields.get("M", "query failed"), fields)
 

@@ -27,8 +27,10 @@ failed SET, `SET a=1; SELECT ...` all read back as PostgreSQL left them.
   differs for the next client is changed. The tracked parameters are read
   back too, so a `SET search_path` (which PostgreSQL 15 does not report)
   follows the client.
-- Pins: a session advisory lock, a WITH HOLD cursor, a temporary table, an
-  SQL-level prepared statement or a LISTEN keep the server linked to the
+- SQL-level prepared statements travel as settings do (sqlprepare.py: read
+  back, then replayed under the client's names where the client goes).
+- Pins: a session advisory lock, a WITH HOLD cursor, a temporary table, a
+  PREPARE text that cannot be replayed alone or a LISTEN keep the server linked to the
   client (`ClientSession.pin` names why, SHOW CLIENTS/SERVERS show it) until a
   later probe finds them gone or the client leaves (then DISCARD ALL). A
   database entry's `pinning: false` turns this off (the state then stays on
@@ -42,6 +44,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pooler.wire import protocol
+from pooler.pooling import sqlprepare
 from pooler.pooling.params import quote_literal
 from pooler.pooling.server import ServerError
 from pooler.wire.netio import ConnectionClosed
@@ -54,7 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pooler.session")
 
 # The settings a client has from SET and what pins its server, read in one query.
-# Kinds: s setting, t tracked parameter (always read back), p pin reason.
+# Kinds: s setting, t tracked parameter (always read back), q SQL prepared statement
+# (sqlprepare.py), p pin reason.
 _PROBE_HEAD = (
     "SELECT 's', name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings "
     "WHERE source = 'session'"
@@ -63,15 +67,15 @@ _PROBE_HEAD = (
     " UNION ALL SELECT 's', 'session_authorization', pg_catalog.current_setting('session_authorization') "
     "WHERE pg_catalog.current_setting('session_authorization') <> {login}"
     " UNION ALL SELECT 't', name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings "
-    "WHERE pg_catalog.lower(name) = ANY ({tracked})")
+    "WHERE pg_catalog.lower(name) = ANY ({tracked})"
+    " UNION ALL SELECT 'q', name, statement FROM pg_catalog.pg_prepared_statements "
+    "WHERE from_sql")
 _PROBE_PINS = (
     " UNION ALL SELECT 'p', 'advisory lock', NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_locks "
     "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid())"
     " UNION ALL SELECT 'p', 'WITH HOLD cursor', NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_cursors)"
     " UNION ALL SELECT 'p', 'temporary table', NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class "
     "WHERE relnamespace = pg_catalog.pg_my_temp_schema())"
-    " UNION ALL SELECT 'p', 'SQL PREPARE', NULL WHERE EXISTS (SELECT 1 FROM "
-    "pg_catalog.pg_prepared_statements WHERE from_sql)"
     " UNION ALL SELECT 'p', 'LISTEN', NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_listening_channels())")
 # Applied in this order: the session user first (it may reset the role), then the role.
 _FIRST = ("session_authorization", "role")
@@ -153,15 +157,19 @@ def quote_ident(name: str) -> str:
 
 
 def diff_sql(server: dict[str, str], client: dict[str, str]) -> list[str]:
-    """Statements that turn a server's session settings into the client's."""
-    out = [f"RESET {quote_ident(k)}" for k in server if k not in client]
+    """Statements that turn a server's session settings into the client's (one batch),
+    with the DEALLOCATEs of prepared statements the client has not (sqlprepare.py;
+    its PREPAREs run after the batch, each alone: a search_path may matter to them)."""
+    out = [f"RESET {quote_ident(k)}" for k in server
+           if k not in client and not sqlprepare.is_statement(k)]
     sets = [k for k in _FIRST if k in client and server.get(k) != client[k]]
-    sets += sorted(k for k, v in client.items() if k not in _FIRST and server.get(k) != v)
+    sets += sorted(k for k, v in client.items() if k not in _FIRST and server.get(k) != v
+                   and not sqlprepare.is_statement(k))
     if sets:
         out.append("SELECT " + ", ".join(
             f"pg_catalog.set_config({quote_literal(k)}, {quote_literal(client[k])}, false)"
             for k in sets))
-    return out
+    return out + sqlprepare.diff_sql(server, client)[0]
 
 
 def _text_array(items) -> str:
@@ -230,6 +238,12 @@ def read_back(client: "Client", srv: "ServerConn") -> str:
     for kind, name, value in rows:
         if kind == "p":
             reasons.append(name)
+        elif kind == "q":
+            text = sqlprepare.replayable(value or "")
+            if text is None:
+                reasons.append("SQL PREPARE")      # more than a PREPARE: cannot be replayed
+            else:
+                settings[sqlprepare.key(name)] = text
         elif kind == "t" or name.lower() in canon:
             cname = canon.get(name.lower())
             if cname is None or kind != "t" or cname not in tparams:
@@ -268,8 +282,11 @@ def forgotten(srv: "ServerConn", tracked: tuple[str, ...]) -> None:
 
 def after_reset_query(srv: "ServerConn", reset: str) -> None:
     """server_reset_query ran: a DISCARD ALL / RESET ALL took the SET values with it."""
-    if srv.sess and "ALL" in reset.upper():
-        srv.sess = {}
+    reset = reset.upper()
+    if srv.sess and "ALL" in reset:
+        # RESET ALL leaves prepared statements; DISCARD ALL takes them too.
+        srv.sess = {} if "DISCARD" in reset else \
+            {k: v for k, v in srv.sess.items() if sqlprepare.is_statement(k)}
         srv.tsig = None
 
 
