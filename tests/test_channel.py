@@ -19,7 +19,7 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 
 def test_kinds_are_distinct_single_bytes():
     kinds = [channel.KICK, channel.CANCEL, channel.ADMIN, channel.SNAP_REQUEST,
-             channel.SNAP_REPLY, channel.RELOAD, channel.SET]
+             channel.SNAP_REPLY, channel.RELOAD, channel.SET, channel.MOVE]
     assert all(len(k) == 1 for k in kinds)
     assert len(set(kinds)) == len(kinds)
 
@@ -29,7 +29,24 @@ def test_small_and_empty_messages_are_one_datagram():
     channel.send(a, channel.KICK)
     channel.send(a, channel.CANCEL, channel.CANCEL_BODY.pack(12, -7))
     got = list(channel.Assembler().drain(b))
-    assert got == [(channel.KICK, b""), (channel.CANCEL, channel.CANCEL_BODY.pack(12, -7))]
+    assert got == [(channel.KICK, b"", []), (channel.CANCEL, channel.CANCEL_BODY.pack(12, -7), [])]
+
+
+def test_a_descriptor_travels_with_its_message():
+    a, b = _pair()
+    r, w = os.pipe()
+    try:
+        channel.send_fd(a, channel.MOVE, b"state", w)
+        [(kind, body, fds)] = list(channel.Assembler().drain(b))
+        assert (kind, body, len(fds)) == (channel.MOVE, b"state", 1)
+        os.write(fds[0], b"through the copy")           # the receiver's own copy of `w`
+        os.close(fds[0])
+        assert os.read(r, 100) == b"through the copy"
+        with pytest.raises(ValueError):                  # one datagram only
+            channel.send_fd(a, channel.MOVE, b"x" * (channel.CHUNK + 1), w)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_large_message_is_chunked_and_reassembled_while_the_receiver_drains():

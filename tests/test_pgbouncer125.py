@@ -256,11 +256,12 @@ def test_stats_count_client_logins(pooler_factory, pooler_config):
     cols, _ = admin.query("SHOW STATS")
     names = [c for c, _ in cols]
     assert names.index("total_client_login_count") == names.index("total_bind_count") + 1
-    # The last of PgBouncer's columns; only ours (transaction-pooling recovery) follow it.
+    # The last of PgBouncer's columns; only ours (transaction-pooling recovery, servers
+    # moved between workers) follow it.
     last = names.index("avg_client_login_count")
     assert dict(cols)["avg_client_login_count"] == NUMERIC
     assert names[last + 1:] == ["total_recovered_xact_count", "total_recovered_query_count",
-                                "total_recovery_failed_count"]
+                                "total_recovery_failed_count", "total_server_moved_in_count"]
     stats = {r["database"]: r for r in admin.dicts("SHOW STATS")}
     assert stats[APP_DB]["total_client_login_count"] == 3
     assert stats["pgbouncer"]["total_client_login_count"] >= 1

@@ -110,6 +110,7 @@ def _pool(pool: "Pool", clock: _Clock) -> dict[str, Any]:
             "recovered_xact_count": st.recovered_xacts,
             "recovered_query_count": st.recovered_queries,
             "recovery_failed_count": st.recovery_failures,
+            "server_moved_in_count": st.servers_moved_in,
         },
         # histogram.py: per-bucket counts and the sum of the observed seconds (in us).
         "hist": {"xact": [list(st.xact_hist), _us(st.xact_time)],

@@ -62,8 +62,10 @@ STAT_KEYS = ("server_assignment_count", "xact_count", "query_count", "bytes_in",
              "xact_time_us", "query_time_us", "wait_time_us", "client_parse_count",
              "server_parse_count", "bind_count", "client_login_count")
 # Ours, in SHOW STATS only (after PgBouncer's columns): servers given back after their
-# client left inside a transaction / mid-query, and those closed instead (recovery.py).
-RECOVERY_KEYS = ("recovered_xact_count", "recovered_query_count", "recovery_failed_count")
+# client left inside a transaction / mid-query, and those closed instead (recovery.py);
+# idle servers taken over from another worker (proc/servermove.py).
+OUR_KEYS = ("recovered_xact_count", "recovered_query_count", "recovery_failed_count",
+            "server_moved_in_count")
 
 
 class StatsHistory:
@@ -129,11 +131,11 @@ class View:
                     m = merged[(p["database"], p["user"])] = {
                         "database": p["database"], "user": p["user"], "mode": p["mode"],
                         "server_user": p["server_user"], "wait_us": 0,
-                        "stats": {k: 0 for k in STAT_KEYS + RECOVERY_KEYS}, "hist": {},
+                        "stats": {k: 0 for k in STAT_KEYS + OUR_KEYS}, "hist": {},
                         **{k: 0 for k in COUNT_KEYS}}
                 for k in COUNT_KEYS:
                     m[k] += p[k]
-                for k in STAT_KEYS + RECOVERY_KEYS:
+                for k in STAT_KEYS + OUR_KEYS:
                     m["stats"][k] += p["stats"].get(k, 0)
                 _add_hist(m["hist"], p.get("hist", {}))
                 # The oldest waiter of all workers, not a sum.
@@ -162,10 +164,10 @@ class View:
         """Counters per database, the admin console's own under 'pgbouncer'."""
         out: dict[str, dict[str, int]] = {}
         for p in self.pools:
-            t = out.setdefault(p["database"], {k: 0 for k in STAT_KEYS + RECOVERY_KEYS})
-            for k in STAT_KEYS + RECOVERY_KEYS:
+            t = out.setdefault(p["database"], {k: 0 for k in STAT_KEYS + OUR_KEYS})
+            for k in STAT_KEYS + OUR_KEYS:
                 t[k] += p["stats"].get(k, 0)
-        admin = out.setdefault(ADMIN_DB, {k: 0 for k in STAT_KEYS + RECOVERY_KEYS})
+        admin = out.setdefault(ADMIN_DB, {k: 0 for k in STAT_KEYS + OUR_KEYS})
         for snap in self.snaps:
             for k, val in snap.get("admin_stats", {}).items():
                 admin[k] += val
@@ -342,9 +344,9 @@ def show_stats(v: View) -> Result:
     avgs = v.history.averages(totals, v.cfg.stats_period)
     cols = ("database:s " + " ".join(f"total_{n}:N" for n in STATS_NAMES) + " " +
             " ".join(f"avg_{n}:N" for n in _avg_names()) + " " +
-            " ".join(f"total_{n}:N" for n in RECOVERY_KEYS))
+            " ".join(f"total_{n}:N" for n in OUR_KEYS))
     rows = [[db, *(t[k] for k in STAT_KEYS), *(avgs[db][k] for k in STAT_KEYS),
-             *(t[k] for k in RECOVERY_KEYS)] for db, t in totals.items()]
+             *(t[k] for k in OUR_KEYS)] for db, t in totals.items()]
     return table(cols, rows)
 
 

@@ -416,6 +416,9 @@ class Pool:
             return
         if self.owe_back:               # prefork fairness (proc/peers.py _share_fairly)
             self.owe_back -= 1
+            self.active.discard(srv)
+            if self.worker.peers.move_out(self, srv):    # to the worker whose client waits
+                return
             log.info("S-%d %s@%s closing because: a client waits for it in another worker",
                      srv.id, self.server_user, self.name)
             srv.close()
@@ -561,16 +564,6 @@ class Pool:
     def has_spare_idle(self) -> bool:
         """Idle servers that no client of this pool waits for (they may be given back)."""
         return bool(self.idle) and not self.waiters and not self.paused
-
-    def give_back_coldest(self, now: float, min_idle: float) -> ServerConn | None:
-        """Take the least recently used idle server out of the pool and return its quota
-        claim, if it has been idle for `min_idle` (a younger one is likely reused here);
-        the caller closes it. None when there is none to give."""
-        if not self.idle or now - self.idle[0].last_used < min_idle:
-            return None
-        srv = self.idle[0]
-        self._forget(srv)
-        return srv
 
     def wake_for_room(self, free: int) -> int:
         """Room for `free` more servers opened globally: let that many waiters retry

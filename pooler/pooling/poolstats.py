@@ -11,7 +11,7 @@ class Stats:
     __slots__ = ("server_assignment_count", "xact_count", "query_count", "bytes_in", "bytes_out",
                  "xact_time", "query_time", "wait_time", "max_wait", "prepared", "client_logins",
                  "recovered_xacts", "recovered_queries", "recovery_failures",
-                 "xact_hist", "query_hist", "wait_hist", "link_wait_time")
+                 "xact_hist", "query_hist", "wait_hist", "link_wait_time", "servers_moved_in")
 
     def __init__(self) -> None:
         self.server_assignment_count = 0
@@ -28,3 +28,4 @@ class Stats:
         # idle: each assignment; sum link_wait_time).
         self.xact_hist, self.query_hist, self.wait_hist = new_counts(), new_counts(), new_counts()
         self.link_wait_time = 0.0
+        self.servers_moved_in = 0       # idle servers taken over from another worker

@@ -258,6 +258,34 @@ class ServerConn:
                 log.warning("S-%d cancel request failed: %s", self.id, exc)
         gevent.spawn(send)
 
+    # -- moving to another worker (proc/servermove.py) -----------------------------------
+
+    def export(self) -> dict:
+        """What another worker needs to take this idle, logged-in server over (its
+        socket goes separately, as a descriptor)."""
+        return {"host": self.host, "port": self.port, "family": self.stream.sock.family,
+                "pid": self.pid, "key": self.key, "params": self.params,
+                "created": self.created, "last_used": self.last_used, "sess": self.sess,
+                "tsig": self.tsig, "stmts": list(self.stmts.cache.items())}
+
+    @classmethod
+    def adopt(cls, pool: "Pool", sock, state: dict) -> "ServerConn":
+        """The other side of export(): `sock` is this process's copy of the socket.
+        CLOCK_MONOTONIC is one clock for all processes, so `created` keeps its lifetime."""
+        conn = cls(pool, Stream(sock, f"{state['host']}:{state['port']}"), state["host"],
+                   state["port"])
+        conn.pid, conn.key, conn.params = state["pid"], state["key"], state["params"]
+        conn.created, conn.last_used = state["created"], state["last_used"]
+        conn.sess, conn.tsig = state["sess"], state["tsig"]
+        conn.stmts.cache.update(state["stmts"])
+        return conn
+
+    def detach(self) -> None:
+        """Another worker took the server over: close this process's copy of its socket,
+        without a Terminate (the connection lives on there)."""
+        self.closed = True
+        self.stream.close()
+
     # -- while idle in the pool ------------------------------------------------------
 
     def watch_idle(self) -> None:

@@ -33,6 +33,7 @@ SNAP_REQUEST = b"Q"  # worker -> every other worker: pickled (requester position
 SNAP_REPLY = b"R"    # worker -> requester: pickled (request id, sender position, snapshot dict)
 RELOAD = b"H"        # master -> every worker: pickled (config generation, validated Config)
 SET = b"S"           # worker -> master inbox: an admin SET to keep for later workers, pickled (key, text)
+MOVE = b"M"          # worker -> worker: an idle server's socket (SCM_RIGHTS) and its state, pickled
 
 CANCEL_BODY = struct.Struct("=ii")
 
@@ -44,6 +45,7 @@ MAX_DATAGRAM = HEADER.size + CHUNK
 MAX_CHUNKS = 0xFFFF                # the count field: messages up to ~3.9 GB
 STALE_PARTIAL = 30.0               # a message still incomplete after this is dropped (sender died)
 SEND_TIMEOUT = 2.0                 # a receiver that does not drain its queue for this long is skipped
+MAX_FDS = 4                        # descriptors taken with one datagram (send_fd sends one)
 
 _message_ids = itertools.count(1)
 
@@ -77,12 +79,25 @@ def send(sock: socket.socket, kind: bytes, body: bytes = b"", *, timeout: float 
         _send_datagram(sock, datagram, timeout, wait_write)
 
 
+def send_fd(sock: socket.socket, kind: bytes, body: bytes, fd: int, *,
+            timeout: float = SEND_TIMEOUT, wait_write: WaitWrite = _select_wait_write) -> None:
+    """One single-datagram message that carries a file descriptor (SCM_RIGHTS): the
+    receiver gets its own copy of the fd with the message (Assembler.drain)."""
+    if len(body) > CHUNK:
+        raise ValueError(f"a message with a descriptor must fit one datagram ({len(body)} bytes)")
+    datagram = HEADER.pack(kind, next(_message_ids) & 0xFFFFFFFF, os.getpid(), 0, 1) + body
+    _send_datagram(sock, datagram, timeout, wait_write, [fd])
+
+
 def _send_datagram(sock: socket.socket, datagram: bytes, timeout: float,
-                   wait_write: WaitWrite) -> None:
+                   wait_write: WaitWrite, fds: list[int] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            sock.send(datagram)
+            if fds:
+                socket.send_fds(sock, [datagram], fds)
+            else:
+                sock.send(datagram)
             return
         except BlockingIOError:
             left = deadline - time.monotonic()
@@ -129,13 +144,25 @@ class Assembler:
         for key in [k for k, (since, _) in self.partial.items() if now - since > STALE_PARTIAL]:
             del self.partial[key]
 
-    def drain(self, sock: socket.socket) -> Iterator[tuple[bytes, bytes]]:
-        """Every message completed by what is queued on the non-blocking `sock` now."""
+    def drain(self, sock: socket.socket) -> Iterator[tuple[bytes, bytes, list[int]]]:
+        """Every message completed by what is queued on the non-blocking `sock` now, with
+        the descriptors its datagram carried (send_fd; the caller owns and closes them)."""
         while True:
             try:
-                datagram = sock.recv(MAX_DATAGRAM)
+                datagram, fds, _flags, _addr = socket.recv_fds(sock, MAX_DATAGRAM, MAX_FDS)
             except BlockingIOError:
                 return
             msg = self.feed(datagram)
             if msg is not None:
-                yield msg
+                yield msg[0], msg[1], fds
+            else:
+                close_fds(fds)
+
+
+def close_fds(fds: list[int]) -> None:
+    """Descriptors that arrived with a message nobody takes them from."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -443,7 +443,8 @@ class Arbiter:
         """Console SETs run by the workers: apply them to the config new workers get
         (a RELOAD replaces it with the file's, as it does in the workers)."""
         from pooler.config.runtime import runtime_setting
-        for kind, body in self.inbox_reader.drain(self.inbox[1]):
+        for kind, body, fds in self.inbox_reader.drain(self.inbox[1]):
+            channel.close_fds(fds)          # the master is sent none
             if kind != channel.SET:
                 log.warning("unknown message from a worker: %r", kind)
                 continue

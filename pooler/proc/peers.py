@@ -25,7 +25,8 @@ import gevent
 import gevent.event
 from gevent.socket import wait_read, wait_write
 
-from pooler.proc import channel, shm
+from pooler.pooling import poolshare
+from pooler.proc import channel, servermove, shm
 from pooler.proc.shm import Segment
 from pooler.proc.shmquota import ShmQuota
 
@@ -140,10 +141,17 @@ class Peers:
         sock.setblocking(False)
         while True:
             wait_read(sock.fileno())
-            for kind, body in self.inbox.drain(sock):
-                self._dispatch(kind, body)
+            for kind, body, fds in self.inbox.drain(sock):
+                self._dispatch(kind, body, fds)
 
-    def _dispatch(self, kind: bytes, body: bytes) -> None:
+    def _dispatch(self, kind: bytes, body: bytes, fds: list[int] = ()) -> None:
+        if kind == channel.MOVE:
+            try:
+                servermove.receive(self, body, fds)
+            except Exception:
+                log.exception("taking over a moved server failed")
+            return
+        channel.close_fds(fds)
         handler = self.handlers.get(kind)
         if handler is None:
             log.warning("unknown control message %r", kind)
@@ -236,16 +244,24 @@ class Peers:
             wanted = self._wanted_slots(pool)
             if not wanted:
                 continue
+            # Clients of this very pool wait in another worker: move the server there
+            # (servermove.py), claim and all; else close it so they may open one.
+            to = servermove.target(self, pool)
+            slots = servermove.claim_slots(self, pool) if to is not None else None
             victims = []
             with seg.locked():
                 need = max(seg.waiting(s) - max(cap - seg.claimed(s), 0) for s, cap in wanted)
                 while need > 0:
-                    srv = pool.give_back_coldest(now, HANDOFF_MIN_IDLE)   # its claim: own row
+                    srv = poolshare.give_back_coldest(pool, now, HANDOFF_MIN_IDLE, slots is not None)
                     if srv is None:
                         break
                     victims.append(srv)
                     need -= 1
             for srv in victims:
+                if slots is not None:
+                    if servermove.move(self, pool, srv, to, slots):
+                        continue
+                    self.quota.release(pool._quota_keys)       # kept for the move
                 log.info("S-%d %s@%s closing because: a client waits for it in another pool or "
                          "worker", srv.id, pool.server_user, pool.name)
                 srv.close()
@@ -269,6 +285,14 @@ class Peers:
                     share = max(1, pool.route.pool_size // (others + 1))
                     owe = max(0, pool.total - share)
             pool.owe_back = owe
+
+    def move_out(self, pool, srv) -> bool:
+        """Pool.release paying back its share (owe_back): move `srv`, claim and all, to
+        the worker whose clients of this pool wait (servermove.py). False: not moved
+        (no such worker, a TLS server, a send that failed): the pool closes it."""
+        to = servermove.target(self, pool)
+        slots = servermove.claim_slots(self, pool) if to is not None else None
+        return slots is not None and servermove.move(self, pool, srv, to, slots)
 
     def _wanted_slots(self, pool) -> list[tuple[int, int]]:
         """(slot, cap) of this pool's capped keys on which someone waits."""

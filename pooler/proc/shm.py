@@ -56,9 +56,11 @@ STATE_SUSPENDED = 4         # admin SUSPEND (a pause that keeps its servers)
 
 # Per-worker header fields.
 W_FIELDS = ("pid", "heartbeat_us", "started_us", "clients", "waiting", "cancels_forwarded",
-            "cancels_received", "config_gen", "spawns", "handoffs_given", "handoffs_taken")
+            "cancels_received", "config_gen", "spawns", "handoffs_given", "handoffs_taken",
+            "servers_moved_out", "servers_moved_in")
 (W_PID, W_HEARTBEAT, W_STARTED, W_CLIENTS, W_WAITING, W_CANCEL_FWD, W_CANCEL_RECV,
- W_CONFIG_GEN, W_SPAWNS, W_HANDOFF_GIVEN, W_HANDOFF_TAKEN) = range(len(W_FIELDS))
+ W_CONFIG_GEN, W_SPAWNS, W_HANDOFF_GIVEN, W_HANDOFF_TAKEN, W_MOVED_OUT,
+ W_MOVED_IN) = range(len(W_FIELDS))
 WORKER_Q = 16
 
 # Slot-table entry fields (int64 index within the entry); the key text follows.
@@ -376,7 +378,19 @@ class Segment:
         return True
 
     def release(self, w: int, slot: int) -> None:
-        self.q[self.claim_index(w, slot)] -= 1      # own row: no lock needed
+        # Own row, but under the lock: transfer_claim writes other workers' rows (a
+        # server closes rarely; a lost update would skew the count for good).
+        with self.locked():
+            self.q[self.claim_index(w, slot)] -= 1
+
+    def transfer_claim(self, src: int, dst: int, slots: list[int]) -> None:
+        """One connection's claims move from worker `src` to `dst` (a server moving
+        between workers, proc/servermove.py): the global counts never change."""
+        q = self.q
+        with self.locked():
+            for slot in slots:
+                q[self.claim_index(src, slot)] -= 1
+                q[self.claim_index(dst, slot)] += 1
 
     # -- waiting clients (idle hand-off) ----------------------------------------------------------
 
