@@ -313,6 +313,14 @@ def test_a_server_dying_as_a_request_arrives_is_not_handed_out(pg, pooler_factor
     conn.close()
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_a_request_whose_first_send_fails_goes_to_another_server(pg, pooler_factory,
                                                                  app_userlist):
     """The idle watch is off (fault injection) and the server is reached over a Unix
@@ -325,6 +333,9 @@ def test_a_request_whose_first_send_fails_goes_to_another_server(pg, pooler_fact
     old = _pid_through(conn)
     assert _terminate_app_backends(pg) == 1
     wait_until(lambda: backend_count(pg, APP_DB, APP_USER) == 0)
+    # pg_stat_activity can drop the backend before its process has exited (and closed
+    # the socket): then the send would still succeed and the FATAL be read instead.
+    wait_until(lambda: not _process_alive(old), message=f"backend {old} never exited")
     assert _pid_through(conn) not in (0, old)
     log = p.log()
     assert "server closed before the request reached it" in log, log[-2000:]
