@@ -208,6 +208,9 @@ cdef inline ssize_t _recv(int fd, char *p, ssize_t n) except -2:
         raise OSError(errno, "recv failed")
 
 
+from pooler.wire.tls import TlsSocket   # a side read and written through Python (TLS)
+
+
 cdef ssize_t _py_recv(object sock, object view) except -2:
     """A TLS side (wire/tls.TlsSocket): its recv_into, with _recv's results."""
     try:
@@ -246,7 +249,7 @@ cdef class Step:
     def __init__(self, client_sock, int mode, bint tracked):
         self.csock = client_sock
         self.cfd = client_sock.fileno()
-        self.ctls = getattr(client_sock, "tls_direct", False)
+        self.ctls = type(client_sock) is TlsSocket
         self.ssock = None
         self.sfd = -1
         self.stls = False
@@ -287,7 +290,7 @@ cdef class Step:
     def link(self, sock, bytearray buf, view):
         self.ssock = sock
         self.sfd = sock.fileno()
-        self.stls = getattr(sock, "tls_direct", False)
+        self.stls = type(sock) is TlsSocket     # per link: no getattr miss (an exception)
         self.sbuf = buf
         self.sview = view
         self.send = self.recv = 0
