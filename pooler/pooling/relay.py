@@ -44,8 +44,8 @@ from greenlet import greenlet
 
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
-from pooler.pooling import (relayexit, relayfaults, relaystep, relaytls, replication,
-                            sessionstate)
+from pooler.wire.tls import TlsSocket
+from pooler.pooling import relayexit, relayfaults, relaystep, relaytls, replication, sessionstate
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
@@ -134,7 +134,7 @@ class Relay:
         self.on_client_cb = self._on_client
         self.on_server_cb = self._on_server
         # relaytls bits: which sides are wire/tls.TlsSocket (the server's set at _link).
-        self.tls = relaytls.CLIENT if getattr(self.cs.sock, "tls_direct", False) else 0
+        self.tls = relaytls.CLIENT if type(self.cs.sock) is TlsSocket else 0
 
     # What the worker's janitor and SHOW commands read.
     @property

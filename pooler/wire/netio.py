@@ -58,7 +58,7 @@ class Stream:
         A TLS socket (wire/tls.TlsSocket) may hold decrypted bytes the fd does not
         announce: then it is readable now."""
         sock = self.sock
-        if getattr(sock, "tls_direct", False) and sock.pending():
+        if type(sock) is not _socket.socket and sock.pending():     # a tls.TlsSocket
             return
         rw = self.rw
         rw.start(getcurrent().switch)
