@@ -330,9 +330,10 @@ def parse_config(data: dict, source_path: str | None = None) -> Config:
     peers = _parse_peers(data.get("peers"), errors)
     _check_auth_dbnames(auth, databases, errors)
     _check_tls(values, base_dir, errors)
-    if auth.type == "cert" and values.get("client_tls_sslmode", "disable") not in tls.VERIFYING:
-        # Without verification the certificate's CN would prove nothing (PgBouncer's rule).
-        errors.append("auth.type: 'cert' needs client_tls_sslmode verify-ca or verify-full")
+    if auth.type == "cert" and values.get("client_tls_sslmode", "disable") != "verify-full":
+        # Without verification the certificate's CN would prove nothing; PgBouncer 1.18
+        # refuses to start unless it is verify-full, so the same config works in both.
+        errors.append("auth.type: 'cert' needs client_tls_sslmode verify-full (PgBouncer's rule)")
     if errors:
         raise ConfigError(errors)
     return Config(**values, auth=auth, databases=databases, pools=pools, users=users,

@@ -3,7 +3,7 @@
 The rules were parsed and validated with the config (config/hba.py); this module
 applies them to one connection. Refusals use PgBouncer 1.18's words, all with its
 default SQLSTATE for a refused login (08P01): "login rejected" (no rule, or a reject
-rule), "unix socket login rejected" (peer), and the TLS texts of its cert login.
+rule), "unix socket login rejected" (peer), "certificate authentication failed" (cert).
 """
 from __future__ import annotations
 
@@ -60,17 +60,22 @@ def check_peer(sock: socket.socket, addr: str, user: str, hba: Hba | None, map_n
 
 
 def check_cert(tls_sock, user: str, hba: Hba | None, map_name: str | None) -> None:
-    """cert: a verified client certificate whose CN is `user` (or mapped to it)."""
+    """cert: a verified client certificate whose CN is `user` (or mapped to it). As
+    PgBouncer 1.18, the client hears only "certificate authentication failed"; why is
+    logged (its words)."""
+    why = None
+    cert = tls_sock.getpeercert() if tls_sock is not None else None
     if tls_sock is None:
-        raise Refused("08P01", "TLS connection required")
-    cert = tls_sock.getpeercert()
-    if not cert:
-        raise Refused("08P01", "TLS client certificate required")
-    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
-    if cn is not None:
-        if map_name is None and cn == user:
+        why = "TLS connection required"
+    elif not cert:
+        why = "TLS client certificate required"
+    else:
+        cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
+        if cn is not None and map_name is None and cn == user:
             return
-        if map_name is not None and hba is not None and hba.mapped(map_name, cn, user):
+        if cn is not None and map_name is not None and hba is not None and \
+                hba.mapped(map_name, cn, user):
             return
-    log.info("cert: certificate CN %r does not match user %r", cn, user)
-    raise Refused("08P01", "TLS certificate name mismatch")
+        why = f"TLS certificate name mismatch (CN {cn!r}, user {user!r})"
+    log.info("cert: %s", why)
+    raise Refused("08P01", "certificate authentication failed")
