@@ -296,3 +296,40 @@ def test_cert_side_by_side_with_pgbouncer(pg, pooler_factory, certs):  # noqa: F
         assert _login(pooler, MD5_USER, **with_cert) == "certificate authentication failed"
     finally:
         bouncer.stop()
+
+
+def test_hostssl_and_peer_side_by_side_with_pgbouncer(pg, pooler_factory, certs):  # noqa: F811
+    require_pgbouncer()
+    users = {APP_USER: APP_PASSWORD, MD5_USER: MD5_PASSWORD}
+    bouncer = Bouncer("", users)
+    try:
+        d = Path(bouncer.dir)
+        for name in ("server.crt", "server.key"):
+            shutil.copy(certs[name], d / name)
+        (d / "hba.conf").write_text("local     all all             peer\n"
+                                    "hostssl   all md5user 127.0.0.1/32 md5\n"
+                                    "hostnossl all md5user 127.0.0.1/32 reject\n"
+                                    "hostnossl all app     127.0.0.1/32 trust\n"
+                                    "hostssl   all app     127.0.0.1/32 reject\n")
+        ini = (BOUNCER_INI.replace("{pgport}", str(pg.port)).replace("{hba}", str(d / "hba.conf"))
+               + f"client_tls_sslmode = prefer\nclient_tls_key_file = {d}/server.key\n"
+                 f"client_tls_cert_file = {d}/server.crt\n")
+        bouncer.write_ini(ini.replace("unix_socket_dir =", f"unix_socket_dir = {d}"))
+        bouncer.start()
+        sock = d.parent / f"pooler-sock-{bouncer.port}"
+        sock.mkdir(exist_ok=True)
+        pooler = pooler_factory(ini.replace("unix_socket_dir =", f"unix_socket_dir = {sock}"),
+                                userlist=users, filename="pgbouncer.ini")
+        cases = [(MD5_USER, MD5_PASSWORD, "require"), (MD5_USER, MD5_PASSWORD, "disable"),
+                 (APP_USER, None, "disable"), (APP_USER, None, "require")]
+        for user, password, mode in cases:
+            theirs = _login(bouncer, user, password, sslmode=mode)
+            ours = _login(pooler, user, password, sslmode=mode)
+            assert ours == theirs, (user, mode, ours, theirs)
+        # peer: the test's OS user (root) is not `app`, for either
+        theirs = _login(bouncer, APP_USER, host=str(d))
+        ours = _login(pooler, APP_USER, host=str(sock))
+        assert ours == theirs == "unix socket login rejected", (ours, theirs)
+        shutil.rmtree(sock, ignore_errors=True)
+    finally:
+        bouncer.stop()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 METHODS = ("trust", "reject", "md5", "password", "scram-sha-256", "cert", "peer")
 LINE_TYPES = ("local", "host", "hostssl", "hostnossl")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _TOKEN = re.compile(r'"((?:[^"]|"")*)"|([^\s,"]+)|(,)')
 
 
@@ -51,7 +52,7 @@ class Rule:
     kind: str                        # local / host / hostssl / hostnossl
     databases: Names
     users: Names
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None   # None: all
+    network: Network | None          # None: all
     method: str
     map: str | None = None
 
@@ -213,7 +214,7 @@ def _include(name: str, where: str, base: str, depth: int) -> set[str]:
     return out
 
 
-def _network(cols: list[list[tuple[str, bool]]], where: str):
+def _network(cols: list[list[tuple[str, bool]]], where: str) -> tuple[Network | None, int]:
     """The address column (and the mask column after it, if used); returns (network, columns used)."""
     text = cols[0][0][0]
     if len(cols[0]) > 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import pwd
 import socket
+import ssl
 import struct
 
 from pooler.config.hba import Hba, Rule
@@ -59,7 +60,7 @@ def check_peer(sock: socket.socket, addr: str, user: str, hba: Hba | None, map_n
     raise Refused("08P01", "unix socket login rejected")
 
 
-def check_cert(tls_sock, user: str, hba: Hba | None, map_name: str | None) -> None:
+def check_cert(tls_sock: "ssl.SSLSocket | None", user: str, hba: Hba | None, map_name: str | None) -> None:
     """cert: a verified client certificate whose CN is `user` (or mapped to it). As
     PgBouncer 1.18, the client hears only "certificate authentication failed"; why is
     logged (its words)."""
