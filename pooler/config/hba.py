@@ -82,10 +82,10 @@ class Hba:
                     (r.kind == "hostnossl" and is_tls):
                 continue
             if ip is not None and r.network is not None:
-                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None \
-                        and r.network.version == 4:
-                    ip = ip.ipv4_mapped
-                if ip.version != r.network.version or ip not in r.network:
+                # an IPv4 client on a dual-stack socket (::ffff:a.b.c.d) matches IPv4 lines
+                cand = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and \
+                    ip.ipv4_mapped is not None and r.network.version == 4 else ip
+                if cand.version != r.network.version or cand not in r.network:
                     continue
             if not r.databases.match(database, user, replication):
                 continue
@@ -207,7 +207,7 @@ def _include(name: str, where: str, base: str, depth: int) -> set[str]:
         raise HbaError(f"{where}: @file nested too deep")
     path = os.path.join(base, name)
     out: set[str] = set()
-    for n, toks in _lines(path):
+    for _n, toks in _lines(path):
         for text, _ in toks:
             if text != ",":
                 out.add(text)
