@@ -234,7 +234,7 @@ def test_connstr_bad_values():
     ({"auth_type": "md5", "auth": {"type": "trust"}}, "auth_type: unknown key (did you mean auth.type?)"),
     ({"frobnicate": 1}, "frobnicate: unknown key (see the config reference)"),
     ({"auth": {"type": "ldap"}}, "auth.type: 'ldap' is not valid: one of 'trust', 'plain'"),
-    ({"auth": {"type": "trust", "kind": 1}}, "auth.kind: unknown key (allowed: type, file, query, user, dbname)"),
+    ({"auth": {"type": "trust", "kind": 1}}, "auth.kind: unknown key (allowed: type, file, query, user, dbname, hba_file, ident_file)"),
     ({"databases": {"app": {"port": 0}}}, "databases.app.port: 0 is not valid: an integer from 1"),
     ({"databases": {"app": {"pool_size": -3}}}, "databases.app.pool_size: -3 is not valid: an integer >= 0"),
     ({"databases": {"app": {"hots": "x"}}}, "databases.app.hots: unknown key (allowed: host, port,"),

@@ -48,8 +48,8 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
     k: frozenset(v.split()) for k, v in {
         "user": "", "unix_socket_mode": "0777 777", "unix_socket_group": "",
         "disable_pqexec": "0", "application_name_add_host": "0",
-        "conffile": "", "service_name": "", "job_name": "", "auth_hba_file": "",
-        "auth_ident_file": "", "syslog": "0", "syslog_ident": "",
+        "conffile": "", "service_name": "", "job_name": "",
+        "syslog": "0", "syslog_ident": "",
         "syslog_facility": "", "log_stats": "0 1", "server_fast_close": "0",
         "autodb_idle_timeout": "", "dns_max_ttl": "", "dns_nxdomain_ttl": "",
         "dns_zone_check_period": "0", "resolv_conf": "", "cancel_wait_timeout": "",

@@ -57,6 +57,10 @@ class PeerEntry:
 @_with_keys(settings.AUTH)
 class AuthConfig:
     """The auth section (pgbouncer.ini's auth_type, auth_file, ...)."""
+    # The parsed auth.hba_file (config/hba.Hba), set by validation when type is hba. Not
+    # a dataclass field (not a setting: SHOW CONFIG and SET never see it); an instance
+    # attribute, so it is pickled with the Config sent to the workers.
+    hba = None
 
 
 @dataclass

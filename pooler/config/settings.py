@@ -20,7 +20,8 @@ from pooler.config import converters as c
 from pooler.wire.tls import TLS_MODES
 
 POOL_MODES = ("session", "transaction", "statement")
-AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256")
+# hba: per connection from auth.hba_file (config/hba.py); cert: the client certificate's CN
+AUTH_TYPES = ("trust", "plain", "md5", "scram-sha-256", "hba", "cert")
 ADMIN_DB = "pgbouncer"  # the admin console's virtual database; never a real one
 MAX_PEER_ID = 16383  # PgBouncer's: the peer id takes 14 bits of the cancel key
 
@@ -161,6 +162,10 @@ AUTH: tuple[Key, ...] = (
     Key("user", str | None, _OPT(c.NONEMPTY), None, ini="auth_user"),
     # the database entry auth.query runs in (default: the client's)
     Key("dbname", str | None, _OPT(c.NONEMPTY), None, ini="auth_dbname"),
+    # PgBouncer's auth_hba_file (pg_hba.conf format), read when type is hba, and
+    # auth_ident_file (pg_ident.conf), the maps its peer / cert lines name with map=
+    Key("hba_file", str | None, _OPT(c.NONEMPTY), None, ini="auth_hba_file"),
+    Key("ident_file", str | None, _OPT(c.NONEMPTY), None, ini="auth_ident_file"),
 )
 
 # databases (PgBouncer's [databases] connection-string keys).

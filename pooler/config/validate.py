@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any
 
-from pooler.config import settings
+from pooler.config import hba, settings
 from pooler.config.converters import ConfigError, Converter, Invalid, host_list, parse_connstr
 from pooler.config.model import AuthConfig, Config, DatabaseEntry, PeerEntry, PoolEntry, UserEntry
 from pooler.config.settings import ADMIN_DB, MAX_PEER_ID, SECTIONS, int_names
@@ -237,10 +237,31 @@ def _parse_auth(raw: Any, base_dir: str, errors: list[str]) -> AuthConfig:
         if not os.path.isfile(auth.file):
             # Not _bad(): its 80-character cut would drop the file name from a long path.
             errors.append(f"auth.file: {auth.file!r} is not valid: an existing userlist file")
-    elif auth.type != "trust" and auth.user is None and not type_is_bad:
+    elif auth.type not in ("trust", "hba", "cert") and auth.user is None and not type_is_bad:
+        # (hba and cert may need no password at all: trust / peer / cert lines)
         errors.append(f"auth.file: is required when auth.type is {auth.type!r} "
                       "(a userlist.txt; or set auth.user to look passwords up with auth.query)")
+    _parse_hba(auth, base_dir, errors)
     return auth
+
+
+def _parse_hba(auth: AuthConfig, base_dir: str, errors: list[str]) -> None:
+    """auth.hba_file / auth.ident_file: made absolute like auth.file and, when auth.type
+    is hba, parsed now, so that a bad line is a config error naming file:line (at start,
+    check-config, and a RELOAD, which then keeps the old config)."""
+    for key in ("hba_file", "ident_file"):
+        path = getattr(auth, key)
+        if path is not None:
+            setattr(auth, key, os.path.normpath(os.path.join(base_dir, path)))
+    if auth.type != "hba":
+        return
+    if auth.hba_file is None:
+        errors.append("auth.hba_file: is required when auth.type is 'hba' (a pg_hba.conf-style file)")
+        return
+    try:
+        auth.hba = hba.load(auth.hba_file, auth.ident_file)
+    except hba.HbaError as exc:
+        errors.append(f"auth.hba_file: {exc}")
 
 
 def _check_auth_dbnames(auth: AuthConfig, databases: dict[str, DatabaseEntry],
@@ -309,6 +330,10 @@ def parse_config(data: dict, source_path: str | None = None) -> Config:
     peers = _parse_peers(data.get("peers"), errors)
     _check_auth_dbnames(auth, databases, errors)
     _check_tls(values, base_dir, errors)
+    if auth.type == "cert" and values.get("client_tls_sslmode", "disable") != "verify-full":
+        # Without verification the certificate's CN would prove nothing; PgBouncer 1.18
+        # refuses to start unless it is verify-full, so the same config works in both.
+        errors.append("auth.type: 'cert' needs client_tls_sslmode verify-full (PgBouncer's rule)")
     if errors:
         raise ConfigError(errors)
     return Config(**values, auth=auth, databases=databases, pools=pools, users=users,

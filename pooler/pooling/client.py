@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import gevent
 
 from pooler.wire import authsecret, entropy, passwords, protocol, scram, tls
-from pooler.pooling import peering, sqlprepare
+from pooler.pooling import hbaauth, peering, sqlprepare
 from pooler.pooling.authquery import AuthQueryError
 from pooler.config.settings import ADMIN_DB
 from pooler.wire.netio import ConnectionClosed, Stream
@@ -325,9 +325,12 @@ class Client:
 
     def _authenticate(self, route: "Route | None" = None) -> tuple | None:
         """Authenticate the client; returns SCRAM keys for pass-through, if any."""
-        atype = self.cfg.auth.type
+        try:
+            atype = self._auth_method()
+        except hbaauth.Refused as exc:
+            raise LoginFailed(exc.sqlstate, exc.message) from None
         secret, looked_up = self._user_secret(route)
-        if atype == "trust":
+        if atype in ("trust", "cert", "peer"):     # identity proven without a password
             if secret is None and (looked_up or (self.worker.userlist and self.cfg.auth.file)):
                 raise LoginFailed("28000", f'no such user: "{self.user}"')
             if looked_up:
@@ -344,6 +347,22 @@ class Client:
             # The pool logs in to the server with it too, as with an auth_file secret.
             self.worker.auth_query.remember(route, self.user, secret)
         return keys
+
+    def _auth_method(self) -> str:
+        """The auth.type for this login: auth.type, or the method of its hba rule; a
+        cert or peer check is done here (hbaauth.Refused when it fails)."""
+        auth = self.cfg.auth
+        atype, map_name = auth.type, None
+        if atype == "hba":
+            rule = hbaauth.rule_for(auth.hba, self.addr, self.tls is not None, self.database,
+                                    self.user, self.replication != "none")
+            atype = hbaauth.METHOD_AS_TYPE.get(rule.method, rule.method)
+            map_name = rule.map
+        if atype == "cert":
+            hbaauth.check_cert(self.tls.tls if self.tls else None, self.user, auth.hba, map_name)
+        elif atype == "peer":
+            hbaauth.check_peer(self.stream.sock, self.addr, self.user, auth.hba, map_name)
+        return atype
 
     def _user_secret(self, route: "Route | None") -> tuple[str | None, bool]:
         """(secret, looked_up): from the auth_file, else from auth_query when an
