@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import _socket
 import errno
-from typing import Callable
 
 from gevent import getcurrent
 from gevent.hub import get_hub
@@ -179,34 +178,6 @@ class Stream:
         out = bytes(self.rbuf)
         self.rbuf.clear()
         return out
-
-
-class DualWait:
-    """Waits until the first of two streams is readable.
-
-    The watchers are started only while we are parked in the hub, so a
-    readiness callback can never switch into this greenlet while it is blocked
-    elsewhere (in a send, or in a pool wait).
-    """
-
-    __slots__ = ("hub", "a", "b")
-
-    def __init__(self, a: Stream, b: Stream) -> None:
-        self.hub = a.hub
-        self.a = a.rw
-        self.b = b.rw
-
-    def wait(self) -> int:
-        """1 when the first stream is readable, 2 when the second is."""
-        switch: Callable = getcurrent().switch
-        a, b = self.a, self.b
-        a.start(switch, 1)
-        b.start(switch, 2)
-        try:
-            return self.hub.switch()
-        finally:
-            disarm(a)
-            disarm(b)
 
 
 def connect_tcp(host: str, port: int, timeout: float) -> _socket.socket:

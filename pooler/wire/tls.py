@@ -195,7 +195,6 @@ class TlsSocket:
     not, so a caller that waits on the fd checks pending() first (the relay does)."""
 
     __slots__ = ("tls", "ssl", "fd", "family")
-    tls_direct = True           # the relay step does its I/O through these methods
 
     def __init__(self, tls_sock) -> None:
         self.tls = tls_sock                 # owns the fd; the SSL object refers back to it
