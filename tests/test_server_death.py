@@ -100,7 +100,7 @@ def test_a_server_lost_mid_query_costs_the_transaction_not_the_connection(
         with pytest.raises(psycopg2.Error) as err:
             cur.execute("SELECT pg_sleep(10)")
     killer.join()
-    assert err.value.pgcode in ("57P01", "08006"), err.value.pgerror
+    assert err.value.pgcode in ("57P01", "08007"), err.value.pgerror
     assert conn.closed == 0
     with conn.cursor() as cur:
         cur.execute("SELECT 41 + 1")
@@ -263,7 +263,8 @@ def test_begin_after_a_reported_loss_starts_a_new_block(pg, pooler_factory, pool
     killer = _terminate_soon(pg, 0.5)
     answers = c.exchange(query("SELECT pg_sleep(10)"))
     killer.join()
-    assert "08006" in [error_fields(body)["C"] for t, body in answers if t == "E"]
+    # The request was in flight: it may have taken effect, so not "rolled back".
+    assert "08007" in [error_fields(body)["C"] for t, body in answers if t == "E"]
     assert c.status == "E"
     answers = c.exchange(query("BEGIN"))
     assert ("C", b"BEGIN\0") in answers and c.status == "T"
@@ -341,3 +342,19 @@ def test_a_request_whose_first_send_fails_goes_to_another_server(pg, pooler_fact
     assert "server closed before the request reached it" in log, log[-2000:]
     assert "server conn crashed" not in log
     conn.close()
+
+
+def test_a_request_in_flight_at_the_loss_is_reported_in_doubt(pg, pooler_factory,
+                                                              pooler_config, app_userlist):
+    """Outside a block the dead server may have committed the request before dying
+    (an immediate shutdown after the commit record): the client gets 08007
+    (transaction_resolution_unknown), never 08006's "rolled back"."""
+    p = pooler_factory(pooler_config(pool_mode="transaction", default_pool_size=2), app_userlist)
+    c = raw_client(p.port, APP_USER, APP_DB, APP_PASSWORD)
+    killer = _terminate_soon(pg, 0.5)
+    answers = c.exchange(query("SELECT pg_sleep(10)"))
+    killer.join()
+    codes = [error_fields(body)["C"] for t, body in answers if t == "E"]
+    assert codes[-1] == "08007" and "08006" not in codes and c.status == "I", codes
+    assert rows_of(c.exchange(query("SELECT 10"))) == [["10"]]
+    c.close()

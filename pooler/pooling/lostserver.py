@@ -9,6 +9,13 @@ block is over, which is what drivers believe after a COMMIT that failed (the
 lost request was that COMMIT: psycopg2, pgjdbc never send ROLLBACK then), so
 the failed block ends and the BEGIN goes to a server as usual.
 
+A request the dead server had not answered may have taken effect: PostgreSQL can
+commit and die before its answer leaves (an immediate shutdown, a crash). The
+pooler cannot tell, so that request fails with 08007 (transaction_resolution_
+unknown), PostgreSQL's code for exactly this; 08006 says "rolled back" only where
+that is certain: the server died with nothing owed inside a block, or before a
+batch's Sync.
+
 `FailedBlock.consume` is fed the client's whole messages; nothing here touches a
 server or blocks. PgBouncer closes the client instead; `server_loss_closes_client`
 asks for that.
@@ -21,6 +28,9 @@ from pooler.wire import protocol
 
 LOST_SQLSTATE = "08006"
 LOST_MESSAGE = "server connection lost; the transaction was rolled back"
+UNKNOWN_SQLSTATE = "08007"
+UNKNOWN_MESSAGE = ("server connection lost while a request was in flight; whether it "
+                   "took effect is unknown")
 ABORTED = ("25P02", "current transaction is aborted, commands ignored until end of "
            "transaction block")
 # Statements that end a failed block. COMMIT of a failed block reports ROLLBACK.
@@ -31,6 +41,11 @@ _BEGINS_BLOCK = re.compile(rb"\s*(BEGIN|START\s+TRANSACTION)\b", re.I)
 
 def lost_error() -> bytes:
     return protocol.error_response(LOST_SQLSTATE, LOST_MESSAGE)
+
+
+def unknown_error() -> bytes:
+    """For a request in flight at the loss: it may have committed."""
+    return protocol.error_response(UNKNOWN_SQLSTATE, UNKNOWN_MESSAGE)
 
 
 def _commits(sql: bytes) -> bool:

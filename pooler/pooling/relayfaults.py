@@ -14,7 +14,7 @@ from pooler.wire import protocol
 from pooler.errors import PoolerError
 from pooler.pooling import relaystep
 from pooler.pooling.clientstate import ClientState
-from pooler.pooling.lostserver import FailedBlock, lost_error
+from pooler.pooling.lostserver import FailedBlock, lost_error, unknown_error
 
 if TYPE_CHECKING:
     from pooler.pooling.relay import Relay
@@ -66,7 +66,7 @@ def server_lost(relay: "Relay") -> bool:
         return False
     owed = step.send - step.recv          # requests the dead server never answered
     in_block = step.status != STATUS_IDLE
-    out = lost_error() if owed or step.unsynced else b""
+    out = unknown_error() if owed else lost_error() if step.unsynced else b""
     out += protocol.ready_for_query(b"E" if in_block else b"I") * owed
     if in_block or step.unsynced:
         # What follows until the block (or the lost batch) ends is answered here.

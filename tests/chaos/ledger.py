@@ -8,10 +8,11 @@ PostgreSQL and every attempt is checked against it:
 
   lost      the client saw COMMIT succeed and the row is absent, or the row is
             present and the client was told (with a SQLSTATE) that it failed
-  in doubt  the row is present and the client saw only a bare disconnect while
-            its COMMIT was on the wire: no pooler can know that outcome (a
-            process killed between PostgreSQL's commit and the answer), so it
-            is counted apart from `lost`, and shown
+  in doubt  the row is present and the client was told the outcome is unknown
+            (08007, transaction_resolution_unknown) or saw only a bare disconnect
+            while its COMMIT was on the wire: no pooler can know that outcome (a
+            server or process killed between PostgreSQL's commit and the
+            answer), so it is counted apart from `lost`, and shown
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import psycopg2
 
 COMMITTED, CLEAN, UNCLEAN = "committed", "clean", "unclean"
+UNKNOWN_OUTCOME = "08007"       # transaction_resolution_unknown: the pooler cannot tell
 LEDGER_DDL = "CREATE TABLE IF NOT EXISTS ledger (id bigint PRIMARY KEY, client int NOT NULL)"
 
 
@@ -159,7 +161,9 @@ def reconcile(pg_conn, fault_name: str, fault: int, attempts: list[Attempt]) -> 
         if a.outcome == CLEAN:
             t.clean += 1
             t.sqlstates[a.sqlstate] += 1
-            if there:
+            if there and a.sqlstate == UNKNOWN_OUTCOME:
+                t.in_doubt += 1
+            elif there:
                 t.lost += 1
                 t.lost_ids.append(a)
         else:
