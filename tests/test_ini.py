@@ -135,8 +135,9 @@ def test_unsupported_settings_are_warnings_by_name(tmp_path, userlist, capsys, c
     cfg = load_ini(path)
     err = warned(capsys, caplog)
     assert "WARNING" in err and "client_tls_ciphers = 'HIGH': not supported" in err
-    assert "[users] app: transaction_timeout = '30': not supported by pooler" in err
-    assert cfg.users["app"].pool_mode == "session"      # the rest of the entry is taken
+    # PgBouncer 1.25's transaction_timeout is implemented, globally and per user
+    assert "transaction_timeout" not in err and cfg.users["app"].transaction_timeout == 30.0
+    assert cfg.users["app"].pool_mode == "session"
     assert "[databases] b: client_encoding is not supported" in err
     assert "server_tls_protocols" not in err and "so_reuseport" not in err   # same behaviour here
 

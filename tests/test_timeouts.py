@@ -164,6 +164,99 @@ def test_idle_transaction_timeout_spares_idle_session_clients(pg, pooler_factory
     assert err["M"] == "idle transaction timeout"
 
 
+# ----------------------------------------------------------------------------- transaction_timeout
+
+def test_transaction_timeout_closes_a_busy_transaction(pg, pooler_factory, pooler_config,
+                                                       app_userlist):
+    """PgBouncer 1.25: a transaction older than transaction_timeout is ended by closing
+    its client, however busy it keeps (idle_transaction_timeout would spare it); a long
+    single statement counts too; a client idle between transactions stays."""
+    p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=1,
+              transaction_timeout=1)
+    w = Wire(p.port)
+    w.query("BEGIN; CREATE TEMP TABLE ttt (x int)")
+    t0 = time.monotonic()
+    with pytest.raises((AssertionError, ConnectionError, OSError)):
+        for _ in range(40):                  # busy: a statement every 0.2 s
+            w.query("SELECT 1")
+            time.sleep(0.2)
+    assert 0.9 < time.monotonic() - t0 < 4
+    wait_until(lambda: not activity(pg, "state LIKE 'idle in transaction%%'"), timeout=5)
+    assert ok(p, "SELECT to_regclass('ttt') IS NULL") == [["t"]]      # rolled back, clean
+    # One long statement outside a block is a transaction of its own.
+    w = Wire(p.port)
+    w.send(Q("SELECT pg_sleep(5)"))
+    err = fatal_of(w, 10)
+    assert (err["C"], err["M"]) == ("25P04", "transaction timeout")
+    # Idle between transactions is not in a transaction: the client stays.
+    w = Wire(p.port)
+    w.query("SELECT 1")
+    time.sleep(1.6)
+    assert w.query("SELECT 2") == [["2"]]
+    w.close()
+
+
+def test_transaction_timeout_counts_each_session_transaction_from_its_start(
+        pg, pooler_factory, pooler_config, app_userlist):
+    """Session pooling links the server for the whole session: the timeout counts from
+    each transaction's first statement, not from the login."""
+    p = start(pooler_factory, pooler_config, app_userlist, pool_mode="session",
+              transaction_timeout=1.5)
+    w = Wire(p.port)
+    w.query("SELECT 1")
+    time.sleep(2)                            # the session is older than the timeout
+    w.query("BEGIN")
+    time.sleep(0.9)                          # janitor rounds (0.5 s) pass meanwhile
+    assert w.query("SELECT 'young'") == [["young"]]
+    w.query("COMMIT")
+    time.sleep(1)                            # the last transaction's age must not carry
+    w.query("BEGIN")
+    assert w.query("SELECT 'next'") == [["next"]]
+    err = fatal_of(w, 10)
+    assert (err["C"], err["M"]) == ("25P04", "transaction timeout")
+
+
+def test_transaction_timeout_of_a_user_overrides_the_global(pg, pooler_factory, pooler_config,
+                                                            app_userlist):
+    p = start(pooler_factory, pooler_config, app_userlist, transaction_timeout=0,
+              users={"app": {"transaction_timeout": 1}})
+    w = Wire(p.port)
+    w.query("BEGIN")
+    err = fatal_of(w, 10)
+    assert (err["C"], err["M"]) == ("25P04", "transaction timeout")
+
+
+# ----------------------------------------------------------------------------- query_wait_notify
+
+def test_query_wait_notify_tells_a_queued_client_once(pg, pooler_factory, pooler_config,
+                                                      app_userlist):
+    """PgBouncer 1.25: a client queued longer than query_wait_notify gets one NOTICE,
+    then its answer when a server frees up."""
+    p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=1,
+              query_wait_notify=0.5)
+    holder = Wire(p.port)
+    holder.query("BEGIN")                    # holds the only server
+    waiter = Wire(p.port)
+    waiter.send(Q("SELECT 'served'"))
+    time.sleep(2.5)                          # several janitor rounds past the bound
+    holder.query("COMMIT")
+    msgs = []
+    while True:
+        t, b = waiter.read()
+        msgs.append((t, b))
+        if t == "Z":
+            break
+    notices = [fields(b) for t, b in msgs if t == "N"]
+    assert [(n["S"], n["C"], n["M"]) for n in notices] == [
+        ("NOTICE", "00000",
+         "No server connection available in postgres backend, client being queued")]
+    assert msgs[0][0] == "N" and [t for t, _ in msgs[1:]] == ["T", "D", "C", "Z"]
+    # A client that did not wait that long hears nothing.
+    assert waiter.query("SELECT 1") == [["1"]]
+    holder.close()
+    waiter.close()
+
+
 # ----------------------------------------------------------------------------- client_idle_timeout
 
 def test_client_idle_timeout(pg, pooler_factory, pooler_config, app_userlist):

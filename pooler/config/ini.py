@@ -53,11 +53,11 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
         "syslog_facility": "", "log_stats": "0 1", "server_fast_close": "0",
         "autodb_idle_timeout": "", "dns_max_ttl": "", "dns_nxdomain_ttl": "",
         "dns_zone_check_period": "0", "resolv_conf": "", "cancel_wait_timeout": "",
-        "transaction_timeout": "0", "suspend_timeout": "", "pkt_buf": "",
+        "suspend_timeout": "", "pkt_buf": "",
         "max_packet_size": "", "listen_backlog": "", "sbuf_loopcnt": "",
         "tcp_defer_accept": "", "tcp_socket_buffer": "0", "tcp_keepcnt": "0",
         "tcp_keepidle": "0", "tcp_keepintvl": "0", "tcp_user_timeout": "0",
-        "query_wait_notify": "", "auth_ldap_options": "",
+        "auth_ldap_options": "",
         # TLS tuning: PgBouncer's defaults are what the pooler does (TLS 1.2+, OpenSSL's
         # default ciphers and curves); other values are warned.
         "client_tls_protocols": "secure", "client_tls_ciphers": "fast default",
@@ -80,8 +80,8 @@ USER_INTS = settings.int_names(settings.USER)
 # PgBouncer treats 0 (its default) in [users] as "not set": the global setting applies.
 # In the YAML an explicit 0 turns the limit off for the user, so these 0s are dropped.
 USER_ZERO_IS_UNSET = {"max_user_connections", "max_user_client_connections", "query_timeout",
-                      "query_wait_timeout", "idle_transaction_timeout", "client_idle_timeout"}
-USER_UNSUPPORTED = {"transaction_timeout": frozenset({"0"})}
+                      "query_wait_timeout", "idle_transaction_timeout", "transaction_timeout",
+                      "client_idle_timeout"}
 PGBOUNCER_UNIX_DIR = "/tmp"     # PgBouncer's default unix_socket_dir (ours is "")
 PGBOUNCER_PEER_PORT = 6432      # PgBouncer's port for a [peers] entry without one
 MAX_INCLUDE_DEPTH = 10
@@ -340,12 +340,9 @@ def _user(spec: dict[str, str], label: str, out: Converted) -> dict[str, Any]:
             if key in USER_ZERO_IS_UNSET and _is_zero(value):
                 continue
             user[key] = int(value) if key in USER_INTS and INT_RE.fullmatch(value) else value
-        elif key in USER_UNSUPPORTED:
-            if value not in USER_UNSUPPORTED[key]:
-                out.warnings.append(f"{label}: {key} = {value!r}: not supported by pooler; ignored")
         else:
             out.errors.append(f"{label}: unknown setting {key} = {_show(value)}"
-                              f"{guess(key, [*USER_KEYS, *USER_UNSUPPORTED])}")
+                              f"{guess(key, sorted(USER_KEYS))}")
     return user
 
 

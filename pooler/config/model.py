@@ -87,6 +87,7 @@ class Route:
     query_timeout: float = 0.0
     query_wait_timeout: float = 120.0
     idle_transaction_timeout: float = 0.0
+    transaction_timeout: float = 0.0
     client_idle_timeout: float = 0.0
     max_db_client_connections: int = 0   # clients of this entry (name), over all users
     # Every (host, port) a server may be opened to, and how the next is picked.
@@ -167,7 +168,8 @@ class Config:
     def any_client_timeout(self) -> bool:
         """Is any client timeout on, globally or for some user? (The janitor skips its
         scan of every client when none is.)"""
-        names = ("query_timeout", "idle_transaction_timeout", "client_idle_timeout")
+        names = ("query_timeout", "idle_transaction_timeout", "transaction_timeout",
+                 "client_idle_timeout")
         return any(getattr(self, n) for n in names) or \
             any(getattr(u, n) for u in self.users.values() for n in names)
 
@@ -187,7 +189,7 @@ class Config:
 
 # Route fields where a user's [users] value simply replaces the global setting.
 USER_OVERRIDES = ("max_user_connections", "query_timeout", "query_wait_timeout",
-                  "idle_transaction_timeout", "client_idle_timeout")
+                  "idle_transaction_timeout", "transaction_timeout", "client_idle_timeout")
 
 
 def _pick(value: Any, default: Any) -> Any:

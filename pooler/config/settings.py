@@ -116,6 +116,10 @@ GLOBAL: tuple[Key, ...] = (
     # yet); when full, the oldest (after 1 s) is closed, else the newcomer; 0 = no cap
     Key("client_login_max_pending", int, c.COUNT, 1000),
     Key("idle_transaction_timeout", float, c.duration, 0.0),
+    # PgBouncer 1.25: a client whose transaction is older than this is closed (25P04)
+    Key("transaction_timeout", float, c.duration, 0.0),
+    # PgBouncer 1.25: a client queued this long for a server is told so, once, by a NOTICE
+    Key("query_wait_notify", float, c.duration, 5.0),
     # ours: bound on a SIGTERM/SIGINT shutdown; 0 = none
     Key("shutdown_timeout", float, c.duration, 30.0),
     # ours: PgBouncer's default is empty, but pgjdbc and others always send this one.
@@ -210,6 +214,7 @@ USER: tuple[Key, ...] = (
     Key("query_timeout", float | None, _OPT(c.duration), None),
     Key("query_wait_timeout", float | None, _OPT(c.duration), None),
     Key("idle_transaction_timeout", float | None, _OPT(c.duration), None),
+    Key("transaction_timeout", float | None, _OPT(c.duration), None),
     Key("client_idle_timeout", float | None, _OPT(c.duration), None),
 )
 

@@ -337,6 +337,8 @@ class Pool:
         t0 = w.since
         if since:
             w.since = since         # query_wait_timeout / reserve count from the first wait
+            # A wait resumed after a wake-up without a server: its notice was due already.
+            w.notified = t0 - since > self.cfg.query_wait_notify
         self.waiters.append(w)
         timer = None
         if timeout:
@@ -471,6 +473,11 @@ class Pool:
             # Reserve granted, or below pool_size yet waiting: a database/user cap was
             # full; let the oldest waiter retry (it may evict another pool's idle server).
             self._wake_next_waiter()
+        notify = cfg.query_wait_notify
+        if notify and self.waiters:
+            for w in self.waiters:
+                if not w.notified and not w.done and now - w.since > notify:
+                    w.notify()
         wait_limit = self.route.query_wait_timeout     # the user's, else the global one
         if wait_limit:
             for w in list(self.waiters):

@@ -103,7 +103,7 @@ class Relay:
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse", "dedicated",
                  "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
-                 "tls")
+                 "tls", "tx_start")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -135,6 +135,9 @@ class Relay:
         self.on_server_cb = self._on_server
         # relaytls bits: which sides are wire/tls.TlsSocket (the server's set at _link).
         self.tls = relaytls.CLIENT if type(self.cs.sock) is TlsSocket else 0
+        # When the client's current transaction began (transaction_timeout), 0 between
+        # transactions: set by the first request after the server was last idle.
+        self.tx_start = 0.0
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -408,6 +411,8 @@ class Relay:
         if step.new_query:
             step.new_query = False
             self.query_start = now
+            if not self.tx_start:
+                self.tx_start = now
         job = 0
         if ev & EV_HELD:
             parts, self.parts = self.parts, None
@@ -526,6 +531,8 @@ class Relay:
             self.stats.query_time += d
             self.stats.query_hist[bisect_left(BOUNDS, d)] += 1
             self.last_active = now
+            if step.status == STATUS_IDLE:
+                self.tx_start = 0.0
             step.flush_stats(self.stats)
             if self.refuse:
                 self.refuse = False

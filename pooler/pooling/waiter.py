@@ -1,19 +1,31 @@
 """A client waiting for a server, and the state SHOW commands count it in."""
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
+import termios
 import time
 from typing import Callable
 
 from gevent import getcurrent
 
 from pooler.pooling.clientstate import ClientState
+from pooler.wire import protocol
+
+# PgBouncer 1.25's words for query_wait_notify.
+QUEUED_NOTICE = protocol.notice_response(
+    "No server connection available in postgres backend, client being queued")
+# Room kept free in the client's send buffer besides the notice: a TLS record's
+# header and tag, and slack for the kernel's own accounting.
+_SLACK = 512
 
 
 class Waiter:
     """A client parked until a server is handed to it: a greenlet blocked in
     acquire() (`glet`), or (with `cb`) a relay whose loop callback takes the server
     without a greenlet switch (no greenlet at all: `glet` is None)."""
-    __slots__ = ("glet", "since", "client", "done", "cb")
+    __slots__ = ("glet", "since", "client", "done", "cb", "notified")
 
     def __init__(self, client, cb: Callable | None = None) -> None:
         self.glet = getcurrent() if cb is None else None
@@ -21,6 +33,7 @@ class Waiter:
         self.client = client
         self.done = False
         self.cb = cb
+        self.notified = False    # query_wait_notify's NOTICE was sent (or was due)
 
     def fail(self, hub, exc: BaseException) -> None:
         """The wait is over with an error (query_wait_timeout): raise it in the waiter."""
@@ -28,6 +41,36 @@ class Waiter:
             hub.loop.run_callback(self.glet.throw, exc)
         else:
             self.client.kill(exc)
+
+    def notify(self) -> None:
+        """query_wait_notify: tell the client, once, that it is queued. The NOTICE goes
+        only if the socket takes it whole at once: the client waits for an answer, so
+        nothing of ours is half-written, and a notice that cannot go now is dropped
+        rather than risk a partial message (a send that blocks would also stall the
+        janitor)."""
+        self.notified = True
+        stream = self.client.stream if self.client is not None else None
+        if stream is not None and _has_room(stream.sock, len(QUEUED_NOTICE)):
+            try:
+                stream.sock.send(QUEUED_NOTICE)
+            except OSError:
+                pass             # the client is gone: its relay notices on its own
+
+
+def _has_room(sock, size: int) -> bool:
+    """Can `size` bytes be written to `sock` now without a short or blocked write?"""
+    try:
+        fd = sock.fileno()
+        raw = socket.socket(fileno=fd)
+        try:
+            sndbuf = raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        finally:
+            raw.detach()
+        queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return False
+    # Linux reports SO_SNDBUF doubled (bookkeeping included): half is payload.
+    return queued + size + _SLACK <= sndbuf // 2
 
 
 def shown_state(client) -> ClientState:

@@ -359,6 +359,10 @@ class Worker:
         # The client's pool's route: its user's timeouts, else the global ones.
         route = relay.pool.route
         if relay.server is not None:
+            if route.transaction_timeout and relay.tx_start and \
+                    (relay.send != relay.recv or relay.status != STATUS_IDLE) and \
+                    now - relay.tx_start > route.transaction_timeout:
+                return ("25P04", "transaction timeout")
             if relay.send != relay.recv:
                 if route.query_timeout and now - relay.query_start > route.query_timeout:
                     return ("57014", "query timeout")
