@@ -373,6 +373,36 @@ def test_server_tls_backend_terminated_reaches_the_client(ssl_pg, pooler_factory
     assert "Traceback" not in p.log()
 
 
+def test_reload_changing_server_tls_replaces_the_servers(ssl_pg, pooler_factory, app_userlist,
+                                                         certs):
+    """A RELOAD that changes server_tls_sslmode reconnects the servers: idle ones are
+    closed at once, one in use when its client lets it go; every transaction after the
+    reload runs over the new mode."""
+    p = pooler_factory(ssl_pg_config(ssl_pg, certs, "disable", admin_users=[SUPERUSER],
+                                     pool_mode="transaction"), app_userlist)
+    holder = p.connect()
+    cur = holder.cursor()
+    cur.execute("SELECT pg_backend_pid(), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    held_pid, held_ssl = cur.fetchone()           # in a transaction: its server is held
+    assert held_ssl is False
+    assert backend_ssl(p)[0] is False             # a second, idle plaintext server
+    p.update_config({"server_tls_sslmode": "require"})
+    wait_until(lambda: "reloaded" in p.log(), 10)
+    assert backend_ssl(p)[0] is True
+    holder.commit()                               # the old server comes back: closed
+    holder.close()
+
+    def held_gone() -> bool:
+        with psycopg2.connect(ssl_pg.unix_dsn("postgres", "postgres")) as c, c.cursor() as q:
+            q.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (held_pid,))
+            return q.fetchone()[0] == 0
+    wait_until(held_gone, 10, message="the server opened without TLS is still open")
+    for _ in range(3):
+        assert backend_ssl(p)[0] is True
+    servers = [r for r in admin_rows(p, "SHOW SERVERS") if r["database"] == APP_DB]
+    assert servers and all(r["tls"].startswith("TLSv1.") for r in servers), servers
+
+
 def serve_certificate(ssl_pg, certs, name: str) -> None:
     """Make PostgreSQL present certificate `name` (from the certs fixture) from now on."""
     datadir = Path(ssl_pg.datadir)
