@@ -10,6 +10,7 @@ for login_notify_message and the login counters, its source after 1.25.2) read f
 its source and documentation, checked against the pooler alone."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -20,11 +21,11 @@ import time
 import psycopg2
 import pytest
 
-from bouncer import ADMIN, ADMIN_PASSWORD, Bouncer, reconfigure, side_by_side  # noqa: F401  (fixture)
+from bouncer import ADMIN, ADMIN_PASSWORD, Bouncer, reconfigure, side_by_side, side_ini  # noqa: F401  (fixture)
 from conftest import APP_DB, APP_PASSWORD, APP_USER, MD5_USER, MD5_PASSWORD, wait_until
 from pooler.pooling import peering
 from pooler.wire import protocol
-from rawpg import RawConn
+from rawpg import PgError, RawConn
 from test_admin import USERS, Admin, in_thread, pooler, query  # noqa: F401  (pooler: fixture)
 
 TEXT, INT4, NUMERIC = 25, 23, 1700
@@ -331,3 +332,22 @@ def test_refused_password_words_are_pgbouncers(pg, side_by_side, auth_type):
             text = str(exc.value)
             assert "FATAL:  password authentication failed" in text, (target, user, text)
             assert "no such user" not in text, (target, user, text)
+
+
+def test_md5_secret_against_a_scram_server_is_the_wrong_password_type(pg, pooler_factory):
+    """The auth_file holds only an md5 hash for a user whose PostgreSQL role has a SCRAM
+    secret: the client's md5 login succeeds, the server login cannot (an md5 hash
+    cannot answer SCRAM), and the client is told so in PgBouncer's words and SQLSTATE."""
+    users = {APP_USER: "md5" + hashlib.md5((APP_PASSWORD + APP_USER).encode()).hexdigest()}
+    bouncer = Bouncer(side_ini(pg, "md5"), users).start()
+    try:
+        pooler = pooler_factory(side_ini(pg, "md5"), userlist=users, filename="pgbouncer.ini")
+        for target in (bouncer, pooler):
+            conn = RawConn("127.0.0.1", target.port, 10)
+            with pytest.raises(PgError) as exc:
+                conn.login(APP_USER, APP_PASSWORD, APP_DB)
+            conn.close()
+            assert (exc.value.sqlstate, exc.value.message) == (
+                PGBOUNCER_SQLSTATE, "server login failed: wrong password type"), target
+    finally:
+        bouncer.stop()

@@ -303,7 +303,10 @@ class Pool:
                     # PostgreSQL refused the login: pass its error on as PgBouncer does
                     # (e.g. 3D000 database "x" does not exist, 28P01 bad password).
                     raise PoolError(exc.sqlstate, str(exc)) from exc
-                sqlstate = exc.sqlstate if exc.sqlstate.startswith("28") else "08006"
+                # Ours: an auth class (28xxx) or a protocol refusal (08P01) stays;
+                # anything else is the connection failing (08006).
+                sqlstate = exc.sqlstate if exc.sqlstate.startswith("28") or \
+                    exc.sqlstate == "08P01" else "08006"
                 raise PoolError(sqlstate, f"server login failed: {exc}") from exc
             raise
         self.connecting -= 1

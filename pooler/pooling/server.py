@@ -182,6 +182,10 @@ class ServerConn:
                 scram = ScramClient(password)
             elif scram_keys:
                 scram = ScramClient(client_key=scram_keys[0], server_key=scram_keys[1])
+            elif password:
+                # An md5 hash cannot answer SCRAM, and no SCRAM login of the client
+                # lent its keys: PgBouncer's words for this.
+                raise ServerError("08P01", "wrong password type")
             else:
                 raise ServerError("28P01", "no password available to log in to the server with SCRAM")
             s.sendall(protocol.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
