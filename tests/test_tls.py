@@ -628,6 +628,37 @@ def test_reload_turns_client_tls_on(pooler_factory, pooler_config, app_userlist,
         p.connect(sslmode="disable")
 
 
+def test_reload_changes_the_client_ca(pooler_factory, pooler_config, app_userlist, certs,
+                                      tmp_path):
+    """RELOAD with another client_tls_ca_file: new logins are verified against the new CA
+    at once (a certificate of the old CA is refused, one of the new CA accepted)."""
+    other = tmp_path / "ca2"
+    other.mkdir()
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-sha256",
+             "-subj", "/CN=pooler test CA 2", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=other)
+    _issue(other, "client", APP_USER, "extendedKeyUsage=clientAuth")
+    old_pair = (certs["client.crt"], certs["client.key"])
+    new_pair = (str(other / "client.crt"), str(other / "client.key"))
+    p = pooler_factory(pooler_config(**client_tls(certs, "verify-full",
+                                                  client_tls_ca_file=certs["ca.crt"])),
+                       app_userlist)
+
+    def logs_in(pair: tuple[str, str]) -> bool:
+        try:
+            conn = p.connect(sslmode="require", sslcert=pair[0], sslkey=pair[1])
+        except psycopg2.OperationalError:
+            return False
+        conn.close()
+        return True
+    assert logs_in(old_pair) and not logs_in(new_pair)
+    p.update_config({"client_tls_ca_file": str(other / "ca.crt")})
+    wait_until(lambda: logs_in(new_pair), 10, message="the new CA is not used after RELOAD")
+    assert not logs_in(old_pair)
+    assert p.returncode is None
+
+
 def test_messages_larger_than_the_relay_buffer_over_client_tls(pooler_factory, pooler_config,
                                                                 app_userlist, certs):
     """The relay reads TLS records itself (wire/tls.TlsSocket): a read whose buffer is
