@@ -279,3 +279,26 @@ def test_ini_per_database_auth_settings(tmp_path):
     with pytest.raises(Exception) as exc:
         load_config(str(ini))
     assert "auth_dbname" in str(exc.value) and "nope" in str(exc.value)
+
+
+def test_database_auth_user_with_trust_and_no_auth_file(aq, pg, pooler_factory, pooler_config):
+    """auth_type trust, no auth_file, auth_user on the database entry (PgBouncer): the
+    login user must still exist, which auth_query decides; the servers log in as it
+    (here over the Unix socket, trust in pg_hba) and a user auth_query does not find
+    is refused."""
+    clear_calls(aq)
+    dbs = {APP_DB: {"host": pg.socket_dir, "port": pg.port, "dbname": APP_DB,
+                    "auth_user": AQ_USER, "auth_query": LOOKUP}}
+    p = pooler_factory(pooler_config(databases=dbs, auth={"type": "trust"}), userlist=None)
+    conn = psycopg2.connect(host=p.host, port=p.port, dbname=APP_DB, user=APP_USER,
+                            connect_timeout=10)
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_user, current_database(), 6 * 7")
+        assert cur.fetchone() == (APP_USER, APP_DB, 42)
+    conn.close()
+    assert calls(pg, APP_USER) == 1
+    with pytest.raises(psycopg2.OperationalError) as exc:
+        psycopg2.connect(host=p.host, port=p.port, dbname=APP_DB, user="nobody_here",
+                         connect_timeout=10).close()
+    assert 'FATAL:  no such user: "nobody_here"' in str(exc.value)   # trust: nothing to hide
+    assert calls(pg, "nobody_here") == 1
