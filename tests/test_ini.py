@@ -349,3 +349,22 @@ def test_users_section_same_as_pgbouncer(pg, side_by_side):
         wait_until(lambda: backend_count(pg, APP_DB) == 0, 10)
     assert pictures[0] == pictures[1]
     assert pictures[1] == ((True, True, 2, ["session"]), ((1, 1, 1), 1))
+
+
+def test_database_query_wait_timeout_over_the_users_and_the_global(tmp_path, userlist, capsys,
+                                                                   caplog):
+    """PgBouncer 1.24's [databases] query_wait_timeout: the entry's, else the user's, else
+    the global one; -1 is PgBouncer's "not set"."""
+    path = write(tmp_path, base(userlist, "query_wait_timeout = 60", "[users]",
+                                "bob = query_wait_timeout=3",
+                                "[databases]", "quick = host=x query_wait_timeout=1.5",
+                                "unset = host=x query_wait_timeout=-1",
+                                "off = host=x query_wait_timeout=0"))
+    cfg = load_ini(path)
+    assert "query_wait_timeout" not in warned(capsys, caplog)
+    waits = {(db, u): cfg.route(db, u).query_wait_timeout
+             for db in ("quick", "unset", "off", "app") for u in ("bob", "app")}
+    assert waits == {("quick", "bob"): 1.5, ("quick", "app"): 1.5,
+                     ("unset", "bob"): 3.0, ("unset", "app"): 60.0,
+                     ("off", "bob"): 0.0, ("off", "app"): 0.0,
+                     ("app", "bob"): 3.0, ("app", "app"): 60.0}

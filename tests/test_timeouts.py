@@ -68,9 +68,17 @@ def ok(p, sql="SELECT 1") -> list:
 
 # ----------------------------------------------------------------------------- query_wait_timeout
 
-def test_query_wait_timeout(pg, pooler_factory, pooler_config, app_userlist):
-    p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=1,
-              query_wait_timeout=1)
+@pytest.mark.parametrize("where", ["global", "database"])
+def test_query_wait_timeout(pg, pooler_factory, pooler_config, app_userlist, where):
+    """Globally, or on the database entry over a longer global one (PgBouncer 1.24)."""
+    if where == "global":
+        p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=1,
+                  query_wait_timeout=1)
+    else:
+        dbs = pooler_config()["databases"]
+        dbs["app"]["query_wait_timeout"] = 1
+        p = start(pooler_factory, pooler_config, app_userlist, default_pool_size=1,
+                  query_wait_timeout=120, databases=dbs)
     holder = Wire(p.port)
     holder.query("BEGIN")                    # holds the only server
     waiter = Wire(p.port)

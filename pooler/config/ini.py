@@ -71,8 +71,9 @@ UNSUPPORTED: dict[str, frozenset[str]] = {
 DB_KEYS = frozenset(k.name for k in settings.DATABASE)
 DB_ALIASES = settings.aliases(settings.DATABASE)
 DB_INTS = settings.int_names(settings.DATABASE)
-DB_UNSUPPORTED = {"client_encoding", "datestyle", "timezone",
-                  "target_session_attrs", "query_wait_timeout"}
+DB_UNSUPPORTED = {"client_encoding", "datestyle", "timezone", "target_session_attrs"}
+# [databases] values that mean "not set" in PgBouncer (the user's or global one applies).
+DB_UNSET = {"query_wait_timeout": "-1"}
 # [users] settings (settings.USER), and PgBouncer's that we do not implement -> their
 # values that behave the same here (no warning for those).
 USER_KEYS = frozenset(k.name for k in settings.USER)
@@ -274,6 +275,8 @@ def _database(spec: dict[str, str], label: str, out: Converted) -> dict[str, Any
     db: dict[str, Any] = {}
     for key, value in spec.items():
         key = DB_ALIASES.get(key.lower(), key.lower())
+        if DB_UNSET.get(key) == value.strip():
+            continue
         if key in DB_KEYS:
             db[key] = int(value) if key in DB_INTS and INT_RE.fullmatch(value) else value
         elif key in DB_UNSUPPORTED:

@@ -157,7 +157,11 @@ class Config:
             auth_user=entry.auth_user, auth_query=entry.auth_query, auth_dbname=entry.auth_dbname,
             pinning=_pick(entry.pinning, self.pinning),
             server_lifetime=entry.server_lifetime or self.server_lifetime,
-            **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES})
+            **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES
+               if k != "query_wait_timeout"},
+            # PgBouncer: the database entry's, else the user's, else the global one
+            query_wait_timeout=_pick(entry.query_wait_timeout,
+                                     _pick(_of(u, "query_wait_timeout"), self.query_wait_timeout)))
 
     def user_client_limit(self, user: str) -> int:
         """max_user_client_connections for a login user: its [users] value, else the
