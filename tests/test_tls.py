@@ -608,9 +608,13 @@ def test_console_set_of_tls_files_one_at_a_time(pooler_factory, pooler_config, a
 
 
 def test_reload_turns_client_tls_on(pooler_factory, pooler_config, app_userlist, certs):
+    """...and, as any TLS change does (PgBouncer), reconnects the servers."""
     p = pooler_factory(pooler_config(), app_userlist)
     conn = p.connect(sslmode="prefer")
     assert not conn.info.ssl_in_use
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        before = cur.fetchone()[0]
     conn.close()
     p.update_config(client_tls(certs))
     wait_until(lambda: "reloaded" in p.log(), 10)
@@ -626,6 +630,11 @@ def test_reload_turns_client_tls_on(pooler_factory, pooler_config, app_userlist,
     wait_until(tls_now, 10, message="client TLS not on after RELOAD")
     with pytest.raises(psycopg2.OperationalError, match="SSL required"):
         p.connect(sslmode="disable")
+    conn = p.connect(sslmode="require")
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        assert cur.fetchone()[0] != before, "the server from before the TLS change was reused"
+    conn.close()
 
 
 def test_reload_changes_the_client_ca(pooler_factory, pooler_config, app_userlist, certs,

@@ -86,9 +86,9 @@ class Worker:
     def apply_config(self, cfg: Config) -> None:
         """Take a (validated) config: new limits apply to pools from now on."""
         old, self.cfg = self.cfg, cfg
-        # Servers opened under other TLS settings (mode, CA, client certificate) are
-        # replaced as they come free, as PgBouncer reconnects them.
-        server_tls_changed = any(getattr(old, k) != getattr(cfg, k) for k in tls.SERVER_TLS_KEYS)
+        # A change of any TLS setting reconnects the servers, as PgBouncer does "for
+        # security reasons": none stays open under settings that no longer hold.
+        tls_changed = any(getattr(old, k) != getattr(cfg, k) for k in tls.TLS_KEYS)
         logs.reapply(cfg.log_format, cfg.logfile, cfg.verbose)    # no-op unless they changed
         self.userlist = userlist.load_userlist(cfg.auth.file) if cfg.auth.file else {}
         tls.configure(cfg)          # TLS contexts, the files re-read (new connections)
@@ -104,8 +104,8 @@ class Worker:
                 pool.close_all("database removed from config")
                 continue
             pool.reconfigure(cfg, route)
-            if server_tls_changed:
-                pool.mark_close_needed("server TLS settings changed")
+            if tls_changed:
+                pool.mark_close_needed("TLS settings changed")
 
     def route(self, database: str, user: str) -> Route | None:
         """cfg.route(), remembered per (database, user) until the config changes: a

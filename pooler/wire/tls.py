@@ -31,8 +31,6 @@ TLS_MODES = ("disable", "allow", "prefer", "require") + VERIFYING
 TLS_FILE_KEYS = ("client_tls_key_file", "client_tls_cert_file", "client_tls_ca_file",
                  "server_tls_ca_file", "server_tls_key_file", "server_tls_cert_file")
 TLS_KEYS = ("client_tls_sslmode", "server_tls_sslmode") + TLS_FILE_KEYS
-# What the server connections were opened with: a reload changing one reconnects them.
-SERVER_TLS_KEYS = tuple(k for k in TLS_KEYS if k.startswith("server_"))
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 
