@@ -611,6 +611,7 @@ def test_reload_turns_client_tls_on(pooler_factory, pooler_config, app_userlist,
     """...and, as any TLS change does (PgBouncer), reconnects the servers."""
     p = pooler_factory(pooler_config(), app_userlist)
     conn = p.connect(sslmode="prefer")
+    conn.autocommit = True              # so that its server goes back to the pool
     assert not conn.info.ssl_in_use
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
