@@ -353,8 +353,8 @@ def test_users_section_same_as_pgbouncer(pg, side_by_side):
 
 def test_database_query_wait_timeout_over_the_users_and_the_global(tmp_path, userlist, capsys,
                                                                    caplog):
-    """PgBouncer 1.24's [databases] query_wait_timeout: the entry's, else the user's, else
-    the global one; -1 is PgBouncer's "not set"."""
+    """PgBouncer 1.24's [databases] query_wait_timeout (its janitor: the user's, else the
+    entry's, else the global one); -1 is PgBouncer's "not set"."""
     path = write(tmp_path, base(userlist, "query_wait_timeout = 60", "[users]",
                                 "bob = query_wait_timeout=3",
                                 "[databases]", "quick = host=x query_wait_timeout=1.5",
@@ -364,7 +364,7 @@ def test_database_query_wait_timeout_over_the_users_and_the_global(tmp_path, use
     assert "query_wait_timeout" not in warned(capsys, caplog)
     waits = {(db, u): cfg.route(db, u).query_wait_timeout
              for db in ("quick", "unset", "off", "app") for u in ("bob", "app")}
-    assert waits == {("quick", "bob"): 1.5, ("quick", "app"): 1.5,
+    assert waits == {("quick", "bob"): 3.0, ("quick", "app"): 1.5,
                      ("unset", "bob"): 3.0, ("unset", "app"): 60.0,
-                     ("off", "bob"): 0.0, ("off", "app"): 0.0,
+                     ("off", "bob"): 3.0, ("off", "app"): 0.0,
                      ("app", "bob"): 3.0, ("app", "app"): 60.0}

@@ -159,9 +159,9 @@ class Config:
             server_lifetime=entry.server_lifetime or self.server_lifetime,
             **{k: _pick(_of(u, k), getattr(self, k)) for k in USER_OVERRIDES
                if k != "query_wait_timeout"},
-            # PgBouncer: the database entry's, else the user's, else the global one
-            query_wait_timeout=_pick(entry.query_wait_timeout,
-                                     _pick(_of(u, "query_wait_timeout"), self.query_wait_timeout)))
+            # PgBouncer's janitor: the user's, else the database entry's, else the global
+            query_wait_timeout=_pick(_of(u, "query_wait_timeout"),
+                                     _pick(entry.query_wait_timeout, self.query_wait_timeout)))
 
     def user_client_limit(self, user: str) -> int:
         """max_user_client_connections for a login user: its [users] value, else the

@@ -194,8 +194,8 @@ DATABASE: tuple[Key, ...] = (
     Key("server_lifetime", float | None, _OPT(c.duration), None),
     Key("application_name", str | None, _OPT(c.TEXT), None),
     Key("pinning", bool | None, _OPT(c.boolean), None),     # ours; unset: the global one
-    # PgBouncer 1.24: this entry's query_wait_timeout, over the user's and the global one;
-    # unset (PgBouncer's -1): the user's, else the global; 0 turns it off here
+    # PgBouncer 1.24: this entry's query_wait_timeout, over the global one (a [users]
+    # value wins over both); unset (PgBouncer's -1): the global; 0 turns it off here
     Key("query_wait_timeout", float | None, _OPT(c.duration), None),
     # PgBouncer's per-database auth_user / auth_query / auth_dbname; unset: auth.user /
     # auth.query / auth.dbname
