@@ -45,7 +45,8 @@ from greenlet import greenlet
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
 from pooler.wire.tls import TlsSocket
-from pooler.pooling import relayexit, relayfaults, relaystep, relaytls, replication, sessionstate
+from pooler.pooling import (
+    relaybuf, relayexit, relayfaults, relaystep, relaytls, replication, sessionstate)
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
@@ -62,12 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pooler.relay")
 
-CLIENT_BUF = 65536
-# Client read buffers are lent per chunk, not owned per client: an idle client
-# holds no buffer, so 10,000 idle clients do not cost 10,000 x 64 KB.
-_free_bufs: list[tuple[bytearray, memoryview]] = []
-MAX_FREE_BUFS = 256
-unpack_i32 = protocol.unpack_i32
+_free_bufs = relaybuf.free_bufs     # popped inline in _on_client (relaybuf.py)
 monotonic = time.monotonic
 
 STATUS_IDLE = ord("I")
@@ -159,7 +155,7 @@ class Relay:
         job = 0
         try:
             if early:
-                self._borrow()
+                relaybuf.borrow(self)
                 self.step.cbuf[:len(early)] = early
                 self.step.cend = len(early)
                 job = self.client_events(self.step.client_start())
@@ -298,7 +294,7 @@ class Relay:
                 if _free_bufs:
                     step.set_cbuf(*_free_bufs.pop())
                 else:
-                    self._borrow()
+                    relaybuf.borrow(self)
             job = self.client_events(step.client_in())
         except Exception as exc:         # raised in the greenlet, where the handlers are
             self.exc = exc
@@ -423,32 +419,10 @@ class Relay:
             return job | J_BAD
         cend = step.cend
         if not cend:
-            self.give_back()
+            relaybuf.give_back(self)
         elif cend == len(step.cbuf) and cend >= 5:
-            self.grow_client_buf()
+            relaybuf.grow_client_buf(self)
         return job
-
-    def _borrow(self) -> None:
-        buf, view = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
-        self.step.set_cbuf(buf, view)
-
-    def give_back(self) -> None:
-        step = self.step
-        buf = step.cbuf
-        if buf is not None:
-            if len(buf) == CLIENT_BUF and len(_free_bufs) < MAX_FREE_BUFS:
-                _free_bufs.append((buf, step.cview))
-            step.set_cbuf(None, None)
-
-    def grow_client_buf(self) -> None:
-        """A message larger than the buffer (a big Parse/Bind being rewritten)."""
-        step = self.step
-        buf, rest = step.cbuf, step.cend
-        need = 1 + unpack_i32(buf, 1)[0]
-        bigger = bytearray(max(need, 2 * len(buf)))
-        bigger[:rest] = buf
-        self.give_back()
-        step.set_cbuf(bigger, memoryview(bigger))
 
     def _send_parts(self, sock, parts: list, again: int, gone: int) -> int:
         """Gather-write without blocking; what the socket did not take becomes pending."""
@@ -536,19 +510,8 @@ class Relay:
                 self._unlink(now)
                 return job
         if step.skept == len(step.sbuf):
-            self._grow_server_buf()
+            relaybuf.grow_server_buf(self)
         return job
-
-    def _grow_server_buf(self) -> None:
-        """A message the step must see whole (ParameterStatus) is larger than the buffer."""
-        step, srv = self.step, self.server
-        rest = step.skept
-        need = 1 + unpack_i32(srv.buf, 1)[0]
-        bigger = bytearray(max(need, 2 * len(srv.buf)))
-        bigger[:rest] = srv.buf
-        srv.view.release()
-        srv.buf, srv.view = bigger, memoryview(bigger)
-        step.sbuf, step.sview = srv.buf, srv.view
 
     # -- linking ------------------------------------------------------------------
 
