@@ -23,6 +23,8 @@ and a callback that meets work that may block starts a greenlet for it:
   J_RETRY   the first send to a server just linked failed: none of the request
             reached it, so it goes to another server (relayfaults.retry_unsent)
   J_SESS    session statements ran: read the state back (sessionstate.at_release)
+  J_LISTEN  a lone LISTEN / UNLISTEN with no server linked: the pool's NotifyHub
+            takes it (listencmd.serve; shared_listen)
 
 A callback that hands work over stops (disarms) both watchers first and
 starts the job's greenlet as its last statement (`_spawn`); the greenlet does
@@ -46,7 +48,7 @@ from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
 from pooler.wire.tls import TlsSocket
 from pooler.pooling import (
-    relaybuf, relayexit, relayfaults, relaystep, relaytls, replication, sessionstate)
+    listencmd, relaybuf, relayexit, relayfaults, relaystep, relaytls, replication, sessionstate)
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
@@ -74,7 +76,8 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
 (J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED,
- J_RETRY, J_SESS) = (1 << bit for bit in range(12))
+ J_RETRY, J_SESS, J_LISTEN) = (1 << bit for bit in range(13))
+LISTEN_FIRST = listencmd.FIRST
 
 
 def _io_job(ev: int, on_eof: int, on_closed: int, what: str) -> int:
@@ -99,7 +102,7 @@ class Relay:
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse", "dedicated",
                  "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
-                 "tls")
+                 "tls", "listens")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -131,6 +134,8 @@ class Relay:
         self.on_server_cb = self._on_server
         # relaytls bits: which sides are wire/tls.TlsSocket (the server's set at _link).
         self.tls = relaytls.CLIENT if type(self.cs.sock) is TlsSocket else 0
+        # Shared LISTEN (listencmd.py): looked for at each link, so decided once here.
+        self.listens = self.mode != SESSION and not self.dedicated and cfg.shared_listen
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -275,6 +280,8 @@ class Relay:
         if job & J_FAILED:
             nxt = relayfaults.feed_failed(self)
             return J_END if nxt is None else nxt
+        if job & J_LISTEN:
+            return listencmd.serve(self)
         if job & J_LINK:
             self._link(self._acquire())
             return self.client_events(step.client_walk(), True)
@@ -345,6 +352,13 @@ class Relay:
         elif self.tls:
             relaytls.more(self)        # TLS bytes the fd will not announce
 
+    def push_rest(self, data: bytes) -> None:
+        """clientpush.py: the socket took part of a pushed message; the rest goes out in
+        a job before anything else reaches the client (from a loop callback)."""
+        self.step.pending = data
+        self._disarm()
+        self._spawn(J_FLUSH_C)
+
     def _leave_queue(self) -> None:
         w, self.waiter = self.waiter, None
         if w is not None and not w.done:
@@ -365,6 +379,10 @@ class Relay:
                 self.xact_start = monotonic()    # the wait for a server starts (_link)
                 if self.failed is not None or self.dedicated:   # replication: never a pooled one
                     return J_FAILED if self.failed is not None else J_LINK
+                # One lookup for other queries: the text's first byte (listencmd.FIRST).
+                if self.listens and step.msg + 5 < step.end and \
+                        LISTEN_FIRST[step.cbuf[step.msg + 5]] and listencmd.command(self):
+                    return J_LISTEN
                 pool = self.pool
                 srv = pool.acquire_nowait()
                 if srv is None:

@@ -22,6 +22,9 @@ def end(relay: "Relay") -> None:
         relay._disarm()
         relay.step.cend = 0
         relaybuf.give_back(relay)
+        hub = relay.pool.listen_hub
+        if hub is not None:              # shared LISTEN (notifyhub.py): its channels go
+            hub.leave(relay.client)
         if relay.synced is not None:
             relay.pool.release(relay.synced)
             relay.synced = None
