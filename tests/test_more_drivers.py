@@ -10,9 +10,11 @@ default_pool_size 1) B deterministically takes A's only server in between, which
 backend pids prove; the same scenario is then run straight against PostgreSQL and the
 observations must be equal to each other and to the expected values.
 
-The NOTIFY comes from a third connection straight to PostgreSQL, in both runs: a LISTEN
-pins A's server (README, "Session state that cannot be moved"), so with one server a
-pooled B would wait for it until A's UNLISTEN and the notification could not be sent.
+The NOTIFY comes from a third connection straight to PostgreSQL, in both runs: here the
+scenario runs with shared_listen off, so a LISTEN pins A's server (README, "Session state
+that cannot be moved"), and with one server a pooled B would wait for it until A's
+UNLISTEN. (With shared_listen on, the pool's listening server would take that one server;
+test_listen_through_the_shared_hub runs the drivers through the hub with three.)
 That the pin is there, and that it is gone after UNLISTEN (B gets the server again), is
 checked too.
 
@@ -214,11 +216,15 @@ def run_scenario(a: Runner, b: PgConn, notifier: PgConn,
     return seen, pids
 
 
-def tx_pooler(pooler_factory, pooler_config, app_userlist: dict[str, str]) -> PoolerProc:
+def tx_pooler(pooler_factory, pooler_config, app_userlist: dict[str, str],
+              **overrides) -> PoolerProc:
     # One server: B must take A's server between A's steps. query_wait_timeout bounds
-    # how long a B that cannot get it (say, a pin never released) would wait.
-    cfg = pooler_config(pool_mode="transaction", default_pool_size=1, query_wait_timeout=20,
-                        admin_users=[SUPERUSER])
+    # how long a B that cannot get it (say, a pin never released) would wait. The
+    # scenario's LISTEN pins (shared_listen off): with one server, the shared listener
+    # would hold it (it counts in pool_size); test_listen_through_the_shared_hub covers it.
+    cfg = pooler_config(**{"pool_mode": "transaction", "default_pool_size": 1,
+                           "query_wait_timeout": 20, "admin_users": [SUPERUSER],
+                           "shared_listen": False, **overrides})
     return pooler_factory(cfg, app_userlist)
 
 
@@ -279,3 +285,34 @@ def test_driver_keeps_session_semantics_through_transaction_pooling(
         wait_until(lambda: stats()["total_bind_count"] > stats()["total_client_parse_count"] > 0,
                    timeout=10, message=f"no named statement was reused: {stats()}")
     print(f"{driver}: {time.monotonic() - started:.1f}s")
+
+
+@pytest.mark.parametrize("driver", ["pg8000", "node-postgres", "pgjdbc"])
+def test_listen_through_the_shared_hub(driver, pg, pooler_factory, pooler_config, app_userlist,
+                                       tmp_path):
+    """shared_listen (the default): a driver's LISTEN is held by the pool's listening
+    server when the driver sends it as a lone simple Query (pg8000, node-postgres), so
+    it pins nothing and a NOTIFY from another pooled client reaches it; pgjdbc sends
+    it in the extended protocol, which the pooler does not take over: it pins, as
+    before, and is delivered all the same."""
+    p = tx_pooler(pooler_factory, pooler_config, app_userlist, default_pool_size=3,
+                  shared_listen=True)
+    a = Runner(driver, p.host, p.port, tmp_path)
+    b = p.connect()
+    b.autocommit = True
+    try:
+        assert a.ask("query LISTEN hub_ch") is None
+
+        def pins() -> list[str]:
+            return sorted(c["pin"] for c in admin_show(p, "SHOW CLIENTS", SUPERUSER,
+                                                        SUPERUSER_PASSWORD)
+                          if c["database"] == APP_DB)
+        want = ["", "LISTEN"] if driver == "pgjdbc" else ["", ""]
+        wait_until(lambda: pins() == want, timeout=10, message=f"pins: {pins()}")
+        one(b, "NOTIFY hub_ch, 'via the pooler'")
+        assert a.ask("notifications 10000 1") == [["hub_ch", "via the pooler"]]
+        assert a.ask("query SELECT 6 * 7") == 42          # and it still runs queries
+        assert a.ask("query UNLISTEN *") is None
+    finally:
+        a.close()
+        b.close()

@@ -123,6 +123,7 @@ class Control:
             if pool is not None and pool.name in names:
                 _kill_client(client, "57P01", "killed by admin command KILL")
         for pool in self._pools(db):
+            pool.close_listen("KILL")
             pool.close_all("KILL")
 
     def _kill_one(self, arg: str | None) -> None:

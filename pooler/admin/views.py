@@ -18,7 +18,7 @@ from pooler.wire import protocol
 from pooler.version import version_line
 from pooler.pooling import histogram, relaystep
 from pooler.config.settings import ADMIN_DB
-from pooler.pooling.relay import CLIENT_BUF
+from pooler.pooling.relaybuf import CLIENT_BUF
 from pooler.pooling.server import SERVER_BUF
 
 if TYPE_CHECKING:

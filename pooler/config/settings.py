@@ -105,6 +105,9 @@ GLOBAL: tuple[Key, ...] = (
     # ours: transaction/statement pooling keeps a server linked to a client holding state
     # that cannot move (sessionstate.py); a databases entry may turn it off
     Key("pinning", bool, c.boolean, True),
+    # ours: transaction/statement pooling answers a lone LISTEN / UNLISTEN itself and
+    # shares one listening server per pool (notifyhub.py); false: LISTEN pins
+    Key("shared_listen", bool, c.boolean, True),
     # ours: bound on giving back a server whose client left mid-transaction or mid-query
     # (recovery.py); 0 closes such a server at once (PgBouncer)
     Key("recovery_timeout", float, c.duration, 5.0),

@@ -22,7 +22,7 @@ from pooler.pooling.hosts import HostPicker
 from pooler.pooling.poolstats import Stats
 from pooler.pooling.server import ServerConn, ServerError
 from pooler.errors import PoolerError
-from pooler.pooling.waiter import Waiter
+from pooler.pooling.waiter import Waiter, notify_queued
 
 if TYPE_CHECKING:
     from pooler.pooling.worker import Worker
@@ -80,6 +80,7 @@ class Pool:
         self.scram_keys: tuple | None = None
         self.hosts = HostPicker(route)      # which host of the entry's list a new server gets
         self._quota_keys = self._make_quota_keys()
+        self.listen_hub = None      # notifyhub.NotifyHub, made by the first shared LISTEN
 
     def _make_quota_keys(self) -> list[tuple[object, int]]:
         # The route holds the effective values: the pool's user's [users] entry first.
@@ -476,11 +477,8 @@ class Pool:
             # Reserve granted, or below pool_size yet waiting: a database/user cap was
             # full; let the oldest waiter retry (it may evict another pool's idle server).
             self._wake_next_waiter()
-        notify = cfg.query_wait_notify
-        if notify and self.waiters:
-            for w in self.waiters:
-                if not w.notified and not w.done and now - w.since > notify:
-                    w.notify()
+        if cfg.query_wait_notify and self.waiters:
+            notify_queued(self.waiters, now, cfg.query_wait_notify)
         wait_limit = self.route.query_wait_timeout     # the user's, else the global one
         if wait_limit:
             for w in list(self.waiters):
@@ -512,8 +510,19 @@ class Pool:
             self.release(srv, fresh=True)
 
     def close_all(self, reason: str) -> None:
+        self.close_listen(reason, reopen=True)    # PAUSE waits for every server
         for srv in list(self.idle):
             self.discard(srv, reason)
+
+    def close_listen(self, reason: str, reopen: bool = False) -> None:
+        """Shared LISTEN (notifyhub.py): close the hub's server; `reopen`: another is
+        opened and its channels LISTENed again, else the hub ends (its clients stay)."""
+        hub = self.listen_hub
+        if hub is not None and reopen:
+            hub.restart(reason)
+        elif hub is not None:
+            self.listen_hub = None
+            hub.close(reason)
 
     def mark_close_needed(self, reason: str) -> None:
         """RECONNECT, or a reload that moved the database: idle servers go now, the others

@@ -23,6 +23,8 @@ and a callback that meets work that may block starts a greenlet for it:
   J_RETRY   the first send to a server just linked failed: none of the request
             reached it, so it goes to another server (relayfaults.retry_unsent)
   J_SESS    session statements ran: read the state back (sessionstate.at_release)
+  J_LISTEN  a lone LISTEN / UNLISTEN with no server linked: the pool's NotifyHub
+            takes it (listencmd.serve; shared_listen)
 
 A callback that hands work over stops (disarms) both watchers first and
 starts the job's greenlet as its last statement (`_spawn`); the greenlet does
@@ -45,7 +47,8 @@ from greenlet import greenlet
 from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
 from pooler.wire.tls import TlsSocket
-from pooler.pooling import relayexit, relayfaults, relaystep, relaytls, replication, sessionstate
+from pooler.pooling import (
+    listencmd, relaybuf, relayexit, relayfaults, relaystep, relaytls, replication, sessionstate)
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
@@ -62,12 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pooler.relay")
 
-CLIENT_BUF = 65536
-# Client read buffers are lent per chunk, not owned per client: an idle client
-# holds no buffer, so 10,000 idle clients do not cost 10,000 x 64 KB.
-_free_bufs: list[tuple[bytearray, memoryview]] = []
-MAX_FREE_BUFS = 256
-unpack_i32 = protocol.unpack_i32
+_free_bufs = relaybuf.free_bufs     # popped inline in _on_client (relaybuf.py)
 monotonic = time.monotonic
 
 STATUS_IDLE = ord("I")
@@ -78,7 +76,8 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
 
 # Jobs for the greenlet (bits: a walk can end with several, done in this order).
 (J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED,
- J_RETRY, J_SESS) = (1 << bit for bit in range(12))
+ J_RETRY, J_SESS, J_LISTEN) = (1 << bit for bit in range(13))
+LISTEN_FIRST = listencmd.FIRST
 
 
 def _io_job(ev: int, on_eof: int, on_closed: int, what: str) -> int:
@@ -103,7 +102,7 @@ class Relay:
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse", "dedicated",
                  "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
-                 "tls", "tx_start")
+                 "tls", "tx_start", "listens")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -138,6 +137,8 @@ class Relay:
         # When the client's current transaction began (transaction_timeout), 0 between
         # transactions: set by the first request after the server was last idle.
         self.tx_start = 0.0
+        # Shared LISTEN (listencmd.py): looked for at each link, so decided once here.
+        self.listens = self.mode != SESSION and not self.dedicated and cfg.shared_listen
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -162,7 +163,7 @@ class Relay:
         job = 0
         try:
             if early:
-                self._borrow()
+                relaybuf.borrow(self)
                 self.step.cbuf[:len(early)] = early
                 self.step.cend = len(early)
                 job = self.client_events(self.step.client_start())
@@ -282,6 +283,8 @@ class Relay:
         if job & J_FAILED:
             nxt = relayfaults.feed_failed(self)
             return J_END if nxt is None else nxt
+        if job & J_LISTEN:
+            return listencmd.serve(self)
         if job & J_LINK:
             self._link(self._acquire())
             return self.client_events(step.client_walk(), True)
@@ -301,7 +304,7 @@ class Relay:
                 if _free_bufs:
                     step.set_cbuf(*_free_bufs.pop())
                 else:
-                    self._borrow()
+                    relaybuf.borrow(self)
             job = self.client_events(step.client_in())
         except Exception as exc:         # raised in the greenlet, where the handlers are
             self.exc = exc
@@ -352,6 +355,13 @@ class Relay:
         elif self.tls:
             relaytls.more(self)        # TLS bytes the fd will not announce
 
+    def push_rest(self, data: bytes) -> None:
+        """clientpush.py: the socket took part of a pushed message; the rest goes out in
+        a job before anything else reaches the client (from a loop callback)."""
+        self.step.pending = data
+        self._disarm()
+        self._spawn(J_FLUSH_C)
+
     def _leave_queue(self) -> None:
         w, self.waiter = self.waiter, None
         if w is not None and not w.done:
@@ -372,6 +382,10 @@ class Relay:
                 self.xact_start = monotonic()    # the wait for a server starts (_link)
                 if self.failed is not None or self.dedicated:   # replication: never a pooled one
                     return J_FAILED if self.failed is not None else J_LINK
+                # One lookup for other queries: the text's first byte (listencmd.FIRST).
+                if self.listens and step.msg + 5 < step.end and \
+                        LISTEN_FIRST[step.cbuf[step.msg + 5]] and listencmd.command(self):
+                    return J_LISTEN
                 pool = self.pool
                 srv = pool.acquire_nowait()
                 if srv is None:
@@ -428,32 +442,10 @@ class Relay:
             return job | J_BAD
         cend = step.cend
         if not cend:
-            self.give_back()
+            relaybuf.give_back(self)
         elif cend == len(step.cbuf) and cend >= 5:
-            self.grow_client_buf()
+            relaybuf.grow_client_buf(self)
         return job
-
-    def _borrow(self) -> None:
-        buf, view = _free_bufs.pop() if _free_bufs else (b := bytearray(CLIENT_BUF), memoryview(b))
-        self.step.set_cbuf(buf, view)
-
-    def give_back(self) -> None:
-        step = self.step
-        buf = step.cbuf
-        if buf is not None:
-            if len(buf) == CLIENT_BUF and len(_free_bufs) < MAX_FREE_BUFS:
-                _free_bufs.append((buf, step.cview))
-            step.set_cbuf(None, None)
-
-    def grow_client_buf(self) -> None:
-        """A message larger than the buffer (a big Parse/Bind being rewritten)."""
-        step = self.step
-        buf, rest = step.cbuf, step.cend
-        need = 1 + unpack_i32(buf, 1)[0]
-        bigger = bytearray(max(need, 2 * len(buf)))
-        bigger[:rest] = buf
-        self.give_back()
-        step.set_cbuf(bigger, memoryview(bigger))
 
     def _send_parts(self, sock, parts: list, again: int, gone: int) -> int:
         """Gather-write without blocking; what the socket did not take becomes pending."""
@@ -543,19 +535,8 @@ class Relay:
                 self._unlink(now)
                 return job
         if step.skept == len(step.sbuf):
-            self._grow_server_buf()
+            relaybuf.grow_server_buf(self)
         return job
-
-    def _grow_server_buf(self) -> None:
-        """A message the step must see whole (ParameterStatus) is larger than the buffer."""
-        step, srv = self.step, self.server
-        rest = step.skept
-        need = 1 + unpack_i32(srv.buf, 1)[0]
-        bigger = bytearray(max(need, 2 * len(srv.buf)))
-        bigger[:rest] = srv.buf
-        srv.view.release()
-        srv.buf, srv.view = bigger, memoryview(bigger)
-        step.sbuf, step.sview = srv.buf, srv.view
 
     # -- linking ------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pooler.pooling import recovery, replication, sessionstate
+from pooler.pooling import recovery, relaybuf, replication, sessionstate
 
 if TYPE_CHECKING:
     from pooler.pooling.relay import Relay
@@ -21,7 +21,10 @@ def end(relay: "Relay") -> None:
         relay._leave_queue()
         relay._disarm()
         relay.step.cend = 0
-        relay.give_back()
+        relaybuf.give_back(relay)
+        hub = relay.pool.listen_hub
+        if hub is not None:              # shared LISTEN (notifyhub.py): its channels go
+            hub.leave(relay.client)
         if relay.synced is not None:
             relay.pool.release(relay.synced)
             relay.synced = None

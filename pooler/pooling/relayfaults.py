@@ -12,7 +12,7 @@ import gevent
 
 from pooler.wire import protocol
 from pooler.errors import PoolerError
-from pooler.pooling import relaystep
+from pooler.pooling import relaybuf, relaystep
 from pooler.pooling.clientstate import ClientState
 from pooler.pooling.lostserver import FailedBlock, lost_error, unknown_error
 
@@ -112,12 +112,12 @@ def feed_failed(relay: "Relay") -> int | None:
         buf[:rest] = bytes(buf[pos:end])
     step.cend = rest
     if not rest:
-        relay.give_back()
+        relaybuf.give_back(relay)
         return 0
     if relay.failed is None:                     # the block ended: the rest is normal
         return relay.client_events(step.client_start())
     if rest == len(buf):
-        relay.grow_client_buf()
+        relaybuf.grow_client_buf(relay)
     return 0
 
 

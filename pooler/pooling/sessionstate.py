@@ -31,7 +31,8 @@ failed SET, `SET a=1; SELECT ...` all read back as PostgreSQL left them.
   back, then replayed under the client's names where the client goes).
 - Pins: a session advisory lock, a WITH HOLD cursor, a temporary table, a
   PREPARE text that cannot be replayed alone or a LISTEN keep the server linked to the
-  client (`ClientSession.pin` names why, SHOW CLIENTS/SERVERS show it) until a
+  client (a lone LISTEN between transactions never gets here with shared_listen on:
+  listencmd.py answers it and notifyhub.py listens for the client) (`ClientSession.pin` names why, SHOW CLIENTS/SERVERS show it) until a
   later probe finds them gone or the client leaves (then DISCARD ALL). A
   database entry's `pinning: false` turns this off (the state then stays on
   the server for the next client, as in PgBouncer).

@@ -1,24 +1,18 @@
 """A client waiting for a server, and the state SHOW commands count it in."""
 from __future__ import annotations
 
-import fcntl
-import socket
-import struct
-import termios
 import time
 from typing import Callable
 
 from gevent import getcurrent
 
+from pooler.pooling import clientpush
 from pooler.pooling.clientstate import ClientState
 from pooler.wire import protocol
 
 # PgBouncer 1.25's words for query_wait_notify.
 QUEUED_NOTICE = protocol.notice_response(
     "No server connection available in postgres backend, client being queued")
-# Room kept free in the client's send buffer besides the notice: a TLS record's
-# header and tag, and slack for the kernel's own accounting.
-_SLACK = 512
 
 
 class Waiter:
@@ -49,28 +43,22 @@ class Waiter:
         rather than risk a partial message (a send that blocks would also stall the
         janitor)."""
         self.notified = True
-        stream = self.client.stream if self.client is not None else None
-        if stream is not None and _has_room(stream.sock, len(QUEUED_NOTICE)):
+        client = self.client
+        if client is None or client.stream is None:
+            return
+        fd = client.stream.fd
+        if clientpush.room(fd) >= len(QUEUED_NOTICE) + clientpush.overhead(client):
             try:
-                stream.sock.send(QUEUED_NOTICE)
+                client.stream.sock.send(QUEUED_NOTICE)
             except OSError:
                 pass             # the client is gone: its relay notices on its own
 
 
-def _has_room(sock, size: int) -> bool:
-    """Can `size` bytes be written to `sock` now without a short or blocked write?"""
-    try:
-        fd = sock.fileno()
-        raw = socket.socket(fileno=fd)
-        try:
-            sndbuf = raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        finally:
-            raw.detach()
-        queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
-        return False
-    # Linux reports SO_SNDBUF doubled (bookkeeping included): half is payload.
-    return queued + size + _SLACK <= sndbuf // 2
+def notify_queued(waiters, now: float, after: float) -> None:
+    """query_wait_notify: one NOTICE to each waiter queued longer than `after`."""
+    for w in waiters:
+        if not w.notified and not w.done and now - w.since > after:
+            w.notify()
 
 
 def shown_state(client) -> ClientState:

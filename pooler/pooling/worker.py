@@ -101,6 +101,7 @@ class Worker:
         for key, pool in list(self.pools.items()):
             route = cfg.route(pool.name, pool.user)     # the pool's user: its [users] entry
             if route is None:
+                pool.close_listen("database removed from config")
                 pool.close_all("database removed from config")
                 continue
             pool.reconfigure(cfg, route)
@@ -425,6 +426,7 @@ class Worker:
         self.arrivals.close_all()
         gevent.sleep(0.05)
         for pool in self.pools.values():
+            pool.close_listen("pooler shutdown")
             pool.close_all("pooler shutdown")
         self.auth_query.close()
         self.stopped.set()
