@@ -10,6 +10,7 @@ import select
 import time
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from conftest import (APP_DB, APP_USER, SUPERUSER, SUPERUSER_PASSWORD, admin_show, direct_conn,
@@ -147,6 +148,27 @@ def test_unlisten_and_exit_clean_up(pg, hub_pooler):
     finally:
         for conn in (a, b, c):
             conn.close()
+
+
+def test_discard_all_unlistens_as_in_postgresql(hub_pooler):
+    """DISCARD ALL includes UNLISTEN * (PostgreSQL): the client's channels on the shared
+    listener go too; inside a block it fails and changes nothing."""
+    a, c = auto(hub_pooler), auto(hub_pooler)
+    try:
+        run(a, "LISTEN hub_discard")
+        a.autocommit = False
+        with pytest.raises(psycopg2.errors.ActiveSqlTransaction):
+            run(a, "DISCARD ALL")
+        a.rollback()
+        a.autocommit = True
+        run(c, "NOTIFY hub_discard, 'still'")
+        assert notifies(a, 1) == [("hub_discard", "still")]
+        assert run(a, "DISCARD ALL") == "DISCARD ALL"
+        run(c, "NOTIFY hub_discard, 'gone'")
+        assert quiet(a) == [], "DISCARD ALL left the client listening"
+    finally:
+        a.close()
+        c.close()
 
 
 def test_lost_listening_server_is_replaced(pg, hub_pooler):

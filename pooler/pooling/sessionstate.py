@@ -132,6 +132,11 @@ def note_text(session: ClientSession, text: str) -> None:
                 session.custom.add(name)
 
 
+# A lone DISCARD ALL: PostgreSQL's UNLISTEN * is part of it, so the shared listener
+# (notifyhub.py) must drop the client's channels too.
+_DISCARD_ALL = re.compile(r"(?is)\s*discard\s+all\s*;?\s*")
+STATUS_IDLE = ord("I")
+
 # One statement with an effect that ends with the transaction: no read-back needed.
 _LOCAL_ONLY = re.compile(r"(?is)\s*set\s+(?:local|transaction|constraints)\b[^;]*;?\s*")
 
@@ -148,6 +153,10 @@ def on_text(relay: "Relay") -> None:
     whole = b"\0" in body                              # else a hit for being cut short
     text = body.split(b"\0", 1)[0].decode("utf-8", "replace")
     note_text(relay.client.session, text)
+    hub = relay.pool.listen_hub
+    # (outside a block only: inside one, DISCARD ALL fails and changes nothing)
+    if hub is not None and whole and step.status == STATUS_IDLE and _DISCARD_ALL.fullmatch(text):
+        hub.unlisten(relay.client, None)
     if not (whole and _LOCAL_ONLY.fullmatch(text)):
         step.sess_seen = True
 
