@@ -295,6 +295,43 @@ def test_waiting_client_gets_idle_server_of_another_worker(pg, pooler_factory):
     row = next(r for r in admin_show(p, "STATS", "pgadmin", None) if r["database"] == APP_DB)
     assert int(row["total_server_moved_in_count"]) >= 6, row
     assert "moved to worker" in p.log() and "taken over from another worker" in p.log()
+    # A moved server leaves no entry in the sender's epoll set: one left there (epoll
+    # keeps it while the receiver holds the socket) reports the socket's traffic under a
+    # dead fd number, and libev then rebuilt its set and aborted the worker.
+    for w in snap["workers"]:
+        assert not stale_epoll_entries(w["pid"]), (w["pid"], stale_epoll_entries(w["pid"]))
+
+
+def stale_epoll_entries(pid: int) -> list[str]:
+    """Entries of process `pid`'s epoll sets whose fd no longer is the file they were
+    registered for (closed, or the number reused)."""
+    stale = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            info = open(f"/proc/{pid}/fdinfo/{fd}").read()
+        except OSError:
+            continue
+        entries = re.findall(
+            r"tfd:\s*(\d+)\s+events:\s*\S+\s+data:\s*([0-9a-f]+).*?ino:([0-9a-f]+)", info)
+        # libev keeps a per-fd generation in the high half of the data, raised when an
+        # fd number is used again; every fd raised at once, the listening sockets'
+        # too, is libev having met events it could not place and rebuilt its whole
+        # epoll set (the path that aborts a worker if some watcher's fd is closed).
+        gens = [int(data, 16) >> 32 for _, data, _ in entries]
+        if gens and min(gens) > 1:
+            stale.append(f"libev rebuilt its epoll set (every fd at generation >= {min(gens)})")
+        for tfd, _, ino in entries:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{tfd}")
+            except OSError:
+                stale.append(f"fd {tfd} (closed)")
+                continue
+            inode = re.search(r"\[(\d+)\]", target)
+            if inode and int(inode.group(1)) != int(ino, 16):
+                stale.append(f"fd {tfd} ({target}, registered for inode {int(ino, 16)})")
+    return stale
 
 
 def test_kill9_worker_respawns_and_gives_slots_back(pg, pooler_factory):

@@ -13,6 +13,7 @@ holds the client's input until it is out.
 """
 from __future__ import annotations
 
+import _socket
 import fcntl
 import socket
 import struct
@@ -42,10 +43,12 @@ def at_boundary(client: "Client") -> bool:
 def room(fd: int) -> int:
     """Bytes the send queue of socket `fd` surely takes now without blocking. (By fd:
     a TLS client's socket object has no getsockopt; a socket object borrowed over the
-    fd and detached again reads it without closing or duplicating anything.)"""
+    fd and detached again reads it without closing or duplicating anything; the C
+    `_socket.socket`, not gevent's, whose constructor and detach would make and drop
+    io watchers for an fd the relay's own watchers are on.)"""
     try:
         queued = _OUTQ.unpack(fcntl.ioctl(fd, termios.TIOCOUTQ, _OUTQ_ZERO))[0]
-        raw = socket.socket(fileno=fd)
+        raw = _socket.socket(fileno=fd)
         try:
             size = raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         finally:

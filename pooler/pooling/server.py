@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from pooler.wire import authsecret, passwords, protocol, tls
+from pooler.wire import authsecret, netio, passwords, protocol, tls
 from pooler.wire.scram import ScramClient
 from pooler.wire.netio import ConnectionClosed, Stream, connect_tcp, disarm
 from pooler.config.settings import EMPTY_CHECK_QUERY
@@ -288,6 +288,8 @@ class ServerConn:
         """Another worker took the server over: close this process's copy of its socket,
         without a Terminate (the connection lives on there)."""
         self.closed = True
+        self.stream.rw.stop()
+        netio.forget_fd(self.stream.fd)
         self.stream.close()
 
     # -- while idle in the pool ------------------------------------------------------

@@ -447,10 +447,21 @@ class Worker:
             relay = client.relay
             if _on_console(client):
                 continue
-            between = relay is not None and relay.server is None and (
-                client.state != ClientState.WAITING or self._parked(client))
-            if client.state == ClientState.LOGIN or between:
+            if client.state == ClientState.LOGIN or self._between(client):
                 client.kill(ClientKill("57P01", "pooler is shutting down"))
+
+    def _between(self, client: Client) -> bool:
+        """Between transactions, so closing it cuts nothing: no server linked and the
+        last answer wholly written (a job still flushing it, or bytes the socket has
+        not taken, would be cut: the client would see its COMMIT fail after it
+        committed), or parked in the pool's queue, its transaction not begun."""
+        relay = client.relay
+        if relay is None or relay.server is not None:
+            return False
+        if self._parked(client):
+            return True
+        return client.state != ClientState.WAITING and relay.glet is None and \
+            relay.step.pending is None
 
     @staticmethod
     def _parked(client: Client) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import os
 
 from gevent import getcurrent
 from gevent.hub import get_hub
@@ -17,6 +18,49 @@ from gevent.hub import get_hub
 from pooler.wire import protocol
 
 READ, WRITE = 1, 2
+
+
+_epolls: list[int] | None = None       # this process's epoll fds (libev's), found once
+
+
+def _epoll_fds() -> list[int]:
+    global _epolls
+    if _epolls is None:
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventpoll]":
+                    found.append(int(name))
+            except OSError:
+                pass
+        _epolls = found
+    return _epolls
+
+
+def forget_fd(fd: int) -> None:
+    """Take `fd` out of the loop's epoll set before closing this process's copy of a
+    socket that lives on in another process (a server moved to another worker over
+    SCM_RIGHTS). epoll drops an entry only when the open file is released, which the
+    other process prevents: the stale entry would go on reporting the socket's traffic
+    here under the old fd number, and libev, meeting events it cannot place, rebuilds
+    its epoll set, aborting the worker ("I/O watcher with invalid fd") if any started
+    watcher's fd is closed by then. libev itself never deletes (it relies on close)."""
+    for ep in _epoll_fds():
+        # (a C call: gevent's monkey-patching takes select.epoll away; ENOENT, not
+        # registered, is nothing to forget)
+        _libc().epoll_ctl(ep, _EPOLL_CTL_DEL, fd, None)
+
+
+_EPOLL_CTL_DEL = 2
+_libc_handle = None
+
+
+def _libc():
+    global _libc_handle
+    if _libc_handle is None:
+        import ctypes
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
 
 
 def disarm(watcher) -> None:
