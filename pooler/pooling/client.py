@@ -105,6 +105,8 @@ class Client:
             if self.relay is None:
                 self.close()
         if self.relay is not None:
+            if self.worker.keeper is not None:
+                self.worker.keeper.started(self)
             self.relay.start()
         self.glet = None                # the relay's callbacks carry the client from here
 
@@ -133,6 +135,8 @@ class Client:
         return f"{self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.addr}"
 
     def close(self) -> None:
+        if self.relay is not None and self.relay.kslot:
+            self.worker.keeper.forget(self)     # before the close: the master has a copy
         self.worker.forget_client(self)
         if self.pool is not None:
             self.pool.clients.discard(self)

@@ -48,7 +48,7 @@ from pooler.wire import protocol
 from pooler.wire.netio import ConnectionClosed, disarm
 from pooler.wire.tls import TlsSocket
 from pooler.pooling import (
-    listencmd, relaybuf, relayexit, relayfaults, relaystep, relaytls, replication, sessionstate)
+    clientflags, listencmd, relaybuf, relayexit, relayfaults, relaystep, relaytls, replication, sessionstate)
 from pooler.pooling.relaystep import (
     EV_ANSWER, EV_CC, EV_CLOSED, EV_EOF, EV_HELD, EV_LINK, EV_NONE, EV_PARAM, EV_PROTO,
     EV_BAD, EV_QDONE, EV_REFUSE, EV_RELEASE, EV_REWRITE, EV_SESSION, EV_TERMINATE, EV_Z,
@@ -78,6 +78,7 @@ _MODE = {SESSION: relaystep.SESSION, TRANSACTION: relaystep.TRANSACTION,
 (J_FLUSH_S, J_FLUSH_C, J_REFUSE, J_LOST, J_END, J_LINK, J_SYNC, J_RAISE, J_BAD, J_FAILED,
  J_RETRY, J_SESS, J_LISTEN) = (1 << bit for bit in range(13))
 LISTEN_FIRST = listencmd.FIRST
+K_BUSY = clientflags.BUSY
 
 
 def _io_job(ev: int, on_eof: int, on_closed: int, what: str) -> int:
@@ -102,7 +103,7 @@ class Relay:
     __slots__ = ("client", "cs", "pool", "stats", "mode", "stmts", "server", "step", "glet",
                  "hub", "query_start", "xact_start", "last_active", "parts", "refuse", "dedicated",
                  "exc", "synced", "waiter", "ended", "failed", "on_client_cb", "on_server_cb",
-                 "tls", "tx_start", "listens")
+                 "tls", "tx_start", "listens", "kslot", "kflags", "ktsig")
 
     def __init__(self, client: "Client") -> None:
         self.client = client
@@ -139,6 +140,9 @@ class Relay:
         self.tx_start = 0.0
         # Shared LISTEN (listencmd.py): looked for at each link, so decided once here.
         self.listens = self.mode != SESSION and not self.dedicated and cfg.shared_listen
+        # Kept by the master (proc/clientkeep.py): the client's byte in kflags (0: not kept),
+        # and the Client.tsig its record holds (pooling/clientflags.py).
+        self.kslot, self.kflags, self.ktsig = 0, None, None
 
     # What the worker's janitor and SHOW commands read.
     @property
@@ -172,6 +176,10 @@ class Relay:
             relayexit.end(self)
             return
         self._work(job)
+
+    def resume(self) -> None:
+        """Start relaying a client that logged in elsewhere (pooling/clientadopt.py)."""
+        self._arm()
 
     def _spawn(self, job: int) -> None:
         """From a loop callback (watchers disarmed): run `job` in a new greenlet. A
@@ -301,6 +309,8 @@ class Relay:
         step = self.step
         try:
             if step.cbuf is None:
+                if self.kslot:           # a request starts: not at a boundary any more
+                    self.kflags[self.kslot] = K_BUSY
                 if _free_bufs:
                     step.set_cbuf(*_free_bufs.pop())
                 else:
@@ -586,3 +596,5 @@ class Relay:
         self.stats.xact_time += d
         self.stats.xact_hist[bisect_left(BOUNDS, d)] += 1
         self.pool.release(srv, now)
+        if self.kslot:
+            self.kflags[self.kslot] = clientflags.at_boundary(self)

@@ -71,6 +71,9 @@ class Worker:
         # Prefork mode (master.py): the link to the other workers (workerproc.Peers),
         # None when this process is the whole pooler.
         self.peers = None
+        # Prefork mode: the master's copies of long-lived client sockets (proc/clientkeep
+        # Keeper: started(client), forget(client), tick(now)); None otherwise.
+        self.keeper = None
         self.max_accept = 100        # lowered when several workers share the socket
         # What an operator set, by the admin console, SIGUSR1/SIGUSR2 or (prefork) another
         # worker through shared memory. Owned here: new pools, logins and snapshots read it.
@@ -348,6 +351,8 @@ class Worker:
         self.auth_query.maintain(now)
         self.arrivals.expire(now, self.cfg.client_login_timeout)
         self._client_timeouts(now)
+        if self.keeper is not None:
+            self.keeper.tick(now)
 
     def _client_timeouts(self, now: float) -> None:
         if not self.client_timeouts_on:         # none set, globally or for any user

@@ -34,6 +34,9 @@ SNAP_REPLY = b"R"    # worker -> requester: pickled (request id, sender position
 RELOAD = b"H"        # master -> every worker: pickled (config generation, validated Config)
 SET = b"S"           # worker -> master inbox: an admin SET to keep for later workers, pickled (key, text)
 MOVE = b"M"          # worker -> worker: an idle server's socket (SCM_RIGHTS) and its state, pickled
+KEEP = b"P"          # worker -> master inbox: client sockets (SCM_RIGHTS) to keep, pickled records
+FORGET = b"F"        # worker -> master inbox: kept clients that closed, pickled (pid, ids)
+ADOPT = b"O"         # master -> worker: a dead worker's idle clients (SCM_RIGHTS), pickled records
 
 CANCEL_BODY = struct.Struct("=ii")
 
@@ -45,7 +48,7 @@ MAX_DATAGRAM = HEADER.size + CHUNK
 MAX_CHUNKS = 0xFFFF                # the count field: messages up to ~3.9 GB
 STALE_PARTIAL = 30.0               # a message still incomplete after this is dropped (sender died)
 SEND_TIMEOUT = 2.0                 # a receiver that does not drain its queue for this long is skipped
-MAX_FDS = 4                        # descriptors taken with one datagram (send_fd sends one)
+MAX_FDS = 32                       # descriptors taken with one datagram (send_fds' batches)
 
 _message_ids = itertools.count(1)
 
@@ -83,10 +86,18 @@ def send_fd(sock: socket.socket, kind: bytes, body: bytes, fd: int, *,
             timeout: float = SEND_TIMEOUT, wait_write: WaitWrite = _select_wait_write) -> None:
     """One single-datagram message that carries a file descriptor (SCM_RIGHTS): the
     receiver gets its own copy of the fd with the message (Assembler.drain)."""
+    send_fds(sock, kind, body, [fd], timeout=timeout, wait_write=wait_write)
+
+
+def send_fds(sock: socket.socket, kind: bytes, body: bytes, fds: list[int], *,
+             timeout: float = SEND_TIMEOUT, wait_write: WaitWrite = _select_wait_write) -> None:
+    """send_fd with up to MAX_FDS descriptors in the one datagram."""
     if len(body) > CHUNK:
-        raise ValueError(f"a message with a descriptor must fit one datagram ({len(body)} bytes)")
+        raise ValueError(f"a message with descriptors must fit one datagram ({len(body)} bytes)")
+    if not 0 < len(fds) <= MAX_FDS:
+        raise ValueError(f"{len(fds)} descriptors in one message (1 to {MAX_FDS})")
     datagram = HEADER.pack(kind, next(_message_ids) & 0xFFFFFFFF, os.getpid(), 0, 1) + body
-    _send_datagram(sock, datagram, timeout, wait_write, [fd])
+    _send_datagram(sock, datagram, timeout, wait_write, fds)
 
 
 def _send_datagram(sock: socket.socket, datagram: bytes, timeout: float,

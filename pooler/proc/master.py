@@ -29,7 +29,7 @@ import time
 from collections import deque
 
 from pooler import logs
-from pooler.proc import channel, shm
+from pooler.proc import channel, clientorphans, shm
 from pooler.pooling import relaystep
 from pooler.logs import flush_and_exit
 from pooler.config.converters import ConfigError
@@ -45,6 +45,7 @@ BOOT_WINDOW = 5.0         # dying sooner than this after a spawn counts as a cra
 MAX_BACKOFF = 30.0
 KILL_GRACE = 5.0          # after shutdown_timeout, before SIGKILL
 LOOP_PERIOD = 0.5
+ORPHAN_RETRY = 0.02      # a dead worker's idle clients not yet handed over: look again soon
 MASTER_SEND_TIMEOUT = 0.5  # per datagram: the master's loop must not stall on a stuck worker
 ROUTED_BY_MASTER = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
@@ -254,6 +255,9 @@ class Arbiter:
         for end in self.inbox:
             end.setblocking(False)
         self.inbox_reader = channel.Assembler()
+        # Copies of the workers' long-lived client sockets, and where each client stands
+        # (clientorphans.py): a dead worker's idle clients go on in another worker.
+        self.orphans = clientorphans.Orphans(clientorphans.Flags(n, cancel_cap_for(cfg)))
         self.signals: deque[int] = deque()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -275,6 +279,7 @@ class Arbiter:
                     self._spawn_due()
                 self._sleep()
                 self._reap()
+                self.orphans.hand_over(self.channels, [s.index for s in self._live()])
                 while self.signals:
                     self._handle(self.signals.popleft())
                 if self.stopping:
@@ -303,6 +308,8 @@ class Arbiter:
             timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
         if self.signals:
             timeout = 0
+        elif self.orphans.waiting:
+            timeout = min(timeout, ORPHAN_RETRY)
         try:
             select.select([self.wake_r, self.inbox[1]], [], [], timeout)
         except InterruptedError:
@@ -385,7 +392,7 @@ class Arbiter:
         monkey.patch_all()
         from pooler.proc.workerproc import worker_main
         return worker_main(self.cfg, self.config_path, self.listeners, self.seg, index,
-                           self.channels, self.pid, self.inbox[0])
+                           self.channels, self.pid, self.inbox[0], self.orphans.flags)
 
     def _reap(self) -> None:
         while True:
@@ -400,7 +407,10 @@ class Arbiter:
                 self._worker_exited(slot, status)
 
     def _worker_exited(self, slot: Slot, status: int) -> None:
-        """Give back what it held, then schedule its replacement."""
+        """Give back what it held, settle its kept clients, then schedule its replacement."""
+        self._read_inbox()                   # what it said before it died comes first
+        crashed = not self.stopping and (os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0)
+        self.orphans.worker_exited(slot.pid, slot.index, crashed)
         self.seg.retire_worker(slot.index)
         slot.pid = 0
         how = describe_status(status)
@@ -444,7 +454,13 @@ class Arbiter:
         (a RELOAD replaces it with the file's, as it does in the workers)."""
         from pooler.config.runtime import runtime_setting
         for kind, body, fds in self.inbox_reader.drain(self.inbox[1]):
-            channel.close_fds(fds)          # the master is sent none
+            if kind == channel.KEEP:
+                self.orphans.on_keep(body, fds)
+                continue
+            channel.close_fds(fds)          # only KEEP brings descriptors
+            if kind == channel.FORGET:
+                self.orphans.on_forget(body)
+                continue
             if kind != channel.SET:
                 log.warning("unknown message from a worker: %r", kind)
                 continue
@@ -515,6 +531,7 @@ class Arbiter:
         flush_and_exit(0 if why == "SIGQUIT" else 1)
 
     def _cleanup(self) -> None:
+        self.orphans.close_all()
         self.seg.unlink()
 
 

@@ -26,7 +26,7 @@ import gevent.event
 from gevent.socket import wait_read, wait_write
 
 from pooler.pooling import poolshare
-from pooler.proc import channel, servermove, shm
+from pooler.proc import channel, clientkeep, servermove, shm
 from pooler.proc.shm import Segment
 from pooler.proc.shmquota import ShmQuota
 
@@ -150,6 +150,12 @@ class Peers:
                 servermove.receive(self, body, fds)
             except Exception:
                 log.exception("taking over a moved server failed")
+            return
+        if kind == channel.ADOPT:
+            try:
+                clientkeep.receive(self.worker, body, fds)
+            except Exception:
+                log.exception("taking over the clients of a dead worker failed")
             return
         channel.close_fds(fds)
         handler = self.handlers.get(kind)

@@ -21,6 +21,8 @@ from pooler.admin.control import Control
 from pooler.admin.snapshot import snapshot
 from pooler.proc import channel, shm
 from pooler.config.model import Config
+from pooler.proc.clientkeep import Keeper
+from pooler.proc.clientorphans import Flags
 from pooler.proc.peers import Peers
 from pooler.proc.shm import Segment
 from pooler.proc.shmquota import ShmQuota
@@ -39,10 +41,11 @@ RELOAD_TIMEOUT = 3.0
 
 def worker_main(cfg: Config, config_path: str, listeners: list[socket.socket], seg: Segment,
                 worker_id: int, channels: list[tuple[socket.socket, socket.socket]],
-                master_pid: int, master_inbox: socket.socket) -> int:
+                master_pid: int, master_inbox: socket.socket, kept_flags: Flags) -> int:
     """Body of a forked worker (gevent already patched in). Returns the exit code."""
     quota = ShmQuota(seg, worker_id)
     worker = Worker(cfg, listeners, worker_id, quota=quota)
+    worker.keeper = Keeper(kept_flags, worker_id, master_inbox)
     worker.config_path = config_path
     worker.max_accept = MULTI_MAX_ACCEPT
     peers = Peers(worker, seg, quota, worker_id, channels, master_pid)

@@ -10,6 +10,7 @@ row; the whole table is printed at the end of the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -108,18 +109,24 @@ def _worker_pids(p) -> list[int]:
 
 
 def test_a_killed_worker(chaos_pooler, size, pg_direct, fault_table):
-    """SIGKILL one of two workers: its clients' connections go with it (a process that
-    is gone cannot send a SQLSTATE), the other worker's clients are not touched, and
-    every client that reconnects is served."""
+    """SIGKILL one of two workers: its clients idle at that moment go on in the other
+    worker (the master kept their sockets: proc/clientkeep.py) and see nothing; those
+    with a transaction under way get FATAL 08007 and are closed (libpq reports that
+    without the SQLSTATE); the other worker's clients are not touched, and every
+    client that reconnects is served."""
     p = chaos_pooler()
     wait_until(lambda: len(_worker_pids(p)) == 2)
     victim = _worker_pids(p)[0]
-    tally, load, _ = _run(p, 4, "a killed worker (SIGKILL)", size,
-                          lambda: os.kill(victim, signal.SIGKILL), pg_direct, fault_table, idle=0)
+    # Clients are kept once connected for a second (clientkeep.KEEP_AFTER).
+    size = dataclasses.replace(size, before=max(size.before, 2.5))
+    tally, load, idle_after = _run(p, 4, "a killed worker (SIGKILL)", size,
+                                   lambda: os.kill(victim, signal.SIGKILL), pg_direct, fault_table)
     assert tally.lost == 0, f"lost transactions: {tally.lost_ids[:10]}"
     # Each client of the dead worker fails at most its one attempt under way.
     assert tally.errors <= size.clients, tally.sqlstates
+    assert [a.outcome for a in idle_after] == [COMMITTED] * len(idle_after), idle_after
     p.wait_for_log(r"worker \d was killed by SIGKILL; respawning")
+    p.wait_for_log(r"died holding \d+ kept clients")
     assert load.connect_failures == 0
     after = [a for a in load.attempts if a.outcome == COMMITTED]
     assert len(after) > tally.errors

@@ -1,0 +1,168 @@
+"""Clients that outlive their worker (proc/clientkeep.py, proc/clientorphans.py).
+
+The master keeps a copy of every client socket connected for a second or more;
+when a worker is SIGKILLed, its idle clients go on in another worker with no
+error, a client with a request in flight gets FATAL 08007, and a kept client that
+the pooler closes still sees the close at once (the master's copy must not
+hold the connection open)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import struct
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from conftest import APP_DB, APP_USER, wait_until
+from rawpg import RawConn, error_fields
+from test_prefork import connect, owner, prefork_config, real_threads, snapshot, spread_connections, start  # noqa: F401
+
+KEPT_BY = 2.5      # KEEP_AFTER (1 s) + a janitor tick (0.5 s), with room for a loaded machine
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raw_client_on(p, worker: int, limit: int = 40) -> RawConn:
+    """A raw-protocol client served by `worker` (others opened on the way are closed)."""
+    others = []
+    try:
+        for _ in range(limit):
+            c = RawConn("127.0.0.1", p.port)
+            msgs = c.login(APP_USER, None, APP_DB)
+            pid = struct.unpack("!i", [b for t, b in msgs if t == "K"][0][:4])[0]
+            if owner(snapshot(p), pid) == worker:
+                return c
+            others.append(c)
+    finally:
+        for c in others:
+            c.close()
+    raise AssertionError(f"no connection reached worker {worker}")
+
+
+def read_to_eof(c: RawConn, timeout: float) -> bytes:
+    c.sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = c.sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
+    p = start(pooler_factory, prefork_config(pg, 2, 4))
+    base = open_fds(p.pid)
+    by_worker = spread_connections(p, 4, 2)
+    for conns in by_worker.values():
+        for conn in conns:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SET application_name = 'kept'")    # tracked: in the record
+    victims, stale = by_worker[0][:3], by_worker[0][3]
+    busy = raw_client_on(p, 0)
+    # Every client kept: the master holds a copy of each socket.
+    wait_until(lambda: open_fds(p.pid) >= base + 9, 10,
+               message=f"the master holds {open_fds(p.pid) - base} client copies, not 9")
+    # An untracked SET after that: state no record carries.
+    with stale.cursor() as cur:
+        cur.execute("SET work_mem = '8MB'")
+    # A tracked parameter set after the client was kept: recorded again (next tick).
+    with victims[0].cursor() as cur:
+        cur.execute("SET application_name = 'changed'")
+    time.sleep(1.2)
+    busy.send_query("SELECT pg_sleep(5)")
+    wait_until(lambda: snapshot(p)["workers"][0]["servers"] > 0 or None, 5)
+    time.sleep(0.2)
+    victim_pid = snapshot(p)["workers"][0]["pid"]
+    os.kill(victim_pid, signal.SIGKILL)
+    # The one with a request in flight is told so (libpq, as for PostgreSQL's own FATAL
+    # before a close, reports it without the SQLSTATE), then closed.
+    data = read_to_eof(busy, 10)
+    assert data.startswith(b"E") and error_fields(data[5:])["C"] == "08007", data
+    # The idle ones go on where they are served now, with their parameters.
+    for conn in victims + by_worker[1]:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('application_name'), 1")
+            assert cur.fetchone() == ("changed" if conn is victims[0] else "kept", 1)
+    with pytest.raises(psycopg2.OperationalError):
+        with stale.cursor() as cur:
+            cur.execute("SELECT 1")
+    p.wait_for_log(r"worker 0 \(pid %d\) died holding 5 kept clients: 3 idle ones go to other "
+                   r"workers, 1 had a request in flight \(told 08007\), 1 lost session state "
+                   r"\(told 08006\)" % victim_pid)
+    p.wait_for_log(r"took over 3 of 3 idle clients of a worker that died")
+    snap = snapshot(p)
+    for conn in victims:
+        assert owner(snap, conn.get_backend_pid()) is not None, \
+            "an adopted client's cancel key is in no worker's table"
+    # Their cancel keys work from the new worker too.
+    canceller = victims[0]
+    done: list = []
+
+    def long_query() -> None:
+        try:
+            with canceller.cursor() as cur:
+                cur.execute("SELECT pg_sleep(10)")
+            done.append(None)
+        except psycopg2.Error as exc:
+            done.append(exc)
+    t = threading.Thread(target=long_query, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    canceller.cancel()
+    t.join(5)
+    assert done and done[0] is not None and done[0].pgcode == "57014", done
+    # Closing clients gives the copies back (FORGET), the adopted ones included.
+    for conn in victims + by_worker[1]:
+        conn.close()
+    wait_until(lambda: open_fds(p.pid) <= base, 10,
+               message=f"the master still holds {open_fds(p.pid) - base} copies")
+
+
+def test_a_kept_client_closed_by_the_pooler_sees_it_at_once(pg, pooler_factory):
+    """client_idle_timeout closes a kept client: with the master's copy still open, only
+    the shutdown makes the close reach the client."""
+    p = start(pooler_factory, prefork_config(pg, 2, 2, client_idle_timeout=3))
+    base = open_fds(p.pid)
+    conn = connect(p)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    wait_until(lambda: open_fds(p.pid) > base, 10, message="the client was not kept")
+    p.wait_for_log(r"closing because: client_idle_timeout", timeout=10)
+    result: list = []
+
+    def query() -> None:
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            result.append("answered")
+        except psycopg2.Error as exc:
+            result.append(exc)
+    t = threading.Thread(target=query, daemon=True)
+    t.start()
+    t.join(5)
+    assert result, "the query hung: the closed client's connection stayed open"
+    assert isinstance(result[0], psycopg2.Error), result
+    wait_until(lambda: open_fds(p.pid) <= base, 10, message="the master kept its copy")
+
+
+def test_session_mode_clients_are_not_kept(pg, pooler_factory):
+    """A client connected for less than a second is not kept (churn pays nothing);
+    session-mode clients never are (their server dies with the worker)."""
+    p = start(pooler_factory, prefork_config(pg, 2, 2, pool_mode="session"))
+    base = open_fds(p.pid)
+    conn = connect(p)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    time.sleep(KEPT_BY)
+    assert open_fds(p.pid) == base, "a session-mode client was kept"
+    conn.close()
+    assert not re.search(r"kept clients", p.log())
+
