@@ -4,7 +4,7 @@ gevent's StreamServer would wrap each accepted socket in a gevent socket that
 the worker then unwraps again (2 getsockname, 3 fcntl and a dozen Python calls
 per connection, measured under `pgbench -C`). Here the listening socket's own
 accept gives the fd and the peer's address, and the connection goes on as a
-plain non-blocking socket to `on_accept` (prelogin.Arrivals), which must not
+plain socket to `on_accept` (made non-blocking by netio.Stream), which must not
 block. Several workers share one listening socket, so one wake-up takes at
 most `max_accept` connections and the others get their turn.
 """
@@ -73,8 +73,7 @@ class Listener:
                     self._pause(exc)
                     return
                 continue            # e.g. ECONNABORTED: that one is gone, the next may not be
-            sock = _socket.socket(family, _socket.SOCK_STREAM, 0, fd)
-            sock.setblocking(False)
+            sock = _socket.socket(family, _socket.SOCK_STREAM, 0, fd)   # netio.Stream: non-blocking
             if tcp:
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
                 peer = f"{addr[0]}:{addr[1]}"
