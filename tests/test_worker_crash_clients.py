@@ -45,14 +45,21 @@ def raw_client_on(p, worker: int, limit: int = 40) -> RawConn:
     raise AssertionError(f"no connection reached worker {worker}")
 
 
-def read_to_eof(c: RawConn, timeout: float) -> bytes:
+def read_until_ready(c: RawConn, timeout: float) -> list[tuple[str, bytes]]:
+    """Messages up to and including a ReadyForQuery."""
     c.sock.settimeout(timeout)
-    data = b""
-    while True:
+    data, msgs = b"", []
+    while not msgs or msgs[-1][0] != "Z":
         chunk = c.sock.recv(65536)
-        if not chunk:
-            return data
+        assert chunk, f"closed after {msgs!r}"
         data += chunk
+        while len(data) >= 5:
+            n = struct.unpack("!i", data[1:5])[0]
+            if len(data) < 1 + n:
+                break
+            msgs.append((chr(data[0]), data[5:1 + n]))
+            data = data[1 + n:]
+    return msgs
 
 
 def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
@@ -66,9 +73,15 @@ def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
                 cur.execute("SET application_name = 'kept'")    # tracked: in the record
     victims, stale = by_worker[0][:3], by_worker[0][3]
     busy = raw_client_on(p, 0)
+    extra = spread_connections(p, 1, 2)
+    blocked = extra[0][0]
+    extra[1][0].close()
+    with blocked.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS crash_t (v int)")
+    blocked.commit()
     # Every client kept: the master holds a copy of each socket.
-    wait_until(lambda: open_fds(p.pid) >= base + 9, 10,
-               message=f"the master holds {open_fds(p.pid) - base} client copies, not 9")
+    wait_until(lambda: open_fds(p.pid) >= base + 10, 10,
+               message=f"the master holds {open_fds(p.pid) - base} client copies, not 10")
     # An untracked SET after that: state no record carries.
     with stale.cursor() as cur:
         cur.execute("SET work_mem = '8MB'")
@@ -77,14 +90,36 @@ def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
         cur.execute("SET application_name = 'changed'")
     time.sleep(1.2)
     busy.send_query("SELECT pg_sleep(5)")
-    wait_until(lambda: snapshot(p)["workers"][0]["servers"] > 0 or None, 5)
-    time.sleep(0.2)
+    block_error: list = []
+
+    def in_flight_in_block() -> None:
+        try:
+            with blocked.cursor() as cur:
+                cur.execute("INSERT INTO crash_t VALUES (1)")
+                cur.execute("SELECT pg_sleep(5)")
+            block_error.append(None)
+        except psycopg2.Error as exc:
+            block_error.append(exc)
+    t = threading.Thread(target=in_flight_in_block, daemon=True)
+    t.start()
+    wait_until(lambda: snapshot(p)["workers"][0]["servers"] >= 2 or None, 5)
+    time.sleep(0.3)
     victim_pid = snapshot(p)["workers"][0]["pid"]
     os.kill(victim_pid, signal.SIGKILL)
-    # The one with a request in flight is told so (libpq, as for PostgreSQL's own FATAL
-    # before a close, reports it without the SQLSTATE), then closed.
-    data = read_to_eof(busy, 10)
-    assert data.startswith(b"E") and error_fields(data[5:])["C"] == "08007", data
+    # A request in flight is answered 08007 (its fate is unknown) and the client goes on.
+    msgs = read_until_ready(busy, 10)
+    assert [t for t, _ in msgs] == ["E", "Z"] and error_fields(msgs[0][1])["C"] == "08007", msgs
+    assert msgs[1][1] == b"I"
+    assert busy.rows("SELECT 2") == [["2"]]
+    # Inside a block: the block is failed; ROLLBACK ends it, and the client goes on.
+    t.join(10)
+    assert block_error and block_error[0] is not None and block_error[0].pgcode == "08007", \
+        block_error
+    blocked.rollback()
+    with blocked.cursor() as cur:
+        cur.execute("SELECT count(*) FROM crash_t")
+        assert cur.fetchone() == (0,)
+    blocked.commit()
     # The idle ones go on where they are served now, with their parameters.
     for conn in victims + by_worker[1]:
         with conn.cursor() as cur:
@@ -93,10 +128,12 @@ def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
     with pytest.raises(psycopg2.OperationalError):
         with stale.cursor() as cur:
             cur.execute("SELECT 1")
-    p.wait_for_log(r"worker 0 \(pid %d\) died holding 5 kept clients: 3 idle ones go to other "
-                   r"workers, 1 had a request in flight \(told 08007\), 1 lost session state "
-                   r"\(told 08006\)" % victim_pid)
-    p.wait_for_log(r"took over 3 of 3 idle clients of a worker that died")
+    p.wait_for_log(r"worker 0 \(pid %d\) died holding 6 kept clients: 3 idle ones go to other "
+                   r"workers, 0 in a transaction block go too \(their block failed\), 2 with a request in flight were answered 08007 and go too, 0 with "
+                   r"a request waiting for a server were answered 08006 and go too, 0 were in "
+                   r"the middle of a request or answer \(told FATAL 08007\), 1 lost session "
+                   r"state \(told 08006\)" % victim_pid)
+    p.wait_for_log(r"took over 5 of 5 idle clients of a worker that died")
     snap = snapshot(p)
     for conn in victims:
         assert owner(snap, conn.get_backend_pid()) is not None, \
@@ -119,10 +156,60 @@ def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
     t.join(5)
     assert done and done[0] is not None and done[0].pgcode == "57014", done
     # Closing clients gives the copies back (FORGET), the adopted ones included.
-    for conn in victims + by_worker[1]:
+    for conn in victims + by_worker[1] + [blocked]:
         conn.close()
+    busy.close()
     wait_until(lambda: open_fds(p.pid) <= base, 10,
                message=f"the master still holds {open_fds(p.pid) - base} copies")
+
+
+def test_a_request_waiting_for_a_server_is_answered_not_run(pg, pooler_factory):
+    """A kept client whose request waits in the pool when its worker dies: nothing of it
+    reached PostgreSQL, so it gets ERROR 08006 "it was not run" and goes on elsewhere."""
+    p = start(pooler_factory, prefork_config(pg, 2, 1))
+    base = open_fds(p.pid)
+    holder, waiter = raw_client_on(p, 1), raw_client_on(p, 0)
+    wait_until(lambda: open_fds(p.pid) >= base + 2, 10, message="the clients were not kept")
+    holder.send_query("SELECT pg_sleep(3)")           # the one server, in worker 1
+    time.sleep(0.3)
+    waiter.send_query("SELECT 3")
+    wait_until(lambda: snapshot(p)["workers"][0]["waiting"] > 0 or None, 5,
+               message="the request did not wait for a server")
+    os.kill(snapshot(p)["workers"][0]["pid"], signal.SIGKILL)
+    msgs = read_until_ready(waiter, 10)
+    assert [t for t, _ in msgs] == ["E", "Z"], msgs
+    err = error_fields(msgs[0][1])
+    assert err["C"] == "08006" and "it was not run" in err["M"], err
+    assert waiter.rows("SELECT 4") == [["4"]]        # once the holder is done
+    assert [t for t, _ in read_until_ready(holder, 10)][-1] == "Z"   # its pg_sleep
+    assert holder.rows("SELECT 5") == [["5"]]
+    p.wait_for_log(r"1 with a request waiting for a server were answered 08006 and go too")
+
+
+def test_a_client_between_statements_of_a_block_hears_of_the_loss_next(pg, pooler_factory):
+    """Inside a transaction block, its answer received, the client's turn when its worker
+    dies: its next statement gets 08006 "rolled back" (the server died with the worker),
+    ROLLBACK ends the block, and it goes on in another worker."""
+    p = start(pooler_factory, prefork_config(pg, 2, 2))
+    base = open_fds(p.pid)
+    both = spread_connections(p, 1, 2)
+    conn = both[0][0]
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS between_t (v int)")
+    conn.commit()
+    wait_until(lambda: open_fds(p.pid) >= base + 2, 10, message="the clients were not kept")
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO between_t VALUES (1)")      # psycopg2 sent BEGIN first
+    os.kill(snapshot(p)["workers"][0]["pid"], signal.SIGKILL)
+    p.wait_for_log(r"1 in a transaction block go too")
+    with pytest.raises(psycopg2.Error) as err:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    assert err.value.pgcode == "08006", err.value
+    conn.rollback()
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM between_t")
+        assert cur.fetchone() == (0,)
 
 
 def test_a_kept_client_closed_by_the_pooler_sees_it_at_once(pg, pooler_factory):

@@ -14,7 +14,9 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from pooler.pooling.clientflags import BLOCK_UNTOLD
 from pooler.pooling.clientstate import ClientState
+from pooler.pooling.lostserver import FailedBlock
 from pooler.pooling.relay import Relay
 from pooler.wire.netio import Stream
 
@@ -31,9 +33,14 @@ def record(client: "Client") -> tuple:
             client.cancel_key, tuple(client.tparams.items()))
 
 
-def adopt(worker: "Worker", sock: socket.socket, rec: tuple) -> "Client | None":
+def adopt(worker: "Worker", sock: socket.socket, rec: tuple,
+          block: int = 0) -> "Client | None":
     """Serve a kept client of a dead worker here; None when it cannot be (then it was
-    told why and closed)."""
+    told why and closed). `block`: the client was inside a transaction block, which
+    failed with the dead worker's server; this worker answers it until the client
+    ends it (lostserver.FailedBlock). BLOCK_TOLD: the master answered its request in
+    flight with an error and ReadyForQuery 'E'; BLOCK_UNTOLD: it was the client's
+    turn, and its next statement hears of the loss."""
     from pooler.pooling.client import Client      # client.py imports the relay, as here
     old_id, user, database, addr, connect_time, cancel_key, tparams = rec
     sock.setblocking(False)
@@ -55,6 +62,9 @@ def adopt(worker: "Worker", sock: socket.socket, rec: tuple) -> "Client | None":
     client.cancel_key = tuple(cancel_key)
     worker.register_cancel_key(client)
     client.relay = Relay(client)
+    if block:
+        client.relay.failed = FailedBlock(first=block == BLOCK_UNTOLD, in_block=True,
+                                          skipping=False)
     client.state = ClientState.IDLE
     client.relay.resume()
     if worker.keeper is not None:

@@ -10,9 +10,30 @@ byte per kept client (the relay, at the two points below):
          request read, nothing of the last answer unsent, and nothing this worker
          alone knows (prepared statements, SET values, LISTENs) beyond the record
          the master holds. Another worker can serve it as if nothing happened.
-  BUSY   a request was read (or is being answered): it may have reached
-         PostgreSQL. The client gets 08007 from the master.
-  STALE  at a boundary, but with state the master's record lacks: closed.
+  SENT   one whole request went to the server and nothing of its answer has come
+         back (and nothing else is held): the master answers it with ERROR 08007
+         and ReadyForQuery, and the client goes on in another worker.
+         SENT_IN_BLOCK: the same inside a transaction block: ReadyForQuery 'E', and
+         the new worker answers the failed block until the client ends it
+         (lostserver.FailedBlock, as when a server dies).
+  IN_BLOCK inside a transaction block, every request answered, the client's turn:
+         another worker takes it over with the block failed (its server died with
+         the worker), and answers its next statement 08006 "the transaction was
+         rolled back", as when a server dies (lostserver.FailedBlock).
+  QUEUED its whole request waits for a server (nothing of it left in the socket,
+         none of it sent): ERROR 08006, it was not run, and ReadyForQuery 'I'; then
+         as IDLE.
+  BUSY   anything else under way (a request being read, an answer being written,
+         a job running): the master cannot tell what the client has seen, so it
+         gets FATAL 08007 and is closed.
+  STALE  at a boundary, but with state the master's record lacks: FATAL 08006.
+
+The relay writes BUSY before it reads a request (its buffer is lent), before it
+links a server, before it reads the server's answer and before a job starts,
+QUEUED when the request waits in the pool, SENT once a walk has sent a whole
+request, IN_BLOCK when an answer inside a block is through, and IDLE / STALE at
+the release: a worker killed between a
+step and the write that follows it leaves the more cautious value.
 """
 from __future__ import annotations
 
@@ -22,7 +43,12 @@ if TYPE_CHECKING:
     from pooler.pooling.client import Client
     from pooler.pooling.relay import Relay
 
-FREE, IDLE, BUSY, STALE = 0, 1, 2, 3
+FREE, IDLE, BUSY, STALE, SENT, SENT_IN_BLOCK, QUEUED, IN_BLOCK = range(8)
+STATUS_IDLE = ord("I")
+REQUEST_ENDS = (ord("Q"), ord("S"))     # Query, Sync: a request ends with one
+# A handed-over client's transaction block (clientadopt.adopt): none, failed and told
+# (ReadyForQuery 'E' sent), failed and not told yet.
+NO_BLOCK, BLOCK_TOLD, BLOCK_UNTOLD = 0, 1, 2
 
 
 def at_boundary(relay: "Relay") -> int:
@@ -38,6 +64,40 @@ def at_boundary(relay: "Relay") -> int:
             relay.client.worker.keeper.record_again(relay.client)
         return STALE
     return IDLE
+
+
+def in_flight(relay: "Relay") -> int:
+    """The flag of a kept client whose walk just sent its request to the server."""
+    step = relay.step
+    if (step.send - step.recv != 1 or step.unsynced or step.c_skip or step.in_copy_in
+            or step.pending is not None or relay.failed is not None
+            or relay.client.tsig is not relay.ktsig or worker_only_state(relay)):
+        return BUSY
+    return SENT if step.status == STATUS_IDLE else SENT_IN_BLOCK
+
+
+def between(relay: "Relay") -> int:
+    """The flag of a kept client whose requests inside a block are all answered."""
+    step = relay.step
+    if (step.send != step.recv or step.unsynced or step.cbuf is not None
+            or step.pending is not None or relay.failed is not None or step.status == STATUS_IDLE
+            or relay.client.tsig is not relay.ktsig or worker_only_state(relay)):
+        return BUSY
+    return IN_BLOCK
+
+
+def queued(relay: "Relay") -> int:
+    """The flag of a kept client whose request waits for a server (EV_LINK with no
+    server to hand): QUEUED only if the buffer holds the rest of the request whole."""
+    step = relay.step
+    if (relay.server is not None or step.pending is not None or relay.failed is not None
+            or step.c_skip or relay.client.tsig is not relay.ktsig or worker_only_state(relay)):
+        return BUSY
+    buf, pos, end, last = step.cbuf, step.msg, step.end, 0     # (cend: set when a walk ends)
+    while pos + 5 <= end:
+        last = buf[pos]
+        pos += 1 + int.from_bytes(buf[pos + 1:pos + 5], "big")
+    return QUEUED if pos == end and last in REQUEST_ENDS else BUSY
 
 
 def worker_only_state(relay: "Relay") -> bool:

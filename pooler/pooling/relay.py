@@ -1,13 +1,12 @@
 """The hot loop: moves bytes between one client and the server linked to it.
 
-The steady state runs in libev io-watcher callbacks, not in a greenlet: the
-client's read watcher stays started with `_on_client`, the linked server's
-with `_on_server`, and each wake-up is one call of the relay step
-(relaystep: compiled, or its pure-Python twin) that reads a chunk, walks the
-message headers, forwards what it can and returns an event. A client holds no
-greenlet while it relays or idles (a parked greenlet costs ~7 KB, more than
-the rest of an idle client): the login greenlet ends once the relay starts,
-and a callback that meets work that may block starts a greenlet for it:
+The steady state runs in libev io-watcher callbacks: the client's read watcher
+stays started with `_on_client`, the linked server's with `_on_server`, and each
+wake-up is one call of the relay step (relaystep: compiled, or its pure-Python
+twin) that reads a chunk, walks the message headers, forwards what it can and
+returns an event. A client holds no greenlet while it relays or idles (~7 KB
+each): the login greenlet ends once the relay starts, and a callback that meets
+work that may block starts a greenlet for it:
 
   J_LINK    no idle server at hand: wait in the pool (and set parameters)
   J_SYNC    the idle server needs the client's parameters SET first
@@ -26,13 +25,13 @@ and a callback that meets work that may block starts a greenlet for it:
   J_LISTEN  a lone LISTEN / UNLISTEN with no server linked: the pool's NotifyHub
             takes it (listencmd.serve; shared_listen)
 
-A callback that hands work over stops (disarms) both watchers first and
-starts the job's greenlet as its last statement (`_spawn`); the greenlet does
-the job, arms the watchers again and ends (`_work`). So a greenlet blocked in a
-job is never entered by a callback, and bytes of one client are never
-processed by two hands at once. Timeouts, KILL and shutdown reach a client
-through `kill()`: raised in the running job, or in a job started for it. The
-relay acts only on the step's events (relaystep_py.py: what each message does).
+A callback that hands work over disarms both watchers and starts the job's
+greenlet as its last statement (`_spawn`); the greenlet does the job, arms the
+watchers again and ends (`_work`). So a greenlet blocked in a job is never
+entered by a callback, and one client's bytes never pass through two hands at
+once. Timeouts, KILL and shutdown reach a client through `kill()`, raised in
+the running job or in one started for it. The relay acts only on the step's
+events (relaystep_py.py). A kept client's byte: pooling/clientflags.py.
 """
 from __future__ import annotations
 
@@ -145,19 +144,9 @@ class Relay:
         self.kslot, self.kflags, self.ktsig = 0, None, None
 
     # What the worker's janitor and SHOW commands read.
-    @property
-    def send(self) -> int:
-        return self.step.send
-
-    @property
-    def recv(self) -> int:
-        return self.step.recv
-
-    @property
-    def status(self) -> int:
-        return self.step.status
-
-    # -- greenlets: start, slow jobs, end -----------------------------------------
+    send = property(lambda self: self.step.send, doc="requests sent on the link")
+    recv = property(lambda self: self.step.recv, doc="of them answered (ReadyForQuery)")
+    status = property(lambda self: self.step.status, doc="the last ReadyForQuery status")
 
     def start(self) -> None:
         """Start relaying, in the client's login greenlet, which then ends: from here the
@@ -249,6 +238,8 @@ class Relay:
             relaytls.more(self)
 
     def _disarm(self) -> None:
+        if self.kslot:                   # a job starts: what the client sees is its own
+            self.kflags[self.kslot] = K_BUSY
         disarm(self.cs.rw)
         srv = self.server
         if srv is not None:
@@ -294,6 +285,8 @@ class Relay:
         if job & J_LISTEN:
             return listencmd.serve(self)
         if job & J_LINK:
+            if self.kslot:
+                self.kflags[self.kslot] = clientflags.queued(self)
             self._link(self._acquire())
             return self.client_events(step.client_walk(), True)
         if job & J_SYNC:
@@ -326,6 +319,8 @@ class Relay:
             relaytls.more(self)        # TLS bytes the fd will not announce
 
     def _on_server(self) -> None:
+        if self.kslot:                   # the answer starts to flow
+            self.kflags[self.kslot] = K_BUSY
         try:
             job = self._server_end_or_event(self.step.server_in())
         except Exception as exc:
@@ -372,15 +367,6 @@ class Relay:
         self._disarm()
         self._spawn(J_FLUSH_C)
 
-    def _leave_queue(self) -> None:
-        w, self.waiter = self.waiter, None
-        if w is not None and not w.done:
-            w.done = True
-            try:
-                self.pool.waiters.remove(w)
-            except ValueError:
-                pass
-
     # -- client -> server ------------------------------------------------------
 
     def client_events(self, ev: int, linked: bool = False) -> int:
@@ -405,6 +391,8 @@ class Relay:
                         self.client.state = ClientState.WAITING
                         self.waiter = pool.enqueue(self.client, self._on_handed)
                         disarm(self.cs.rw)
+                        if self.kslot:
+                            self.kflags[self.kslot] = clientflags.queued(self)
                         return 0
                     return J_LINK
                 if srv.tsig != self.client.tsig:
@@ -453,6 +441,8 @@ class Relay:
         cend = step.cend
         if not cend:
             relaybuf.give_back(self)
+            if self.kslot and not job and self.server is not None:
+                self.kflags[self.kslot] = clientflags.in_flight(self)
         elif cend == len(step.cbuf) and cend >= 5:
             relaybuf.grow_client_buf(self)
         return job
@@ -544,6 +534,8 @@ class Relay:
                     return job | (J_SESS if step.sess_seen else 0)   # pinned: stays linked
                 self._unlink(now)
                 return job
+            if self.kslot and not job:   # answered, inside a block: what if this worker dies
+                self.kflags[self.kslot] = clientflags.between(self)
         if step.skept == len(step.sbuf):
             relaybuf.grow_server_buf(self)
         return job
@@ -568,6 +560,8 @@ class Relay:
             raise PoolError("08P01", f"could not apply client parameters on server: {exc}") from exc
 
     def _link(self, srv: "ServerConn") -> None:
+        if self.kslot:                   # the request is about to leave
+            self.kflags[self.kslot] = K_BUSY
         client = self.client
         st = self.stats
         st.server_assignment_count += 1

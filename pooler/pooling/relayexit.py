@@ -18,7 +18,7 @@ def end(relay: "Relay") -> None:
     close the client."""
     relay.ended = True
     try:
-        relay._leave_queue()
+        leave_queue(relay)
         relay._disarm()
         relay.step.cend = 0
         relaybuf.give_back(relay)
@@ -32,6 +32,17 @@ def end(relay: "Relay") -> None:
     finally:
         relay.glet = None
         relay.client.close()
+
+
+def leave_queue(relay: "Relay") -> None:
+    """A client that waited in the pool as a callback waiter (Relay.waiter) leaves it."""
+    w, relay.waiter = relay.waiter, None
+    if w is not None and not w.done:
+        w.done = True
+        try:
+            relay.pool.waiters.remove(w)
+        except ValueError:
+            pass
 
 
 def return_server(relay: "Relay") -> None:

@@ -163,20 +163,20 @@ class Keeper:
 
 def receive(worker: "Worker", body: bytes, fds: list[int]) -> None:
     """An ADOPT from the master: a dead worker's idle clients, to serve here."""
-    recs = [pickle.loads(rec) for rec in pickle.loads(body)]
+    recs = [(pickle.loads(rec), failed) for rec, failed in pickle.loads(body)]
     if len(recs) != len(fds):
         channel.close_fds(fds)
         log.warning("clients from a dead worker arrived without their sockets: closed")
         return
     taken = 0
-    for rec, fd in zip(recs, fds):
+    for (rec, failed), fd in zip(recs, fds):
         try:
             sock = _socket.socket(fileno=fd)
         except OSError:
             channel.close_fds([fd])
             continue
         try:
-            if clientadopt.adopt(worker, sock, rec) is not None:
+            if clientadopt.adopt(worker, sock, rec, failed) is not None:
                 taken += 1
         except Exception:
             log.exception("taking over a client of a dead worker failed")

@@ -10,9 +10,16 @@ gets follows its byte in the shared flags (pooling/clientflags.py):
          over the workers), which serves its next request; nothing reaches the
          client. With no live worker, the clients wait (up to ORPHAN_WAIT) for the
          dead one's replacement.
-  BUSY   FATAL 08007: a request was under way, and whether it took effect is
-         unknown (its server connection died with the worker, so PostgreSQL rolled
-         back whatever had not committed). Then closed.
+  SENT   its request reached the dead worker's server and no answer came back:
+         ERROR 08007 (whether it took effect is unknown: PostgreSQL rolled back
+         whatever had not committed when the server connection died with the
+         worker) and ReadyForQuery, then handed over as IDLE. SENT_IN_BLOCK:
+         ReadyForQuery 'E', and the new worker answers the failed block.
+  IN_BLOCK between statements of a transaction block: handed over with the block
+         failed and the loss not told yet (the next statement hears it: 08006).
+  QUEUED its request waited for a server and never ran: ERROR 08006 and
+         ReadyForQuery 'I', then handed over as IDLE.
+  BUSY   FATAL 08007, then closed: what the client has seen is unknown.
   STALE  FATAL 08006: the session state that only the dead worker knew is gone.
   FREE   closed by the worker already: the copy is dropped.
 
@@ -30,6 +37,7 @@ import struct
 import time
 
 from pooler.pooling import clientflags
+from pooler.pooling.clientflags import BLOCK_TOLD, BLOCK_UNTOLD, NO_BLOCK
 from pooler.proc import channel
 from pooler.wire import protocol
 
@@ -39,6 +47,8 @@ ORPHAN_WAIT = 10.0        # idle clients of a dead worker wait this long for a l
 IN_FLIGHT = ("08007", "pooler worker process died while a request was in flight; "
              "whether it took effect is unknown")
 STATE_LOST = ("08006", "pooler worker process died; this session's state is lost")
+NOT_RUN = ("08006", "pooler worker process died before the request reached a server; "
+           "it was not run")
 # A kept client, as the master holds it: fd and flag slot, then the pickled record (one
 # bytes object per client: the master's memory counts in every idle client's cost).
 HEAD = struct.Struct("=ii")
@@ -66,7 +76,8 @@ class Orphans:
     def __init__(self, flags: Flags) -> None:
         self.flags = flags
         self.kept: dict[int, dict[int, bytes]] = {}        # pid -> client id -> HEAD + record
-        self.waiting: list[tuple[float, int, bytes]] = []    # (since, fd, pickled record)
+        # since, fd, record, failed block (clientflags.NO_BLOCK, ...)
+        self.waiting: list[tuple[float, int, bytes, int]] = []
         self.next_worker = 0
 
     def count(self) -> int:
@@ -102,28 +113,39 @@ class Orphans:
         mine = self.kept.pop(pid, {})
         flags = self.flags.of(position)
         now = time.monotonic()
-        counts = {clientflags.IDLE: 0, clientflags.BUSY: 0, clientflags.STALE: 0}
+        counts = dict.fromkeys(range(8), 0)     # by flag value
         for entry in mine.values():
             fd, slot = HEAD.unpack_from(entry)
             state = flags[slot] if crashed else clientflags.FREE
-            if state == clientflags.IDLE:
-                self.waiting.append((now, fd, entry[HEAD.size:]))
+            if state in (clientflags.SENT, clientflags.SENT_IN_BLOCK, clientflags.QUEUED):
+                in_block = state == clientflags.SENT_IN_BLOCK
+                _answer(fd, NOT_RUN if state == clientflags.QUEUED else IN_FLIGHT,
+                        b"E" if in_block else b"I")
+                self.waiting.append((now, fd, entry[HEAD.size:],
+                                     BLOCK_TOLD if in_block else NO_BLOCK))
+            elif state == clientflags.IDLE:
+                self.waiting.append((now, fd, entry[HEAD.size:], NO_BLOCK))
+            elif state == clientflags.IN_BLOCK:
+                self.waiting.append((now, fd, entry[HEAD.size:], BLOCK_UNTOLD))
             else:
                 if state == clientflags.BUSY:
                     _tell(fd, *IN_FLIGHT)
                 elif state == clientflags.STALE:
                     _tell(fd, *STATE_LOST)
                 _close(fd)
-            if state in counts:
-                counts[state] += 1
+            counts[state] = counts.get(state, 0) + 1
         flags.release()
         self.flags.clear(position)
         if crashed and mine:
+            sent = counts[clientflags.SENT] + counts[clientflags.SENT_IN_BLOCK]
             log.warning("worker %d (pid %d) died holding %d kept clients: %d idle ones go to "
-                        "other workers, %d had a request in flight (told 08007), %d lost "
-                        "session state (told 08006)", position, pid, len(mine),
-                        counts[clientflags.IDLE], counts[clientflags.BUSY],
-                        counts[clientflags.STALE])
+                        "other workers, %d in a transaction block go too (their block failed), "
+                        "%d with a request in flight were answered 08007 and go "
+                        "too, %d with a request waiting for a server were answered 08006 and go "
+                        "too, %d were in the middle of a request or answer (told FATAL 08007), "
+                        "%d lost session state (told 08006)", position, pid, len(mine),
+                        counts[clientflags.IDLE], counts[clientflags.IN_BLOCK], sent, counts[clientflags.QUEUED],
+                        counts[clientflags.BUSY], counts[clientflags.STALE])
 
     def hand_over(self, channels: list[tuple[socket.socket, socket.socket]],
                   live: list[int]) -> None:
@@ -134,8 +156,8 @@ class Orphans:
         now = time.monotonic()
         if not live:
             expired = [w for w in self.waiting if now - w[0] > ORPHAN_WAIT]
-            for _, fd, _ in expired:
-                _close(fd)
+            for w in expired:
+                _close(w[1])
             if expired:
                 log.warning("%d idle clients of a dead worker closed: no live worker took "
                             "them within %.0fs", len(expired), ORPHAN_WAIT)
@@ -145,17 +167,17 @@ class Orphans:
             batch = self.waiting[:channel.MAX_FDS]
             to = live[self.next_worker % len(live)]
             self.next_worker += 1
-            body = pickle.dumps([rec for _, _, rec in batch])
+            body = pickle.dumps([(rec, failed) for _, _, rec, failed in batch])
             try:
-                channel.send_fds(channels[to][0], channel.ADOPT, body, [fd for _, fd, _ in batch],
+                channel.send_fds(channels[to][0], channel.ADOPT, body, [w[1] for w in batch],
                                  timeout=0)
             except channel.ChannelFull:
                 return
             except OSError as exc:
                 log.warning("could not hand clients to worker %d: %s", to, exc)
                 return
-            for _, fd, _ in batch:
-                _close(fd)                   # the worker has its own copies now
+            for w in batch:
+                _close(w[1])                 # the worker has its own copies now
             del self.waiting[:len(batch)]
 
     def close_all(self) -> None:
@@ -163,8 +185,8 @@ class Orphans:
             for entry in mine.values():
                 _close(HEAD.unpack_from(entry)[0])
         self.kept.clear()
-        for _, fd, _ in self.waiting:
-            _close(fd)
+        for w in self.waiting:
+            _close(w[1])
         self.waiting = []
 
 
@@ -172,6 +194,14 @@ def _tell(fd: int, sqlstate: str, message: str) -> None:
     """A FATAL error on a client socket (non-blocking: it fits the socket buffer)."""
     try:
         os.write(fd, protocol.error_response(sqlstate, message, "FATAL"))
+    except OSError:
+        pass
+
+
+def _answer(fd: int, error: tuple[str, str], status: bytes) -> None:
+    """An ERROR and ReadyForQuery for the request the dead worker held."""
+    try:
+        os.write(fd, protocol.error_response(*error) + protocol.ready_for_query(status))
     except OSError:
         pass
 
