@@ -45,6 +45,30 @@ def raw_client_on(p, worker: int, limit: int = 40) -> RawConn:
     raise AssertionError(f"no connection reached worker {worker}")
 
 
+class Queries(threading.Thread):
+    """Run statements on a psycopg2 connection in a thread; `.outcome` is None when they
+    all succeeded, else the psycopg2.Error (empty until the thread is done)."""
+
+    def __init__(self, conn, *statements: str) -> None:
+        super().__init__(daemon=True)
+        self.conn, self.statements, self.outcome = conn, statements, []
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                for sql in self.statements:
+                    cur.execute(sql)
+            self.outcome.append(None)
+        except psycopg2.Error as exc:
+            self.outcome.append(exc)
+
+    def result(self, timeout: float):
+        self.join(timeout)
+        assert self.outcome, f"{self.statements} did not finish within {timeout}s"
+        return self.outcome[0]
+
+
 def read_until_ready(c: RawConn, timeout: float) -> list[tuple[str, bytes]]:
     """Messages up to and including a ReadyForQuery."""
     c.sock.settimeout(timeout)
@@ -90,18 +114,7 @@ def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
         cur.execute("SET application_name = 'changed'")
     time.sleep(1.2)
     busy.send_query("SELECT pg_sleep(5)")
-    block_error: list = []
-
-    def in_flight_in_block() -> None:
-        try:
-            with blocked.cursor() as cur:
-                cur.execute("INSERT INTO crash_t VALUES (1)")
-                cur.execute("SELECT pg_sleep(5)")
-            block_error.append(None)
-        except psycopg2.Error as exc:
-            block_error.append(exc)
-    t = threading.Thread(target=in_flight_in_block, daemon=True)
-    t.start()
+    in_block = Queries(blocked, "INSERT INTO crash_t VALUES (1)", "SELECT pg_sleep(5)")
     wait_until(lambda: snapshot(p)["workers"][0]["servers"] >= 2 or None, 5)
     time.sleep(0.3)
     victim_pid = snapshot(p)["workers"][0]["pid"]
@@ -112,9 +125,8 @@ def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
     assert msgs[1][1] == b"I"
     assert busy.rows("SELECT 2") == [["2"]]
     # Inside a block: the block is failed; ROLLBACK ends it, and the client goes on.
-    t.join(10)
-    assert block_error and block_error[0] is not None and block_error[0].pgcode == "08007", \
-        block_error
+    error = in_block.result(10)
+    assert error is not None and error.pgcode == "08007", error
     blocked.rollback()
     with blocked.cursor() as cur:
         cur.execute("SELECT count(*) FROM crash_t")
@@ -140,21 +152,11 @@ def test_idle_clients_of_a_killed_worker_go_on_in_another(pg, pooler_factory):
             "an adopted client's cancel key is in no worker's table"
     # Their cancel keys work from the new worker too.
     canceller = victims[0]
-    done: list = []
-
-    def long_query() -> None:
-        try:
-            with canceller.cursor() as cur:
-                cur.execute("SELECT pg_sleep(10)")
-            done.append(None)
-        except psycopg2.Error as exc:
-            done.append(exc)
-    t = threading.Thread(target=long_query, daemon=True)
-    t.start()
+    long_query = Queries(canceller, "SELECT pg_sleep(10)")
     time.sleep(0.5)
     canceller.cancel()
-    t.join(5)
-    assert done and done[0] is not None and done[0].pgcode == "57014", done
+    error = long_query.result(5)
+    assert error is not None and error.pgcode == "57014", error
     # Closing clients gives the copies back (FORGET), the adopted ones included.
     for conn in victims + by_worker[1] + [blocked]:
         conn.close()
@@ -223,20 +225,8 @@ def test_a_kept_client_closed_by_the_pooler_sees_it_at_once(pg, pooler_factory):
         cur.execute("SELECT 1")
     wait_until(lambda: open_fds(p.pid) > base, 10, message="the client was not kept")
     p.wait_for_log(r"closing because: client_idle_timeout", timeout=10)
-    result: list = []
-
-    def query() -> None:
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT 1")
-            result.append("answered")
-        except psycopg2.Error as exc:
-            result.append(exc)
-    t = threading.Thread(target=query, daemon=True)
-    t.start()
-    t.join(5)
-    assert result, "the query hung: the closed client's connection stayed open"
-    assert isinstance(result[0], psycopg2.Error), result
+    error = Queries(conn, "SELECT 1").result(5)      # no answer: the connection stayed open
+    assert isinstance(error, psycopg2.Error), error
     wait_until(lambda: open_fds(p.pid) <= base, 10, message="the master kept its copy")
 
 
