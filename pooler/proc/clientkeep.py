@@ -73,22 +73,23 @@ class Keeper:
         those gone. Never yields: the sends do not wait (a full inbox: next tick)."""
         if self.again:
             again, self.again = self.again, []
-            stale = [c for c in again if c.relay.kslot and clientflags.keepable(c)]
-            for i in range(0, len(stale), channel.MAX_FDS):
-                if not self._keep(stale[i:i + channel.MAX_FDS]):
-                    self.again = stale[i:]
-                    break
+            self.again = self._keep_all([c for c in again
+                                         if c.relay.kslot and clientflags.keepable(c)])
         new, ready = self.new, []
         while new and now - new[0].arrived >= KEEP_AFTER:
             client = new.popleft()
             if clientflags.keepable(client):
                 ready.append(client)
-        for i in range(0, len(ready), channel.MAX_FDS):
-            if not self._keep(ready[i:i + channel.MAX_FDS]):
-                new.extendleft(reversed(ready[i:]))     # again at the next tick
-                break
+        new.extendleft(reversed(self._keep_all(ready)))     # again at the next tick
         if self.gone:
             self._send_forget()
+
+    def _keep_all(self, clients: list["Client"]) -> list["Client"]:
+        """Keep `clients` in batches of channel.MAX_FDS; those not sent (a full inbox)."""
+        for i in range(0, len(clients), channel.MAX_FDS):
+            if not self._keep(clients[i:i + channel.MAX_FDS]):
+                return clients[i:]
+        return []
 
     def _keep(self, batch: list["Client"]) -> bool:
         renewed = {c for c in batch if c.relay.kslot}     # kept already: a new record

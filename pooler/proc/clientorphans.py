@@ -80,9 +80,6 @@ class Orphans:
         self.waiting: list[tuple[float, int, bytes, int]] = []
         self.next_worker = 0
 
-    def count(self) -> int:
-        return sum(len(k) for k in self.kept.values())
-
     def on_keep(self, body: bytes, fds: list[int]) -> None:
         pid, recs = pickle.loads(body)
         if len(recs) != len(fds):            # fds lost on the way (EMFILE here): keep none
@@ -191,17 +188,19 @@ class Orphans:
 
 
 def _tell(fd: int, sqlstate: str, message: str) -> None:
-    """A FATAL error on a client socket (non-blocking: it fits the socket buffer)."""
-    try:
-        os.write(fd, protocol.error_response(sqlstate, message, "FATAL"))
-    except OSError:
-        pass
+    """A FATAL error on a client socket."""
+    _write(fd, protocol.error_response(sqlstate, message, "FATAL"))
 
 
 def _answer(fd: int, error: tuple[str, str], status: bytes) -> None:
     """An ERROR and ReadyForQuery for the request the dead worker held."""
+    _write(fd, protocol.error_response(*error) + protocol.ready_for_query(status))
+
+
+def _write(fd: int, data: bytes) -> None:
+    """Non-blocking, and small enough for an empty socket buffer: never waits."""
     try:
-        os.write(fd, protocol.error_response(*error) + protocol.ready_for_query(status))
+        os.write(fd, data)
     except OSError:
         pass
 
